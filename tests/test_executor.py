@@ -1,0 +1,288 @@
+"""The DOP executor on tiny random-weight models of every family.
+
+References: stock transformers (full policy, bit-identical), an independent masking implementation
+written here (pruned policies), recomputation without cache (decoding), single samples (batching),
+eager attention (sdpa), the analytic FLOPs model vs FlopCounterMode (compute really skipped).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vlmeval_dop import DOPPolicy, apply_dop
+from vlmeval_dop.arch import ArchSpec
+from vlmeval_dop.flops import policy_flops
+from vlmeval_dop.policy import PolicyError
+from vlmeval_dop.reducers import ReducerError
+from vlmeval_dop.reducers.uniform import uniform_indices
+from vlmeval_dop.tiny import TINY_FAMILIES, load_tiny, tiny_image, tiny_inputs
+
+FAMILY_KEY = {"llava15": "llava", "llavanext": "llava_next", "qwen25vl": "qwen2_5_vl", "internvl3": "internvl"}
+QUESTIONS = ["What is shown in the picture?", "Color?"]
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
+def tiny(request):
+    model, processor = load_tiny(request.param, attn_implementation="sdpa")
+    return request.param, model, processor
+
+
+def _inputs(family, processor, n=1):
+    images = [tiny_image(seed=i) for i in range(n)]
+    return tiny_inputs(family, processor, QUESTIONS[:n], images)
+
+
+def _visual(model, input_ids):
+    return input_ids == model.config.image_token_id
+
+
+def _num_layers(model):
+    return model.config.get_text_config(decoder=True).num_hidden_layers
+
+
+# ---------------------------------------------------------------------------------------------------
+# independent reference: full-length sequence, pruning by masking, residual pass-through by torch.where
+# ---------------------------------------------------------------------------------------------------
+def masked_reference(model, inputs, policy: DOPPolicy) -> torch.Tensor:
+    """Last-token logits of `policy`, computed by masking (no gathering, no cache, paper's d_P as is)."""
+    lm = model.model.language_model
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(kwargs)
+
+    handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+    handle.remove()
+
+    h = captured["inputs_embeds"]
+    B, N, _ = h.shape
+    visual = _visual(model, inputs["input_ids"])
+    pad = inputs["attention_mask"].bool()
+    dropped = torch.zeros_like(visual)
+    if policy.n_v is not None:
+        for b in range(B):
+            pos = torch.nonzero(visual[b]).flatten()  # one image per sample in these tests
+            keep = pos[uniform_indices(pos.numel(), policy.n_v)]
+            dropped[b, pos] = True
+            dropped[b, keep] = False
+    pos_ids = captured.get("position_ids")
+    if pos_ids is None:
+        pos_ids = torch.arange(N)[None].expand(B, N)
+    m_rope = pos_ids.ndim == 3
+    if m_rope and pos_ids.shape[0] == 4:
+        pos_ids = pos_ids[1:]
+    if not m_rope:  # 1D RoPE: positions as in a sequence rebuilt without the dropped tokens
+        pos_ids = pos_ids.expand(B, N) - (torch.cumsum(dropped.long(), 1) - dropped.long())
+    cos, sin = lm.rotary_emb(h, pos_ids)
+
+    system = (torch.cumsum(visual.long(), 1) == 0) & pad
+    causal = torch.tril(torch.ones(N, N, dtype=torch.bool))
+    L = len(lm.layers)
+    d_A_sys = L if policy.d_A_sys is None else policy.d_A_sys
+    d_P_sys = L if policy.d_P_sys is None else policy.d_P_sys
+    with torch.no_grad():
+        for i, layer in enumerate(lm.layers):
+            a_part = ~dropped & (~visual | (i < policy.d_A)) & (~system | (i < d_A_sys))
+            m_part = ~dropped & (~visual | (i < policy.d_P)) & (~system | (i < d_P_sys))
+            allowed = causal[None] & pad[:, None, :] & a_part[:, None, :]
+            allowed = allowed | torch.eye(N, dtype=torch.bool)[None]
+            mask = torch.zeros(B, 1, N, N, dtype=h.dtype).masked_fill(~allowed[:, None], torch.finfo(h.dtype).min)
+            a = layer.self_attn(
+                hidden_states=layer.input_layernorm(h), attention_mask=mask, position_embeddings=(cos, sin)
+            )[0]
+            h = torch.where(a_part[..., None], h + a, h)
+            m = layer.mlp(layer.post_attention_layernorm(h))
+            h = torch.where(m_part[..., None], h + m, h)
+        return model.lm_head(lm.norm(h))[:, -1]
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _generate(model, inputs, n=4):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_full_policy_bit_identical(tiny):
+    family, model, processor = tiny
+    inputs = _inputs(family, processor, n=2)
+    L = _num_layers(model)
+    ref, ref_gen = _logits(model, inputs), _generate(model, inputs)
+    with apply_dop(model, DOPPolicy.full(L)) as handle:
+        out, gen = _logits(model, inputs), _generate(model, inputs)
+    assert torch.equal(ref, out)
+    assert torch.equal(ref_gen, gen)
+    assert all(a == m for a, m in handle.last_layer_tokens)
+    # restored exactly: no instance override left, stock behaviour unchanged
+    assert all("forward" not in layer.__dict__ for layer in model.model.language_model.layers)
+    assert torch.equal(_logits(model, inputs), ref)
+
+
+def _grid(L, n_vis):
+    half = max(1, n_vis // 3)
+    return [
+        DOPPolicy(0, 0),
+        DOPPolicy(L, 0),
+        DOPPolicy(0, L),
+        DOPPolicy(L // 2, 1),
+        DOPPolicy(1, L - 1),  # d_P > d_A: the executor skips the dead MLP work, outputs must not change
+        DOPPolicy(L, L, half),
+        DOPPolicy(L // 2, 1, half),
+        DOPPolicy(0, 0, 1),
+        DOPPolicy(L - 1, L // 2, n_vis),  # n_v = all visual tokens through the reducer
+    ]
+
+
+def test_policy_grid_matches_masked_reference(tiny):
+    family, model, processor = tiny
+    inputs = _inputs(family, processor, n=2)
+    L = _num_layers(model)
+    n_vis = int(_visual(model, inputs["input_ids"])[0].sum())
+    for policy in _grid(L, n_vis):
+        ref = masked_reference(model, inputs, policy)
+        with apply_dop(model, policy, reducer="uniform" if policy.n_v else None):
+            out = _logits(model, inputs)[:, -1]
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=f"{family} {policy}")
+
+
+def test_system_token_depths_match_reference(tiny):
+    family, model, processor = tiny
+    inputs = _inputs(family, processor, n=2)
+    L = _num_layers(model)
+    policy = DOPPolicy(L - 1, 1, None, 1, 0)
+    ref = masked_reference(model, inputs, policy)
+    with apply_dop(model, policy):
+        out = _logits(model, inputs)[:, -1]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reducer_at_all_tokens_is_identity(tiny):
+    family, model, processor = tiny
+    inputs = _inputs(family, processor, n=1)
+    L = _num_layers(model)
+    n_vis = int(_visual(model, inputs["input_ids"]).sum())
+    with apply_dop(model, DOPPolicy(L, L, n_vis), reducer="uniform"):
+        out = _logits(model, inputs)
+    torch.testing.assert_close(out[:, -1], _logits(model, inputs)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_cached_decoding_equals_recompute(tiny):
+    family, model, processor = tiny
+    inputs = _inputs(family, processor, n=2)
+    L = _num_layers(model)
+    n_vis = int(_visual(model, inputs["input_ids"])[0].sum())
+    policy = DOPPolicy(L // 2, 1, max(1, n_vis // 2))
+    steps = 4
+    with apply_dop(model, policy, reducer="uniform"):
+        cached = _generate(model, inputs, steps)
+        seq, mask = inputs["input_ids"], inputs["attention_mask"]
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        recomputed = []
+        for _ in range(steps):
+            with torch.no_grad():
+                logits = model(input_ids=seq, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            recomputed.append(nxt)
+            seq = torch.cat([seq, nxt], 1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(cached, torch.cat(recomputed, 1))
+
+
+def _split(inputs, b):
+    """Sample b of a left-padded batch, without its padding."""
+    keep = inputs["attention_mask"][b].bool()
+    single = {"input_ids": inputs["input_ids"][b : b + 1, keep], "attention_mask": inputs["attention_mask"][b : b + 1, keep]}
+    for k, v in inputs.items():
+        if k in single or not isinstance(v, torch.Tensor):
+            continue
+        if k == "mm_token_type_ids" or (v.ndim >= 2 and v.shape[:2] == inputs["input_ids"].shape):
+            single[k] = v[b : b + 1, keep]
+        elif k == "image_grid_thw" or v.shape[0] == inputs["input_ids"].shape[0]:
+            single[k] = v[b : b + 1]
+        else:
+            raise AssertionError(f"don't know how to split {k} {tuple(v.shape)}")
+    return single
+
+
+def test_left_padded_batch_equals_single(tiny):
+    family, model, processor = tiny
+    inputs = _inputs(family, processor, n=2)
+    assert not bool(inputs["attention_mask"].all()), "the test needs a padded batch"
+    L = _num_layers(model)
+    n_vis = int(_visual(model, inputs["input_ids"])[0].sum())
+    policy = DOPPolicy(L // 2, 1, max(1, n_vis // 3))
+    with apply_dop(model, policy, reducer="uniform"):
+        batch_logits = _logits(model, inputs)[:, -1]
+        batch_gen = _generate(model, inputs, 3)
+        for b in range(2):
+            single = _split(inputs, b)
+            torch.testing.assert_close(_logits(model, single)[:, -1], batch_logits[b : b + 1], atol=1e-5, rtol=1e-5)
+            assert torch.equal(_generate(model, single, 3), batch_gen[b : b + 1])
+
+
+def test_sdpa_equals_eager(tiny):
+    family, model, processor = tiny
+    eager, _ = load_tiny(family, attn_implementation="eager")
+    inputs = _inputs(family, processor, n=2)
+    L = _num_layers(model)
+    n_vis = int(_visual(model, inputs["input_ids"])[0].sum())
+    policy = DOPPolicy(L // 2, 1, max(1, n_vis // 2))
+    with apply_dop(model, policy, reducer="uniform"), apply_dop(eager, policy, reducer="uniform"):
+        torch.testing.assert_close(_logits(model, inputs)[:, -1], _logits(eager, inputs)[:, -1], atol=1e-5, rtol=1e-5)
+        assert torch.equal(_generate(model, inputs, 3), _generate(eager, inputs, 3))
+
+
+def _decoder_flops(model, inputs) -> int:
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(**inputs, use_cache=False)
+    per_module = counter.get_flop_counts()
+    total = 0
+    for name, ops in per_module.items():
+        parts = name.split(".")
+        # exactly the layer modules (children are included in their parent's count)
+        if len(parts) >= 2 and parts[-2] == "layers" and parts[-1].isdigit() and "language_model" in name:
+            total += sum(ops.values())
+    return total
+
+
+def test_measured_flops_equal_analytic(tiny):
+    family, model, processor = tiny
+    eager, _ = load_tiny(family, attn_implementation="eager")  # explicit matmuls for the counter
+    inputs = _inputs(family, processor, n=1)
+    L = _num_layers(model)
+    visual = _visual(model, inputs["input_ids"])
+    n_vis = int(visual.sum())
+    n_text = inputs["input_ids"].shape[1] - n_vis
+    spec = ArchSpec.from_model(eager, visual_tokens=n_vis)
+    for policy in (DOPPolicy.full(L), DOPPolicy(0, 0), DOPPolicy(L, L, n_vis // 2), DOPPolicy(1, L, max(1, n_vis // 3)), DOPPolicy(L // 2, 1, n_vis // 2)):
+        with apply_dop(eager, policy, reducer="uniform" if policy.n_v else None):
+            measured = _decoder_flops(eager, inputs)
+        analytic = policy_flops(spec, policy, n_text, executed=True)
+        assert abs(measured - analytic) <= 0.01 * analytic, (family, policy, measured, analytic)
+
+
+def test_bad_input_messages(tiny):
+    family, model, processor = tiny
+    L = _num_layers(model)
+    with pytest.raises(PolicyError, match=f"L={L}"):
+        apply_dop(model, DOPPolicy(L + 1, 0))
+    with pytest.raises(ReducerError, match="valid reducers: .*uniform"):
+        apply_dop(model, DOPPolicy(1, 1, 3), reducer="nope")
+    with pytest.raises(ReducerError, match="no reducer"):
+        apply_dop(model, DOPPolicy(1, 1, 3))
+    inputs = _inputs(family, processor, n=1)
+    n_vis = int(_visual(model, inputs["input_ids"]).sum())
+    with apply_dop(model, DOPPolicy(1, 1, n_vis + 1), reducer="uniform"):
+        with pytest.raises(PolicyError, match=f"valid: 1..{n_vis}"):
+            _logits(model, inputs)
+    # the failed call left nothing behind
+    assert all("forward" not in layer.__dict__ for layer in model.model.language_model.layers)

@@ -1,0 +1,147 @@
+"""Policy validation/serialisation and the analytic FLOPs model against the paper's numbers."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from vlmeval_dop.arch import ArchSpec, UnsupportedModelError
+from vlmeval_dop.flops import (
+    BudgetError,
+    budget_floor,
+    layer_flops,
+    min_visual_tokens,
+    policy_flops,
+    policy_tflops,
+    uniform_tokens_for_budget,
+)
+from vlmeval_dop.models_config import PAPER_POLICIES, load_models
+from vlmeval_dop.policy import DOPPolicy, PolicyError
+
+MODELS = load_models()
+
+
+def test_policy_parse_and_roundtrip():
+    p = DOPPolicy.parse("26,19,97")
+    assert p == DOPPolicy(26, 19, 97)
+    assert DOPPolicy.parse("32, 32, all") == DOPPolicy(32, 32, None)
+    for q in (p, DOPPolicy(3, 5, None, 1, 2)):
+        assert DOPPolicy.from_json(q.to_json()) == q
+        assert DOPPolicy.from_yaml(q.to_yaml()) == q
+    assert DOPPolicy.from_yaml("[26, 19, 97]") == p
+    with pytest.raises(PolicyError, match="d_A,d_P,n_v"):
+        DOPPolicy.parse("26,19")
+    with pytest.raises(PolicyError, match="unknown policy keys"):
+        DOPPolicy.from_dict({"d_A": 1, "d_P": 1, "nv": 3})
+
+
+def test_policy_validation_messages():
+    with pytest.raises(PolicyError, match=r"0 <= d_A <= L=32"):
+        DOPPolicy(33, 3, 10).validate(32, 576)
+    with pytest.raises(PolicyError, match=r"valid: 1..576"):
+        DOPPolicy(3, 3, 577).validate(32, 576)
+    with pytest.raises(PolicyError, match=">= 1"):
+        DOPPolicy(3, 3, 0).validate(32, 576)
+    assert DOPPolicy(0, 32, 1).validate(32, 576) == DOPPolicy(0, 32, 1)
+
+
+def test_effective_drops_dead_mlp_work():
+    assert DOPPolicy(10, 20, 5).effective() == DOPPolicy(10, 10, 5)
+    assert DOPPolicy(20, 10, 5).effective() == DOPPolicy(20, 10, 5)
+    assert DOPPolicy(4, 6, 5, 2, 3).effective() == DOPPolicy(4, 4, 5, 2, 2)
+
+
+def test_eq11_by_hand():
+    """Eq. 11 for one MHA layer, written out: 8 n h d + 4 n^2 d + 6 n h m with d = h."""
+    s = MODELS["llava15_7b"].arch
+    n, h, m = 711, 4096, 11008
+    assert layer_flops(s, n, n) == 8 * n * h * h + 4 * n * n * h + 6 * n * h * m
+
+
+def test_gqa_formula_by_hand():
+    s = MODELS["qwen25vl_7b"].arch
+    n, h, q, kv, m = 100, 3584, 28 * 128, 4 * 128, 18944
+    assert layer_flops(s, n, n) == 2 * n * h * q * 2 + 2 * n * h * kv * 2 + 2 * n * n * q * 2 + 6 * n * h * m
+
+
+# budget label -> uniform visual tokens, as the paper's tables state ("= 64 Visual Tokens Every Layer")
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_budget_labels_reproduced(model):
+    cfg = MODELS[model]
+    for label, tokens in cfg.budgets.items():
+        ratio = policy_tflops(cfg.arch, DOPPolicy(cfg.arch.num_layers, cfg.arch.num_layers, tokens), cfg.text_tokens)
+        assert abs(ratio["ratio"] - label) <= 0.01, (model, label, tokens, ratio["ratio"])
+
+
+def test_lower_bound_matches_table8():
+    """Table 8 prints 'Lower Bound: Retain 18.6% TFLOPs (= 0 Visual Token)' for LLaVA-1.5-7B."""
+    cfg = MODELS["llava15_7b"]
+    assert round(budget_floor(cfg.arch, cfg.text_tokens) * 100, 1) == 18.6
+
+
+@pytest.mark.parametrize("model", sorted(PAPER_POLICIES))
+def test_paper_policies_within_budget(model):
+    cfg = MODELS[model]
+    for label, pol in PAPER_POLICIES[model].items():
+        pol.validate(cfg.arch.num_layers, cfg.arch.visual_tokens)
+        r = policy_tflops(cfg.arch, pol, cfg.text_tokens)
+        assert r["ratio"] <= label, (model, label, pol, r["ratio"])
+        assert r["executed_ratio"] <= r["ratio"]
+
+
+def test_n_e_and_n_min():
+    cfg = MODELS["llava15_7b"]
+    n_e = uniform_tokens_for_budget(cfg.arch, 0.28, cfg.text_tokens)
+    # brute force: the integer whose uniform ratio is closest to the budget
+    full = policy_flops(cfg.arch, DOPPolicy(32, 32, None), cfg.text_tokens)
+    ratios = [policy_flops(cfg.arch, DOPPolicy(32, 32, n), cfg.text_tokens) / full for n in range(1, 577)]
+    best = 1 + min(range(576), key=lambda i: abs(ratios[i] - 0.28))
+    assert n_e == best
+    assert min_visual_tokens(cfg.arch, 0.28, cfg.text_tokens, 1.5) == 1.5 * n_e
+    with pytest.raises(BudgetError, match=r"\(0, 1\]"):
+        uniform_tokens_for_budget(cfg.arch, 1.5, cfg.text_tokens)
+
+
+def test_executed_count_skips_dead_mlp():
+    cfg = MODELS["llava15_7b"]
+    p = DOPPolicy(10, 20, 100)
+    paper = policy_flops(cfg.arch, p, 135)
+    executed = policy_flops(cfg.arch, p, 135, executed=True)
+    dead = 10 * 6 * 100 * 4096 * 11008  # 10 layers x MLP on 100 visual tokens
+    assert paper - executed == dead
+
+
+def test_system_depths_count():
+    s = MODELS["llava15_7b"].arch
+    base = policy_flops(s, DOPPolicy(32, 32, 64), 135)
+    with_sys = policy_flops(s, DOPPolicy(32, 32, 64, 16, 8), 135, system_tokens=35)
+    n = 135 + 64
+    per_layer_attn_saving = layer_flops(s, n, 0) - layer_flops(s, n - 35, 0)
+    per_layer_mlp_saving = layer_flops(s, 0, n) - layer_flops(s, 0, n - 35)
+    assert base - with_sys == pytest.approx(16 * per_layer_attn_saving + 24 * per_layer_mlp_saving)
+
+
+def test_arch_from_config_and_unsupported():
+    from transformers import LlavaConfig
+
+    spec = ArchSpec.from_config(LlavaConfig())
+    assert (spec.num_layers, spec.hidden_size, spec.visual_tokens, spec.image_token_ids) == (32, 4096, 576, (32000,))
+    with pytest.raises(UnsupportedModelError, match="LlavaForConditionalGeneration"):
+        ArchSpec.from_model(object())
+
+
+def test_models_yaml_consistent_with_paper_data():
+    paper = yaml.safe_load(open(MODELS_PAPER_DATA)) if (MODELS_PAPER_DATA := _paper_data("models.yaml")) else None
+    if paper is None:
+        pytest.skip("../shared/paper_data not present")
+    for name, cfg in MODELS.items():
+        assert cfg.arch.num_layers == paper[name]["layers"]
+        assert cfg.sampling_depths == paper[name]["sampling_depths"]
+        assert cfg.sampling_visual == paper[name]["sampling_visual"]
+        assert sorted(cfg.budgets) == sorted(paper[name]["budgets"])
+
+
+def _paper_data(name):
+    from pathlib import Path
+
+    p = Path(__file__).resolve().parents[2] / "shared" / "paper_data" / name
+    return p if p.exists() else None

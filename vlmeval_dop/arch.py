@@ -1,0 +1,151 @@
+"""What the FLOPs model and the executor need to know about an MLLM decoder, derived from its HF config.
+
+Supported classes (stock transformers, no vendored code):
+
+=====================================  =============  ==========================================
+class                                  family         visual tokens at the paper's resolution
+=====================================  =============  ==========================================
+LlavaForConditionalGeneration          ``llava``      (336/14)^2 = 576
+LlavaNextForConditionalGeneration      ``llava_next`` 672x672: base + 4 crops = 5 x 576 = 2880 *
+Qwen2_5_VLForConditionalGeneration     ``qwen2_5_vl`` 1008x1008: (1008/28)^2 = 1296
+InternVLForConditionalGeneration       ``internvl``   896x896: 4 tiles + thumbnail = 5 x 256 = 1280
+=====================================  =============  ==========================================
+
+* llava-hf additionally inserts one ``image_newline`` placeholder per row of the unpadded crop grid
+  (48 at 672x672: 2928 placeholders). The paper's 2880 counts crops x 576 only. We follow the paper in
+  FLOPs budgets (`visual_tokens`) and report the newline count separately (`visual_extra_tokens`);
+  the executor treats newline placeholders as visual tokens (they carry no information without the image).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_CLASSES: dict[str, str] = {
+    "LlavaForConditionalGeneration": "llava",
+    "LlavaNextForConditionalGeneration": "llava_next",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "InternVLForConditionalGeneration": "internvl",
+}
+# model_type in the saved config.json -> the class above (lets us work from a config alone)
+_MODEL_TYPES: dict[str, str] = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model class is not one of the supported MLLM families."""
+
+
+def _unsupported(what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"unsupported model {what!r}; vlmeval_dop supports: {', '.join(sorted(SUPPORTED_CLASSES))}"
+    )
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Decoder shape facts used by FLOPs accounting and the executor.
+
+    Attributes:
+        family: one of ``llava``, ``llava_next``, ``qwen2_5_vl``, ``internvl``.
+        num_layers: decoder layers L.
+        hidden_size: h.
+        num_heads / num_kv_heads / head_dim: attention shape; ``kv_dim = num_kv_heads * head_dim``.
+        intermediate_size: MLP width m (gated MLP: 3 matrices).
+        visual_tokens: visual tokens at the paper's input resolution (N_v of the paper).
+        visual_extra_tokens: placeholders the HF processor adds beyond N_v (LLaVA-NeXT row newlines).
+        image_token_ids: token ids that mark visual positions in ``input_ids``.
+        gqa: the LLM uses grouped-query attention (Qwen2-style); selects the GQA FLOPs formula.
+    """
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    visual_tokens: int
+    visual_extra_tokens: int = 0
+    image_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    gqa: bool = False
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, config: Any, visual_tokens: int | None = None) -> "ArchSpec":
+        """Derive the spec from a HF config of a supported MLLM (object with ``model_type``)."""
+        model_type = getattr(config, "model_type", None)
+        if model_type not in _MODEL_TYPES:
+            raise _unsupported(model_type)
+        family = SUPPORTED_CLASSES[_MODEL_TYPES[model_type]]
+        text = config.text_config
+        num_heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+        vision = config.vision_config
+        extra = 0
+        if family in ("llava", "llava_next"):
+            img = vision.image_size
+            per_tile = (img // vision.patch_size) ** 2
+            if getattr(config, "vision_feature_select_strategy", "default") == "full":
+                per_tile += 1  # CLS token kept
+            default_n = per_tile if family == "llava" else 5 * per_tile  # 672x672 -> base + 2x2 crops
+            if family == "llava_next":
+                extra = 2 * (img // vision.patch_size)  # one newline per row of the 2x2-crop grid
+            token_ids = (config.image_token_id,)
+        elif family == "qwen2_5_vl":
+            merge = vision.spatial_merge_size * vision.patch_size  # 28 px per LLM token
+            default_n = (1008 // merge) ** 2
+            token_ids = (config.image_token_id,)
+        else:  # internvl
+            size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+            patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+            per_tile = int((size // patch) ** 2 * config.downsample_ratio**2)
+            default_n = 5 * per_tile  # 896x896 -> 4 tiles + thumbnail
+            token_ids = (config.image_token_id,)
+        return cls(
+            family=family,
+            num_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            num_heads=num_heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            intermediate_size=text.intermediate_size,
+            visual_tokens=default_n if visual_tokens is None else visual_tokens,
+            visual_extra_tokens=extra,
+            image_token_ids=tuple(int(t) for t in token_ids),
+            gqa=family in ("qwen2_5_vl", "internvl"),
+        )
+
+    @classmethod
+    def from_model(cls, model: Any, visual_tokens: int | None = None) -> "ArchSpec":
+        """Derive the spec from a loaded model; the class must be one of SUPPORTED_CLASSES."""
+        name = type(model).__name__
+        if name not in SUPPORTED_CLASSES:
+            raise _unsupported(name)
+        return cls.from_config(model.config, visual_tokens=visual_tokens)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ArchSpec":
+        """Build from plain data (eval_configs/models.yaml ``arch`` block)."""
+        data = dict(data)
+        data["image_token_ids"] = tuple(data.get("image_token_ids", ()))
+        return cls(**data)
+
+
+def family_of(model: Any) -> str:
+    """The family key of a loaded model, or UnsupportedModelError listing the supported classes."""
+    name = type(model).__name__
+    if name not in SUPPORTED_CLASSES:
+        raise _unsupported(name)
+    return SUPPORTED_CLASSES[name]

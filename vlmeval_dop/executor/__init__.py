@@ -1,0 +1,6 @@
+"""Operation pruning inside stock transformers decoders (see core.py for how)."""
+from .cache import DOPCache
+from .core import SUPPORTED_ATTENTION, DOPHandle, apply_dop
+from .families import FAMILIES, FamilyAdapter, adapter_for
+
+__all__ = ["DOPCache", "DOPHandle", "FAMILIES", "FamilyAdapter", "SUPPORTED_ATTENTION", "adapter_for", "apply_dop"]

@@ -1,0 +1,52 @@
+"""A DynamicCache whose layers may hold different token subsets, with positions kept in original coordinates.
+
+Under DOP a layer caches only the tokens it attended to, so layer lengths differ and no layer's length
+equals the number of tokens the model has seen. transformers sizes masks and infers positions from
+`get_seq_length()` / `get_mask_sizes()`; this cache answers them in the original sequence coordinates
+(what an unpruned cache would say), and records, per layer, which original positions its entries are.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+
+class DOPCache(DynamicCache):
+    """DynamicCache + per-layer bookkeeping of which original token indices each layer holds.
+
+    Attributes:
+        dop_seen: tokens the model has processed so far (original coordinates, padding included).
+        dop_key_index: per layer, (B, K_l) original indices of the cached entries.
+        dop_key_valid: per layer, (B, K_l) False for filler slots of heterogeneous batches.
+        dop_pos_shift: (B,) tokens removed by the reducer before the current end of each sample; later
+            tokens' RoPE positions are shifted down by it (contiguous positions, 1D-RoPE families).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dop_seen: int = 0
+        self.dop_key_index: dict[int, torch.Tensor] = {}
+        self.dop_key_valid: dict[int, torch.Tensor] = {}
+        self.dop_pos_shift: torch.Tensor | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.dop_seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.dop_seen + query_length, 0
+
+    def record(self, layer_idx: int, index: torch.Tensor, valid: torch.Tensor) -> None:
+        """Append the original indices of the entries layer `layer_idx` just cached."""
+        if layer_idx in self.dop_key_index:
+            self.dop_key_index[layer_idx] = torch.cat([self.dop_key_index[layer_idx], index], dim=1)
+            self.dop_key_valid[layer_idx] = torch.cat([self.dop_key_valid[layer_idx], valid], dim=1)
+        else:
+            self.dop_key_index[layer_idx] = index
+            self.dop_key_valid[layer_idx] = valid
+
+    def is_full_layer(self, layer_idx: int) -> bool:
+        """True if layer `layer_idx` cached every token seen so far (stock masks fit it)."""
+        if layer_idx not in self.dop_key_index:
+            return self.dop_seen == 0
+        idx = self.dop_key_index[layer_idx]
+        return idx.shape[1] == self.dop_seen and bool(self.dop_key_valid[layer_idx].all())

@@ -1,0 +1,413 @@
+"""`apply_dop`: run a stock transformers MLLM with depth-wise operation pruning.
+
+How it works (no vendored model code, nothing global):
+- a forward pre-hook on the multimodal model records `input_ids` (visual positions = image token ids);
+- a forward pre-hook on the decoder stack builds a per-call plan: which tokens the reducer drops
+  (never computed anywhere), which tokens each layer's MHA and MLP process, RoPE positions, and swaps
+  in a `DOPCache` so per-layer KV caches may hold different token subsets;
+- each decoder layer's `forward` is overridden on the instance: layers that process every token call
+  the original forward unchanged (bit-identical to stock); the others gather the kept tokens, run the
+  layer's own submodules (`input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`) on them
+  with an explicit mask in original coordinates, and scatter the results back. Tokens a layer skips
+  pass through unchanged (the residual), which is the paper's definition of a pruned operation.
+Leaving the context (or `handle.remove()`) deletes the instance overrides and hooks: the model is
+restored exactly.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._compat import check_transformers_version
+from ..arch import ArchSpec
+from ..policy import DOPPolicy, PolicyError
+from ..reducers import ReductionContext, VisualTokenReducer, check_family, check_selection, get_reducer
+from ..reducers.base import ReducerError
+from .cache import DOPCache
+from .families import FamilyAdapter, adapter_for
+
+check_transformers_version()
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class _TokenSet:
+    """Tokens one module of one layer processes: (B, K) indices into the call's sequence."""
+
+    index: torch.Tensor
+    valid: torch.Tensor  # False for filler slots (samples with fewer kept tokens than K)
+    everything: bool  # all N tokens, all valid
+
+    @classmethod
+    def from_mask(cls, keep: torch.Tensor) -> "_TokenSet":
+        B, N = keep.shape
+        counts = keep.sum(1)
+        K = int(counts.max()) if B else 0
+        if bool((counts == N).all()):
+            index = torch.arange(N, device=keep.device).expand(B, N)
+            return cls(index, torch.ones(B, N, dtype=torch.bool, device=keep.device), True)
+        # stable sort puts skipped tokens first, kept tokens last in original order; the last K slots
+        # hold every kept token, preceded (left, like left padding) by fillers where a sample has fewer.
+        order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, N - K :]
+        return cls(order, torch.gather(keep, 1, order), False)
+
+
+@dataclass
+class _CallPlan:
+    """Everything layers need for one forward call of the decoder stack."""
+
+    past: int  # tokens seen before this call (original coordinates)
+    length: int  # tokens in this call
+    pad_valid: torch.Tensor  # (B, past+N) bool, 1 = real token
+    attn: list[_TokenSet]  # per layer
+    mlp_in_attn: list[_TokenSet | None]  # per layer: MLP subset as indices into the attn set (None = same)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # overrides the model's (remapped RoPE)
+    position_ids: torch.Tensor | None
+    cache: DOPCache | None
+    stats: list[tuple[int, int]] = field(default_factory=list)
+
+
+class DOPHandle:
+    """Installed DOP state on one model. Use as a context manager or call `remove()`.
+
+    Attributes:
+        policy: the policy as given; `executed_policy` is its `effective()` form.
+        last_layer_tokens: per layer `(tokens in MHA, tokens in MLP)` of the last prefill, summed over
+            the batch (filler slots excluded): evidence of what actually ran.
+        last_kept: per image of the last prefill, the kept local visual indices (None without reducer).
+    """
+
+    def __init__(self, model: nn.Module, policy: DOPPolicy, reducer: str | VisualTokenReducer | None = None):
+        self.model = model
+        self.adapter: FamilyAdapter = adapter_for(model)
+        self.spec = ArchSpec.from_model(model)
+        self.policy = policy.validate(self.spec.num_layers)
+        self.executed_policy = policy.effective()
+        self.reducer = get_reducer(reducer)
+        if self.reducer is not None:
+            check_family(self.reducer, self.adapter.family)
+        if policy.n_v is not None and self.reducer is None:
+            raise ReducerError(
+                f"policy keeps n_v={policy.n_v} visual tokens but no reducer was given; "
+                "pass reducer=<name> (see vlmeval_dop.reducers.REDUCERS)"
+            )
+        attn_impl = model.config.get_text_config(decoder=True)._attn_implementation or "eager"
+        if attn_impl not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"attention implementation {attn_impl!r} is not supported by the DOP executor; "
+                f"load the model with attn_implementation in {SUPPORTED_ATTENTION}"
+            )
+        self.attn_impl = attn_impl
+        self.image_token_ids = torch.tensor(self.adapter.image_token_ids(model))
+        self.last_layer_tokens: list[tuple[int, int]] = []
+        self.last_kept: list[torch.Tensor] | None = None
+        self._pending: dict[str, Any] | None = None
+        self._plan: _CallPlan | None = None
+        self._removers: list[Callable[[], None]] = []
+        self._install()
+
+    # ------------------------------------------------------------------ install / remove
+    def _install(self) -> None:
+        mm = self.adapter.multimodal_model(self.model)
+        lm = self.adapter.language_model(self.model)
+        self._lm = lm
+        layers = self.adapter.decoder_layers(self.model)
+        h1 = mm.register_forward_pre_hook(self._multimodal_pre_hook, with_kwargs=True)
+        h2 = lm.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True)
+        h3 = lm.register_forward_hook(self._decoder_post_hook, with_kwargs=True, always_call=True)
+        self._removers += [h1.remove, h2.remove, h3.remove]
+        for i, layer in enumerate(layers):
+            if "forward" in layer.__dict__:
+                self.remove()
+                raise RuntimeError(f"decoder layer {i} already has an instance forward (is DOP applied twice?)")
+            layer.forward = self._make_layer_forward(i, layer, layer.forward)
+            self._removers.append(lambda layer=layer: layer.__dict__.pop("forward", None))
+
+    def remove(self) -> None:
+        """Restore the model exactly (idempotent)."""
+        while self._removers:
+            self._removers.pop()()
+        self._pending = self._plan = None
+
+    def __enter__(self) -> "DOPHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------ hooks
+    def _multimodal_pre_hook(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._pending = {"input_ids": input_ids, "model_inputs": dict(kwargs)}
+        return None
+
+    def _decoder_pre_hook(self, module, args, kwargs):
+        pending, self._pending = self._pending or {}, None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            embeds = module.embed_tokens(ids)
+            kwargs["inputs_embeds"], kwargs["input_ids"] = embeds, None
+            pending.setdefault("input_ids", ids)
+        B, N = embeds.shape[:2]
+        device = embeds.device
+
+        cache = kwargs.get("cache")
+        if cache is None and kwargs.get("use_cache"):
+            cache = DOPCache(config=module.config)
+        elif cache is not None and not isinstance(cache, DOPCache):
+            if cache.get_seq_length() != 0:
+                raise ValueError("a non-empty cache built without DOP cannot be continued under apply_dop")
+            cache = DOPCache(config=module.config)
+        if cache is not None:
+            kwargs["cache"] = cache
+        past = cache.dop_seen if cache is not None else 0
+
+        input_ids = pending.get("input_ids")
+        if input_ids is not None and input_ids.shape[:2] == (B, N):
+            visual = torch.isin(input_ids, self.image_token_ids.to(input_ids.device))
+        else:
+            visual = torch.zeros(B, N, dtype=torch.bool, device=device)
+            if self.policy.n_v is not None and past == 0 and not self.policy.is_full(self.spec.num_layers):
+                raise ValueError("apply_dop needs input_ids to locate visual tokens (got inputs_embeds only)")
+
+        mask2d = kwargs.get("attention_mask")
+        if isinstance(mask2d, torch.Tensor) and mask2d.ndim == 2:
+            pad_valid = mask2d.to(device=device, dtype=torch.bool)
+            if pad_valid.shape[1] != past + N:
+                raise ValueError(f"2D attention_mask has length {pad_valid.shape[1]}, expected {past + N}")
+        elif mask2d is None:
+            pad_valid = torch.ones(B, past + N, dtype=torch.bool, device=device)
+        else:
+            raise ValueError("apply_dop needs a 2D padding attention_mask (or None), not a prepared 4D mask")
+
+        # --- token reduction (prefill with images only)
+        dropped = torch.zeros(B, N, dtype=torch.bool, device=device)
+        if self.reducer is not None and self.policy.n_v is not None and bool(visual.any()):
+            spans = self.adapter.image_spans(visual)
+            for span in spans:
+                if self.policy.n_v > span.num_tokens:
+                    raise PolicyError(
+                        f"n_v={self.policy.n_v} exceeds the {span.num_tokens} visual tokens of image "
+                        f"{span.image_index} in sample {span.batch_index}; valid: 1..{span.num_tokens}"
+                    )
+            ctx = ReductionContext(
+                family=self.adapter.family,
+                model=self.model,
+                input_ids=input_ids,
+                inputs_embeds=embeds,
+                attention_mask=pad_valid[:, past:],
+                images=spans,
+                model_inputs=pending.get("model_inputs", {}),
+            )
+            kept = self.reducer.select(ctx, self.policy.n_v)
+            check_selection(self.reducer, ctx, self.policy.n_v, kept)
+            for span, idx in zip(spans, kept):
+                drop = torch.ones(span.num_tokens, dtype=torch.bool, device=device)
+                drop[idx.to(device)] = False
+                dropped[span.batch_index, span.positions.to(device)] = drop
+            self.last_kept = [k.cpu() for k in kept]
+
+        # --- RoPE positions: model's own, or renumbered as if dropped tokens had never been there
+        position_ids = kwargs.get("position_ids")
+        position_embeddings = None
+        shift_before = None
+        if self.adapter.contiguous_positions:
+            prior = cache.dop_pos_shift if cache is not None and cache.dop_pos_shift is not None else None
+            if bool(dropped.any()) or prior is not None:
+                if position_ids is None:
+                    position_ids = (torch.arange(N, device=device) + past).unsqueeze(0).expand(B, N)
+                base = prior.to(device)[:, None] if prior is not None else torch.zeros(B, 1, dtype=torch.long, device=device)
+                shift_before = base + torch.cumsum(dropped.long(), dim=1) - dropped.long()
+                new_pos = position_ids.expand(B, N) - shift_before
+                position_embeddings = module.rotary_emb(embeds, new_pos)
+                if cache is not None:
+                    cache.dop_pos_shift = base[:, 0] + dropped.long().sum(1)
+
+        # --- per-layer token sets
+        sys_mask = self._system_mask(visual, pad_valid[:, past:]) if self.policy.has_system_depths and past == 0 else None
+        p, L = self.executed_policy, self.spec.num_layers
+        alive = ~dropped
+        sets: dict[tuple[bool, bool, bool, bool], _TokenSet] = {}
+        attn_sets, mlp_sets = [], []
+        for layer in range(L):
+            a_vis, m_vis = layer < p.d_A, layer < p.d_P
+            a_sys = p.d_A_sys is None or layer < p.d_A_sys
+            m_sys = p.d_P_sys is None or layer < p.d_P_sys
+            keep_a = alive & (a_vis | ~visual)
+            keep_m = alive & (m_vis | ~visual)
+            if sys_mask is not None:
+                keep_a = keep_a & (a_sys | ~sys_mask)
+                keep_m = keep_m & (m_sys | ~sys_mask)
+            key = (a_vis, a_sys, m_vis, m_sys)
+            if key not in sets:
+                sets[key] = _TokenSet.from_mask(keep_a)
+            attn = sets[key]
+            attn_sets.append(attn)
+            if torch.equal(keep_a, keep_m):
+                mlp_sets.append(None)
+            else:
+                within = torch.gather(keep_m, 1, attn.index) & attn.valid
+                mlp_sets.append(_TokenSet.from_mask(within))
+        self._plan = _CallPlan(
+            past=past,
+            length=N,
+            pad_valid=pad_valid,
+            attn=attn_sets,
+            mlp_in_attn=mlp_sets,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            cache=cache,
+        )
+        return args, kwargs
+
+    def _decoder_post_hook(self, module, args, kwargs, output):
+        plan, self._plan = self._plan, None
+        if plan is None:
+            return None
+        if plan.cache is not None:
+            plan.cache.dop_seen = plan.past + plan.length
+        if plan.past == 0:
+            self.last_layer_tokens = plan.stats
+        return None
+
+    @staticmethod
+    def _system_mask(visual: torch.Tensor, pad_valid: torch.Tensor) -> torch.Tensor:
+        """System group (Eq. 14): the real tokens before each sample's first visual token."""
+        before_first = torch.cumsum(visual.long(), dim=1) == 0
+        has_visual = visual.any(1, keepdim=True)
+        return before_first & pad_valid & has_visual
+
+    # ------------------------------------------------------------------ layers
+    def _make_layer_forward(self, layer_idx: int, layer: nn.Module, original: Callable) -> Callable:
+        def forward(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            plan = self._plan
+            if plan is None:  # called outside the decoder stack: nothing to prune
+                return original(hidden_states, *args, **kwargs)
+            return self._layer_forward(layer_idx, layer, original, plan, hidden_states, args, kwargs)
+
+        return forward
+
+    def _layer_forward(self, i, layer, original, plan: _CallPlan, hidden, args, kwargs) -> torch.Tensor:
+        attn = plan.attn[i]
+        mlp_sub = plan.mlp_in_attn[i]
+        cache = plan.cache
+        B = hidden.shape[0]
+        n_real = int(attn.valid.sum())
+        n_mlp = n_real if mlp_sub is None else int(mlp_sub.valid.sum())
+        plan.stats.append((n_real, n_mlp))
+        cache_full = cache is None or cache.is_full_layer(i)
+        if attn.everything and mlp_sub is None and plan.position_embeddings is None and cache_full:
+            out = original(hidden, *args, **kwargs)
+            if cache is not None and kwargs.get("use_cache", True):
+                self._record(cache, i, plan, attn)
+            return out
+
+        if args:
+            raise TypeError("DOP layer forward expects keyword arguments after hidden_states")
+        kwargs = dict(kwargs)
+        kwargs.pop("attention_mask", None)
+        pos_emb = plan.position_embeddings or kwargs.pop("position_embeddings")
+        kwargs.pop("position_embeddings", None)
+        position_ids = kwargs.pop("position_ids", None)
+        use_cache = kwargs.pop("use_cache", False)
+        kwargs.pop("cache", None)
+
+        idx = attn.index
+        x = _gather(hidden, idx)
+        cos, sin = (_gather(t.expand(B, *t.shape[1:]) if t.shape[0] != B else t, idx) for t in pos_emb)
+        if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2:
+            position_ids = torch.gather(position_ids.expand(B, -1), 1, idx)
+        else:
+            position_ids = None
+        mask = self._attention_mask(i, plan, attn, x.dtype)
+
+        residual = x
+        h = layer.input_layernorm(x)
+        h, _ = layer.self_attn(
+            hidden_states=h,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=(cos, sin),
+            **kwargs,
+        )
+        x = residual + h
+        if cache is not None:
+            self._record(cache, i, plan, attn)
+
+        if mlp_sub is None:
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        else:
+            y = _gather(x, mlp_sub.index)
+            y = y + layer.mlp(layer.post_attention_layernorm(y))
+            x = _scatter(x, mlp_sub, y)
+        return _scatter(hidden, attn, x)
+
+    def _record(self, cache: DOPCache, i: int, plan: _CallPlan, attn: _TokenSet) -> None:
+        cache.record(i, attn.index + plan.past, attn.valid)
+
+    def _attention_mask(self, i: int, plan: _CallPlan, attn: _TokenSet, dtype: torch.dtype) -> torch.Tensor | None:
+        """Mask over (this call's kept queries) x (cached + current kept keys), in original coordinates."""
+        cache = plan.cache
+        q_pos = attn.index + plan.past
+        q_valid = attn.valid
+        if cache is not None and i in cache.dop_key_index:
+            k_pos = torch.cat([cache.dop_key_index[i], q_pos], dim=1)
+            k_slot = torch.cat([cache.dop_key_valid[i], q_valid], dim=1)
+        else:
+            k_pos, k_slot = q_pos, q_valid
+        k_valid = k_slot & torch.gather(plan.pad_valid, 1, k_pos)
+        if self.attn_impl == "sdpa" and bool(k_valid.all()):
+            # causal order survives gathering, so sdpa's own causal path (and fast kernels) apply
+            if k_pos.shape[1] == q_pos.shape[1] or q_pos.shape[1] == 1:
+                return None
+        allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+        # a row with no visible key (left padding, filler) would give NaNs that leak through V; let it see all
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        allowed = allowed[:, None]
+        if self.attn_impl == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b]] for (B, N, D) x and (B, K) index."""
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _scatter(base: torch.Tensor, tokens: _TokenSet, values: torch.Tensor) -> torch.Tensor:
+    """Out-of-place: base with base[b, index[b, k]] = values[b, k] for valid slots."""
+    if bool(tokens.valid.all()):
+        return base.scatter(1, tokens.index[..., None].expand(-1, -1, base.shape[-1]), values)
+    out = base.clone()
+    b, k = torch.nonzero(tokens.valid, as_tuple=True)
+    out[b, tokens.index[b, k]] = values[b, k]
+    return out
+
+
+def apply_dop(
+    model: nn.Module, policy: DOPPolicy, reducer: str | VisualTokenReducer | None = None
+) -> DOPHandle:
+    """Make `model` (a stock transformers MLLM of a supported family) run `policy` in forward/generate.
+
+    Usable as a context manager (`with apply_dop(model, policy, reducer="uniform"): model.generate(...)`)
+    or as a plain call returning a handle whose `remove()` restores the model.
+
+    Args:
+        model: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+            Qwen2_5_VLForConditionalGeneration or InternVLForConditionalGeneration.
+        policy: `DOPPolicy(d_A, d_P, n_v)`; depths are validated against the decoder depth now, `n_v`
+            against each image's visual token count at the first forward.
+        reducer: name in `vlmeval_dop.reducers.REDUCERS` or a `VisualTokenReducer`; required when
+            `policy.n_v` is set.
+    """
+    return DOPHandle(model, policy, reducer)

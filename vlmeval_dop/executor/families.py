@@ -1,0 +1,84 @@
+"""Per-family facts the executor needs: where the decoder lives, how positions work, where images sit.
+
+All four supported families share transformers' layout `model.model.language_model.layers[i]` with
+LLaMA-style pre-norm decoder layers (`input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`).
+Adding a family is one `FamilyAdapter` entry in `FAMILIES` (plus `arch.SUPPORTED_CLASSES`); override
+the methods below where its layout differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..arch import family_of
+from ..reducers.base import ImageSpan
+
+_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """How to run DOP on one model family.
+
+    Attributes:
+        family: family key (vlmeval_dop.arch).
+        contiguous_positions: after token reduction, renumber 1D RoPE positions as if the sequence had
+            been rebuilt with only the kept tokens (official LLaVA reducer behaviour). False for M-RoPE
+            (Qwen2.5-VL), where kept tokens keep their (t, h, w) positions.
+    """
+
+    family: str
+    contiguous_positions: bool = True
+
+    def multimodal_model(self, model: nn.Module) -> nn.Module:
+        """The module whose forward sees `input_ids` and `pixel_values` (e.g. LlavaModel)."""
+        return model.model
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack (e.g. LlamaModel / Qwen2Model / Qwen2_5_VLTextModel)."""
+        return model.model.language_model
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        layers = self.language_model(model).layers
+        for i, layer in enumerate(layers):
+            missing = [p for p in _LAYER_PARTS if not hasattr(layer, p)]
+            if missing:
+                raise TypeError(
+                    f"decoder layer {i} ({type(layer).__name__}) lacks {missing}; the DOP executor needs "
+                    f"pre-norm layers with {_LAYER_PARTS}"
+                )
+        return layers
+
+    def image_token_ids(self, model: nn.Module) -> tuple[int, ...]:
+        return (int(model.config.image_token_id),)
+
+    def image_spans(self, visual: torch.Tensor) -> list[ImageSpan]:
+        """One span per maximal run of consecutive visual placeholders, per sample.
+
+        Every supported processor writes one image as one contiguous run (LLaVA-NeXT's newline
+        placeholders and InternVL's tiles included) and separates images by text/marker tokens.
+        """
+        spans: list[ImageSpan] = []
+        for b in range(visual.shape[0]):
+            pos = torch.nonzero(visual[b], as_tuple=False).flatten()
+            if pos.numel() == 0:
+                continue
+            breaks = torch.nonzero(pos[1:] != pos[:-1] + 1, as_tuple=False).flatten() + 1
+            for i, run in enumerate(torch.tensor_split(pos, breaks.tolist())):
+                spans.append(ImageSpan(batch_index=b, image_index=i, positions=run))
+        return spans
+
+
+FAMILIES: dict[str, FamilyAdapter] = {
+    "llava": FamilyAdapter("llava"),
+    "llava_next": FamilyAdapter("llava_next"),
+    "qwen2_5_vl": FamilyAdapter("qwen2_5_vl", contiguous_positions=False),
+    "internvl": FamilyAdapter("internvl"),
+}
+
+
+def adapter_for(model: nn.Module) -> FamilyAdapter:
+    """The adapter of a loaded model (UnsupportedModelError lists the supported classes)."""
+    return FAMILIES[family_of(model)]

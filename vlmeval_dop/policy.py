@@ -1,0 +1,147 @@
+"""The DOP policy `(d_A, d_P, n_v)` (paper Eq. 3-4) and its optional system-token depths (Eq. 14).
+
+Depths count layers from the input: visual tokens take part in the MHA of decoder layers `0 .. d_A-1`
+and in the MLP of layers `0 .. d_P-1` (the paper numbers layers from 1 and prunes layers `d+1 .. L`,
+which is the same set). `n_v` is the number of visual tokens the reducer keeps (`None` = all).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import yaml
+
+
+class PolicyError(ValueError):
+    """A policy that does not fit the model it is applied to."""
+
+
+@dataclass(frozen=True)
+class DOPPolicy:
+    """Depth-wise operation pruning policy.
+
+    Args:
+        d_A: visual tokens attend (as queries and keys/values) in layers `< d_A`.
+        d_P: visual tokens go through the MLP in layers `< d_P`.
+        n_v: visual tokens kept by the reducer before the decoder; `None` keeps all of them.
+        d_A_sys, d_P_sys: the same depths for the system-prompt token group (paper Eq. 14, an
+            extension); `None` (default) leaves system tokens unpruned.
+    """
+
+    d_A: int
+    d_P: int
+    n_v: int | None = None
+    d_A_sys: int | None = None
+    d_P_sys: int | None = None
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def full(cls, num_layers: int) -> "DOPPolicy":
+        """The unpruned policy `(L, L, None)`: identical to the stock model."""
+        return cls(num_layers, num_layers, None)
+
+    @classmethod
+    def parse(cls, text: str) -> "DOPPolicy":
+        """Parse `"d_A,d_P,n_v"` (n_v may be `all`/`none`) or `"d_A,d_P,n_v,d_A_sys,d_P_sys"`."""
+        parts = [p.strip() for p in str(text).split(",")]
+        if len(parts) not in (3, 5):
+            raise PolicyError(f"policy must be 'd_A,d_P,n_v' or 'd_A,d_P,n_v,d_A_sys,d_P_sys', got {text!r}")
+
+        def num(p: str) -> int | None:
+            if p.lower() in ("", "none", "all"):
+                return None
+            try:
+                return int(p)
+            except ValueError:
+                raise PolicyError(f"policy entries must be integers, got {p!r} in {text!r}") from None
+
+        values = [num(p) for p in parts]
+        if values[0] is None or values[1] is None:
+            raise PolicyError(f"d_A and d_P are required integers, got {text!r}")
+        return cls(*values)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DOPPolicy":
+        """Inverse of :meth:`to_dict`; unknown keys are an error (typos must not pass silently)."""
+        known = {"d_A", "d_P", "n_v", "d_A_sys", "d_P_sys"}
+        unknown = set(data) - known
+        if unknown:
+            raise PolicyError(f"unknown policy keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DOPPolicy":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "DOPPolicy":
+        data = yaml.safe_load(text)
+        if isinstance(data, list):  # the compact form used in eval_configs: [d_A, d_P, n_v]
+            return cls(*data)
+        return cls.from_dict(data)
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict; system-token depths are omitted while they are off."""
+        d = asdict(self)
+        if self.d_A_sys is None and self.d_P_sys is None:
+            d.pop("d_A_sys")
+            d.pop("d_P_sys")
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def __str__(self) -> str:
+        s = f"(d_A={self.d_A}, d_P={self.d_P}, n_v={'all' if self.n_v is None else self.n_v}"
+        if self.has_system_depths:
+            s += f", d_A_sys={self.d_A_sys}, d_P_sys={self.d_P_sys}"
+        return s + ")"
+
+    # ----------------------------------------------------------------- semantics
+    @property
+    def has_system_depths(self) -> bool:
+        return self.d_A_sys is not None or self.d_P_sys is not None
+
+    def effective(self) -> "DOPPolicy":
+        """The cheapest policy with identical outputs: `(d_A, min(d_P, d_A), n_v)`.
+
+        Once a visual token leaves MHA (layer >= d_A) nothing reads it again, so its MLP work in layers
+        `d_A .. d_P-1` is dead. The paper's Eq. 11 still counts that work (see flops.policy_tflops).
+        The same holds for the system-token group.
+        """
+        d_P_sys = self.d_P_sys
+        if self.d_A_sys is not None and d_P_sys is not None:
+            d_P_sys = min(d_P_sys, self.d_A_sys)
+        return replace(self, d_P=min(self.d_P, self.d_A), d_P_sys=d_P_sys)
+
+    def resolved_n_v(self, num_visual_tokens: int) -> int:
+        """`n_v` with `None` resolved to all visual tokens."""
+        return num_visual_tokens if self.n_v is None else self.n_v
+
+    def is_full(self, num_layers: int, num_visual_tokens: int | None = None) -> bool:
+        """True when the policy prunes nothing (then the executor leaves the model untouched)."""
+        no_vis = self.n_v is None or (num_visual_tokens is not None and self.n_v >= num_visual_tokens)
+        sys_full = all(d is None or d >= num_layers for d in (self.d_A_sys, self.d_P_sys))
+        return self.d_A >= num_layers and self.d_P >= num_layers and no_vis and sys_full
+
+    def validate(self, num_layers: int, num_visual_tokens: int | None = None) -> "DOPPolicy":
+        """Check `0 <= d <= L` and `1 <= n_v <= visual tokens`; return self or raise PolicyError."""
+        for name in ("d_A", "d_P", "d_A_sys", "d_P_sys"):
+            v = getattr(self, name)
+            if v is None and name in ("d_A_sys", "d_P_sys"):
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= num_layers:
+                raise PolicyError(f"{name}={v!r} is outside 0 <= {name} <= L={num_layers} (the model's decoder layers)")
+        if self.n_v is not None:
+            if not isinstance(self.n_v, int) or isinstance(self.n_v, bool) or self.n_v < 1:
+                raise PolicyError(f"n_v={self.n_v!r} must be an integer >= 1 (or None for all visual tokens)")
+            if num_visual_tokens is not None and self.n_v > num_visual_tokens:
+                raise PolicyError(
+                    f"n_v={self.n_v} exceeds the model's {num_visual_tokens} visual tokens; valid: 1..{num_visual_tokens}"
+                )
+        return self

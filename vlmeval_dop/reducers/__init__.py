@@ -1,0 +1,42 @@
+"""Visual token reducers behind one registry: name -> factory.
+
+Adding a reducer: one module implementing `VisualTokenReducer` plus one line in `REDUCERS`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .base import (
+    ImageSpan,
+    ReducerError,
+    ReductionContext,
+    VisualTokenReducer,
+    check_family,
+    check_selection,
+)
+from .uniform import UniformReducer
+
+REDUCERS: dict[str, Callable[[], VisualTokenReducer]] = {
+    "uniform": UniformReducer,
+}
+
+
+def get_reducer(reducer: str | VisualTokenReducer | None) -> VisualTokenReducer | None:
+    """Resolve a reducer name (or pass an instance through); unknown names list the valid ones."""
+    if reducer is None or not isinstance(reducer, str):
+        return reducer
+    if reducer not in REDUCERS:
+        raise ReducerError(f"unknown reducer {reducer!r}; valid reducers: {', '.join(sorted(REDUCERS))}")
+    return REDUCERS[reducer]()
+
+
+__all__ = [
+    "REDUCERS",
+    "ImageSpan",
+    "ReducerError",
+    "ReductionContext",
+    "VisualTokenReducer",
+    "check_family",
+    "check_selection",
+    "get_reducer",
+]

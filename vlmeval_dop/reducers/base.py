@@ -1,0 +1,103 @@
+"""The visual-token reducer protocol: which visual tokens survive before the decoder (`n_v`).
+
+A reducer looks at one image at a time (its placeholder span in the sequence, the embeddings the LLM
+receives there, and the full model/inputs for anything else it needs, e.g. vision-tower attention or
+the instruction text) and returns the sorted local indices of the tokens to keep. The executor then
+never computes the dropped tokens: they are excluded from every decoder layer and from every KV cache.
+
+For 1D-RoPE families (LLaVA, LLaVA-NeXT, InternVL) the kept tokens and everything after them get
+contiguous positions, exactly as if the sequence had been rebuilt with `n_v` placeholders (what the
+official VisPruner/CDPruner LLaVA code does). For Qwen2.5-VL the kept tokens keep their original M-RoPE
+(t, h, w) positions, which a rebuilt 1D sequence cannot express.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+class ReducerError(ValueError):
+    """A reducer asked for something it cannot do (too many tokens, unsupported family, ...)."""
+
+
+@dataclass
+class ImageSpan:
+    """One image's visual placeholders in sample `batch_index`: sequence positions `[start, end)`.
+
+    `positions` lists the placeholder positions (contiguous for every supported family).
+    """
+
+    batch_index: int
+    image_index: int
+    positions: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.numel())
+
+
+@dataclass
+class ReductionContext:
+    """Everything a reducer may look at for one forward pass.
+
+    Attributes:
+        family: model family key (see vlmeval_dop.arch).
+        model: the full multimodal model (vision tower, projector, language model).
+        input_ids: (B, N) token ids of the prompt.
+        inputs_embeds: (B, N, H) embeddings the decoder receives (image features already in place).
+        attention_mask: (B, N) padding mask (1 = real token) or None.
+        images: one ImageSpan per image, in sequence order.
+        model_inputs: the remaining keyword inputs of the multimodal forward (pixel_values,
+            image_sizes, image_grid_thw, ...), for reducers that need the vision tower.
+        cache: free-form storage shared by reducers within one forward (e.g. vision attentions).
+    """
+
+    family: str
+    model: Any
+    input_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor | None
+    images: list[ImageSpan]
+    model_inputs: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def image_embeds(self, span: ImageSpan) -> torch.Tensor:
+        """(n_tokens, H) decoder-input embeddings of one image."""
+        return self.inputs_embeds[span.batch_index, span.positions]
+
+
+@runtime_checkable
+class VisualTokenReducer(Protocol):
+    """Protocol every reducer implements.
+
+    `families` lists the supported model families (None = all). `select` returns, for each image span
+    of `ctx.images` in order, a sorted, unique LongTensor of local indices (0 .. span.num_tokens-1) of
+    length exactly `min(n_keep, span.num_tokens)`.
+    """
+
+    name: str
+    families: tuple[str, ...] | None
+
+    def select(self, ctx: ReductionContext, n_keep: int) -> list[torch.Tensor]: ...
+
+
+def check_selection(reducer: VisualTokenReducer, ctx: ReductionContext, n_keep: int, kept: list[torch.Tensor]) -> None:
+    """Validate a reducer's output (count, sortedness, uniqueness, range); raise ReducerError if wrong."""
+    if len(kept) != len(ctx.images):
+        raise ReducerError(f"reducer {reducer.name!r} returned {len(kept)} selections for {len(ctx.images)} images")
+    for span, idx in zip(ctx.images, kept):
+        want = min(n_keep, span.num_tokens)
+        if idx.ndim != 1 or idx.numel() != want:
+            raise ReducerError(f"reducer {reducer.name!r} kept {idx.numel()} tokens, expected {want}")
+        if want and (idx.min() < 0 or idx.max() >= span.num_tokens or not bool((idx[1:] > idx[:-1]).all())):
+            raise ReducerError(f"reducer {reducer.name!r} must return sorted unique indices in [0, {span.num_tokens})")
+
+
+def check_family(reducer: VisualTokenReducer, family: str) -> None:
+    """Raise ReducerError if `reducer` does not support `family`."""
+    if reducer.families is not None and family not in reducer.families:
+        raise ReducerError(
+            f"reducer {reducer.name!r} does not support model family {family!r}; supported: {', '.join(reducer.families)}"
+        )
