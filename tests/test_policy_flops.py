@@ -145,3 +145,34 @@ def _paper_data(name):
 
     p = Path(__file__).resolve().parents[2] / "shared" / "paper_data" / name
     return p if p.exists() else None
+
+
+def test_cli_flops_json_matches_hand_count(capsys):
+    import json
+
+    from vlmeval_dop.cli import main
+
+    assert main(["flops", "--model", "llava15_7b", "--policy", "26,19,97", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    h, m, t = 4096, 11008, 135
+
+    def layer(n_a, n_p):  # Eq. 11 written out, MHA (d = h)
+        return 8 * n_a * h * h + 4 * n_a * n_a * h + 6 * n_p * h * m
+
+    vis = t + 97
+    paper = 19 * layer(vis, vis) + 7 * layer(vis, t) + 6 * layer(t, t)
+    full = 32 * layer(t + 576, t + 576)
+    assert out["tflops"] == pytest.approx(paper / 1e12)
+    assert out["full_tflops"] == pytest.approx(full / 1e12)
+    assert out["ratio"] == pytest.approx(paper / full)
+    assert len(out["layer_tokens"]) == 32
+
+
+def test_cli_bad_input_is_one_clear_line(capsys):
+    from vlmeval_dop.cli import main
+
+    assert main(["flops", "--model", "llava15_7", "--policy", "1,1,1"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean llava15_7b" in err and "internvl3_8b" in err and "Traceback" not in err
+    assert main(["flops", "--model", "qwen25vl_7b", "--policy", "29,1,1"]) == 2
+    assert "0 <= d_A <= L=28" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from .._compat import check_transformers_version
 from ..arch import ArchSpec
@@ -161,6 +162,12 @@ class DOPHandle:
         if cache is None and kwargs.get("use_cache"):
             cache = DOPCache(config=module.config)
         elif cache is not None and not isinstance(cache, DOPCache):
+            # generate() hands over an empty DynamicCache; per-layer subsets need our subclass instead
+            if type(cache) is not DynamicCache:
+                raise ValueError(
+                    f"apply_dop needs a dynamic cache (per-layer token subsets), got {type(cache).__name__}; "
+                    "do not set cache_implementation for DOP generation"
+                )
             if cache.get_seq_length() != 0:
                 raise ValueError("a non-empty cache built without DOP cannot be continued under apply_dop")
             cache = DOPCache(config=module.config)
