@@ -272,3 +272,16 @@ def test_bad_input_messages(tiny):
             _logits(model, inputs)
     # the failed call left nothing behind
     assert all("forward" not in layer.__dict__ for layer in model.model.language_model.layers)
+
+
+def test_arch_spec_from_tiny_config(tiny):
+    family, model, processor = tiny
+    spec = ArchSpec.from_model(model)
+    text = model.config.get_text_config(decoder=True)
+    assert spec.family == FAMILY_KEY[family]
+    assert (spec.num_layers, spec.hidden_size, spec.intermediate_size) == (
+        text.num_hidden_layers, text.hidden_size, text.intermediate_size,
+    )
+    assert spec.kv_dim == text.num_key_value_heads * spec.head_dim
+    assert spec.gqa == (family in ("qwen25vl", "internvl3"))
+    assert spec.image_token_ids == (model.config.image_token_id,)
