@@ -1,0 +1,610 @@
+"""Deterministic tiny random-weight checkpoints of the four supported MLLM families (tests, demo).
+
+Each family is built from stock transformers configs and processors, saved to a local directory and loaded
+back through the ordinary ``from_pretrained`` path, so tests exercise exactly the classes and token mechanics
+of the real checkpoints; only sizes and weights differ. Nothing is downloaded: the tokenizers are built here
+from a fixed vocabulary (BPE merges learned by a small deterministic trainer below).
+
+====================  ==========================================  ====================================
+family                real checkpoint it mirrors                  tiny_image() (224x224) gives
+====================  ==========================================  ====================================
+``llava15``           llava-hf/llava-1.5-7b-hf                    1 tile x (112/14)^2  = 64 ``<image>``
+``llavanext``         llava-hf/llava-v1.6-vicuna-7b-hf            base + 2x2 crops: 64 + 16*16 + 16
+                                                                  row newlines = 336 ``<image>``
+``qwen25vl``          Qwen/Qwen2.5-VL-7B-Instruct                 (224/28)^2 = 64 ``<|image_pad|>``
+``internvl3``         OpenGVLab/InternVL3-8B-hf                   4 tiles + thumbnail = 5 x 16 = 80
+                                                                  ``<IMG_CONTEXT>``
+====================  ==========================================  ====================================
+
+The 224x224 default image is twice the 112 px base tile, the tiny analogue of the paper's 672x672 (LLaVA-NeXT)
+and 896x896 (InternVL3) settings. Decoders: hidden 64, 4 layers, 4 heads of 16, MLP 128, float32; the
+Qwen2-style decoders (Qwen2.5-VL, InternVL3) use GQA with 2 KV heads like the real ones.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import string
+import tempfile
+import uuid
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+if TYPE_CHECKING:
+    from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
+
+TINY_FAMILIES: tuple[str, ...] = ("llava15", "llavanext", "qwen25vl", "internvl3")
+
+# Bump when anything that changes the saved files changes: caches are keyed by it (<family>-v<VERSION>).
+TINY_VERSION = 1
+
+# Default tiny_image() size: 2x the 112 px base tile (see the module docstring).
+TINY_IMAGE_SIZE: tuple[int, int] = (224, 224)
+
+# Placeholder tokens (model.config.image_token_id) one default tiny_image() yields; asserted in tests.
+TINY_VISUAL_TOKENS: dict[str, int] = {"llava15": 64, "llavanext": 336, "qwen25vl": 64, "internvl3": 80}
+
+_SEEDS = {"llava15": 1501, "llavanext": 1601, "qwen25vl": 2507, "internvl3": 3008}
+_MARKER = "vlmeval_dop_tiny.json"  # written last: its presence means the directory is complete
+_REQUIRED_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+    "tokenizer_config.json", "chat_template.jinja",
+)  # fmt: skip
+
+# --- sizes --------------------------------------------------------------------------------------------
+_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, head_dim=16)
+_KV_HEADS_GQA = 2
+# Vision width differs from the text width on purpose, so the projector really maps between two spaces.
+_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+_VISION_LAYERS = 2
+_TILE = 112  # base tile / crop size in pixels (real: 336 for LLaVA, 448 for InternVL)
+_PATCH = 14  # ViT patch size of every real family
+# Larger than HF's 0.02 so that the random decoder's logits depend visibly on the image and have clear
+# argmax margins (token-level comparisons in the tests are then not decided by float noise).
+_INIT_RANGE = 0.1
+
+# LLaVA-NeXT anyres pinpoints: the real [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# scaled to the 112 px tile, so a 224x224 image selects the 2x2 grid (4 crops + base) like 672x672 does.
+_PINPOINTS = [[_TILE * h, _TILE * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+
+# Qwen2.5-VL: 28 px per LLM token (patch 14, 2x2 merge). max_pixels caps an image at 8x8 = 64 tokens (a
+# 224x224 image is kept as is); min_pixels is the real 56*56.
+_QWEN_MIN_PIXELS = 56 * 56
+_QWEN_MAX_PIXELS = 224 * 224
+
+# --- chat templates: those of the real processors (llava-hf, Qwen2.5-VL-Instruct, InternVL3-hf) ----------
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+_QWEN25VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}"
+    "{{ '<video>\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# --- tokenizer vocabulary -----------------------------------------------------------------------------
+# Words of typical VQA prompts and chat scaffolding; each becomes a single token (with and without the
+# word-start marker), everything else falls back to characters / bytes like a real BPE tokenizer.
+_WORDS = (
+    "a an the this that these those there here it its is are was were be been do does did can could "
+    "would should will what which who whom whose where when why how many much of in on at to from by with "
+    "for about into over under above below near between behind front and or not no yes one two three four "
+    "five six seven eight nine ten image picture photo photograph scene shown show shows describe description "
+    "detail details answer question questions option options choose correct letter word phrase single short "
+    "briefly using please provide color colour shape size number count text written left right top bottom "
+    "middle center background foreground red green blue yellow white black brown gray grey orange purple pink "
+    "man woman men women person people child boy girl dog cat bird horse car bus truck train bike boat plane "
+    "table chair bed room street road sky water tree grass building sign food ball object objects animal "
+    "animals doing wearing holding sitting standing looking like see seen visible you your helpful "
+    "assistant user system USER ASSISTANT"
+).split()
+# Sentence-initial forms: in every template the question starts right after a newline or a special token.
+_WORDS += [
+    w.capitalize()
+    for w in "what which who where when why how is are do does can describe answer please you the this there".split()
+]
+
+
+def _learn_bpe(pieces: list[str], alphabet: list[str]) -> list[tuple[str, str]]:
+    """Merges that turn every piece into one token, learned like BPE with deterministic tie-breaking.
+
+    Replaying them in rank order (what the BPE model does) reproduces this segmentation, so every piece
+    encodes to a single token. Ties go to the lexicographically smallest pair: no hash order is involved.
+    """
+    known = set(alphabet)
+    missing = sorted({ch for p in pieces for ch in p} - known)
+    assert not missing, f"characters outside the alphabet: {missing}"
+    words = [list(p) for p in dict.fromkeys(pieces)]
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs: Counter = Counter()
+        for w in words:
+            for a, b in zip(w, w[1:]):
+                pairs[(a, b)] += 1
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda ab: (-pairs[ab], ab))
+        merges.append(best)
+        merged = best[0] + best[1]
+        for i, w in enumerate(words):
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i] = out
+
+
+def _vocab(alphabet: list[str], merges: list[tuple[str, str]], head: list[str], tail: list[str]) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for tok in head + alphabet + [a + b for a, b in merges] + tail:
+        vocab.setdefault(tok, len(vocab))
+    return vocab
+
+
+def _llama_tokenizer():
+    """LlamaTokenizer (SentencePiece-style BPE, byte fallback) with llava-hf's added tokens.
+
+    Layout as in llava-hf: <unk>=0, <s>=1, </s>=2, <0x00>..<0xFF>, pieces, then ``<image>`` and ``<pad>``
+    as the last two ids (32000 and 32001 in the real model).
+    """
+    from tokenizers import AddedToken
+    from transformers import LlamaTokenizer
+
+    alphabet = ["▁"] + list(string.ascii_letters + string.digits + string.punctuation)
+    merges = _learn_bpe(["▁" + w for w in _WORDS] + _WORDS, alphabet)
+    head = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    vocab = _vocab(alphabet, merges, head, ["<image>", "<pad>"])
+    tok = LlamaTokenizer(
+        vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False, pad_token="<pad>", padding_side="left"
+    )
+    # Registering existing vocab entries as special keeps their ids and stops them from being split.
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<image>", "<pad>")], special_tokens=True)
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 byte -> printable character map used by byte-level BPE (Qwen2 tokenizer)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+# Qwen2.5 added tokens in their real order (151643..151664); the first 14 are special.
+_QWEN_SPECIAL = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+_QWEN_PLAIN = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+               "<|repo_name|>", "<|file_sep|>"]  # fmt: skip
+# InternVL3-hf appends these after the Qwen2.5 tokens (<img>=151665, </img>=151666, <IMG_CONTEXT>=151667).
+_INTERNVL_SPECIAL = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+                     "<video>"]  # fmt: skip
+
+
+def _qwen_tokenizer(internvl: bool):
+    """Qwen2Tokenizer (byte-level BPE) with the Qwen2.5 added tokens (+ InternVL3's, named as in -hf)."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    alphabet = [_bytes_to_unicode()[b] for b in range(256)]
+    # "Ġ" is the byte-level space: " word" mid-sentence, bare "word" at a line start ("user\n", "What ...").
+    merges = _learn_bpe(["Ġ" + w for w in _WORDS] + _WORDS, alphabet)
+    special = _QWEN_SPECIAL + (_INTERNVL_SPECIAL if internvl else [])
+    vocab = _vocab(alphabet, merges, [], _QWEN_SPECIAL + _QWEN_PLAIN + (_INTERNVL_SPECIAL if internvl else []))
+    kwargs: dict[str, Any] = {}
+    if internvl:
+        # InternVLProcessor reads these named tokens (tokenizer.start_image_token, ..._id) from the tokenizer.
+        kwargs["extra_special_tokens"] = {
+            "start_image_token": "<img>", "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>",
+        }  # fmt: skip
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", padding_side="left", **kwargs,
+    )  # fmt: skip
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _QWEN_PLAIN])
+    return tok
+
+
+# --- builders -----------------------------------------------------------------------------------------
+def _clip_vision(**extra) -> dict:
+    """CLIP ViT vision tower config (CLIP-L/14 layout, tiny)."""
+    return dict(
+        model_type="clip_vision_model", image_size=_TILE, patch_size=_PATCH, num_hidden_layers=_VISION_LAYERS,
+        projection_dim=_TEXT["hidden_size"], hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        initializer_range=0.02, **_VISION, **extra,
+    )  # fmt: skip
+
+
+def _llama_text(tok) -> dict:
+    """Vicuna-7B layout (LLaMA, full multi-head attention), tiny."""
+    return dict(
+        model_type="llama", vocab_size=len(tok), num_key_value_heads=_TEXT["num_attention_heads"],
+        max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu", initializer_range=_INIT_RANGE,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+
+
+def _build_llava(next_: bool):
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
+
+    tok = _llama_tokenizer()
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    common = dict(
+        vision_config=_clip_vision(), text_config=_llama_text(tok), image_token_id=image_token_id,
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=(_TILE // _PATCH) ** 2, tie_word_embeddings=False,
+    )  # fmt: skip
+    # num_additional_image_tokens=1 (the CLS token) and strategy "default" (which drops it) cancel out:
+    # (112/14)^2 placeholders per tile, exactly as the real processors count 576 for 336 px.
+    proc_kwargs = dict(patch_size=_PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    image_kwargs = dict(size={"shortest_edge": _TILE}, crop_size={"height": _TILE, "width": _TILE})
+    if next_:
+        config = LlavaNextConfig(image_grid_pinpoints=_PINPOINTS, **common)
+        model = LlavaNextForConditionalGeneration(config)
+        image_processor = LlavaNextImageProcessor(image_grid_pinpoints=_PINPOINTS, **image_kwargs)
+        processor = LlavaNextProcessor(image_processor, tok, chat_template=_LLAVA_TEMPLATE, **proc_kwargs)
+    else:
+        config = LlavaConfig(**common)
+        model = LlavaForConditionalGeneration(config)
+        image_processor = CLIPImageProcessor(**image_kwargs)
+        processor = LlavaProcessor(image_processor, tok, chat_template=_LLAVA_TEMPLATE, **proc_kwargs)
+    gen = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return model, processor, gen
+
+
+def _build_qwen25vl():
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = _qwen_tokenizer(internvl=False)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
+    head_dim = _TEXT["head_dim"]
+    text_config = dict(
+        vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
+        # M-RoPE: (temporal, height, width) sections of the head_dim/2 rotary frequencies, the real
+        # [16, 24, 24] of head_dim 128 scaled to head_dim 16.
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+    assert sum(text_config["rope_parameters"]["mrope_section"]) == head_dim // 2
+    vision_config = dict(
+        depth=_VISION_LAYERS, hidden_size=_VISION["hidden_size"], intermediate_size=_VISION["intermediate_size"],
+        num_heads=_VISION["num_attention_heads"], hidden_act="silu", out_hidden_size=_TEXT["hidden_size"],
+        patch_size=_PATCH, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2,
+        # window_size 112 px = 4x4 merged tokens: the 8x8 grid of tiny_image() splits into 4 windows, and the
+        # last block attends fully (real: windowed blocks with full attention in 7, 15, 23, 31).
+        window_size=112, fullatt_block_indexes=[_VISION_LAYERS - 1], initializer_range=0.02,
+    )  # fmt: skip
+    config = Qwen2_5_VLConfig(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    size = {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
+    image_processor = Qwen2VLImageProcessor(size=size, patch_size=_PATCH, temporal_patch_size=2, merge_size=2)
+    video_processor = Qwen2VLVideoProcessor(size=size, patch_size=_PATCH, temporal_patch_size=2, merge_size=2)
+    processor = Qwen2_5_VLProcessor(image_processor, tok, video_processor, chat_template=_QWEN25VL_TEMPLATE)
+    gen = dict(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+    )  # fmt: skip
+    return model, processor, gen
+
+
+def _build_internvl3():
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    tok = _qwen_tokenizer(internvl=True)
+    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    downsample = 0.5
+    image_seq_length = int((_TILE // _PATCH) ** 2 * downsample**2)  # 16 per tile (real: 256 per 448 px tile)
+    text_config = dict(
+        model_type="qwen2", vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+    vision_config = dict(
+        image_size=[_TILE, _TILE], patch_size=[_PATCH, _PATCH], num_hidden_layers=_VISION_LAYERS,
+        hidden_act="gelu", norm_type="layer_norm", layer_norm_eps=1e-6, attention_bias=True, use_qk_norm=False,
+        layer_scale_init_value=0.1, use_mean_pooling=True, initializer_range=0.02, **_VISION,
+    )  # fmt: skip
+    config = InternVLConfig(
+        vision_config=vision_config, text_config=text_config, image_token_id=tok.context_image_token_id,
+        image_seq_length=image_seq_length, downsample_ratio=downsample, projector_hidden_act="gelu",
+        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )  # fmt: skip
+    model = InternVLForConditionalGeneration(config)
+    imagenet = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    tile = {"height": _TILE, "width": _TILE}
+    # crop_to_patches with 1..12 tiles as the real processor: a 224x224 image becomes 2x2 tiles + thumbnail.
+    image_processor = GotOcr2ImageProcessor(size=tile, crop_to_patches=True, min_patches=1, max_patches=12, **imagenet)
+    video_processor = InternVLVideoProcessor(size=tile, **imagenet)
+    processor = InternVLProcessor(
+        image_processor, tok, video_processor, image_seq_length=image_seq_length, chat_template=_INTERNVL_TEMPLATE
+    )
+    return model, processor, dict(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot)
+
+
+def _check_family(family: str) -> None:
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; valid families: {', '.join(TINY_FAMILIES)}")
+
+
+def _build(family: str):
+    """(model, processor) of `family` with freshly initialised deterministic weights (not saved)."""
+    from transformers import GenerationConfig
+
+    _check_family(family)
+    # The weights are a function of the family alone; fork_rng leaves the caller's RNG state untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEEDS[family])
+        if family == "llava15":
+            model, processor, gen = _build_llava(next_=False)
+        elif family == "llavanext":
+            model, processor, gen = _build_llava(next_=True)
+        elif family == "qwen25vl":
+            model, processor, gen = _build_qwen25vl()
+        else:
+            model, processor, gen = _build_internvl3()
+    model.generation_config = GenerationConfig(**gen)
+    return model.eval(), processor
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Silence transformers' per-call save/load progress bars (noise in the demo), restoring the setting."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+# --- cache --------------------------------------------------------------------------------------------
+def _default_root() -> pathlib.Path:
+    return pathlib.Path.home() / ".cache" / "vlmeval_dop" / "tiny"
+
+
+@functools.lru_cache(maxsize=1)
+def _fingerprint() -> str:
+    """Hash of this module's source and the transformers release that serialises the files.
+
+    Stored in the marker: a cache written by an edited builder (same TINY_VERSION, forgotten bump) or by
+    another transformers release is rebuilt instead of silently reused.
+    """
+    import transformers
+
+    h = hashlib.sha256(f"{TINY_VERSION}|{transformers.__version__}|".encode())
+    try:
+        h.update(pathlib.Path(__file__).read_bytes())
+    except OSError:  # not importable from plain files (zipapp): TINY_VERSION alone keys the cache
+        pass
+    return h.hexdigest()[:16]
+
+
+def _is_complete(path: pathlib.Path, family: str) -> bool:
+    try:
+        meta = json.loads((path / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("family") != family or meta.get("version") != TINY_VERSION or meta.get("fingerprint") != _fingerprint():
+        return False
+    return all((path / name).is_file() for name in _REQUIRED_FILES)
+
+
+def _save(family: str, path: pathlib.Path) -> None:
+    import transformers
+
+    model, processor = _build(family)
+    with _no_progress_bars():
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+    meta = {
+        "family": family, "version": TINY_VERSION, "fingerprint": _fingerprint(), "seed": _SEEDS[family],
+        "transformers": transformers.__version__,
+    }  # fmt: skip
+    (path / _MARKER).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def tiny_path(family: str, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Directory of the saved tiny checkpoint of `family`, building it first if it is missing.
+
+    The checkpoint lives in ``<cache_dir>/<family>-v<TINY_VERSION>``; `cache_dir` defaults to
+    ``~/.cache/vlmeval_dop/tiny``. A complete directory written by this exact builder is reused; anything
+    else there (incomplete, or from an edited builder / another transformers release) is rebuilt. A build goes
+    to a temporary sibling directory that is renamed into place at the end, so an interrupted build never
+    leaves a half directory and concurrent builders agree on one result (the weights are deterministic).
+
+    Raises:
+        ValueError: `family` is not one of TINY_FAMILIES.
+    """
+    _check_family(family)
+    root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else _default_root()
+    path = root / f"{family}-v{TINY_VERSION}"
+    if _is_complete(path, family):
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=root))
+    try:
+        _save(family, tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is a normal readable directory
+        for _ in range(2):
+            try:
+                os.rename(tmp, path)  # atomic on POSIX; fails if `path` exists and is not empty
+                return path
+            except OSError:
+                if _is_complete(path, family):  # another process finished first
+                    return path
+                if path.exists():  # incomplete or stale: move it aside, then retry once
+                    trash = root / f".{path.name}.stale-{uuid.uuid4().hex}"
+                    os.rename(path, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+        raise OSError(f"could not move the tiny {family} checkpoint into {path}")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_MODEL_CLASSES = {
+    "llava15": "LlavaForConditionalGeneration",
+    "llavanext": "LlavaNextForConditionalGeneration",
+    "qwen25vl": "Qwen2_5_VLForConditionalGeneration",
+    "internvl3": "InternVLForConditionalGeneration",
+}
+
+
+def load_tiny(
+    family: str,
+    *,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Load the tiny `family` checkpoint (built on first use) as ``(model, processor)``, offline.
+
+    Both go through the ordinary ``from_pretrained(path, local_files_only=True)`` of the family's stock
+    model class and of ``AutoProcessor``; the model is in eval mode.
+
+    Args:
+        family: one of TINY_FAMILIES.
+        attn_implementation: ``"sdpa"`` or ``"eager"`` (any value transformers accepts).
+        dtype: parameter dtype (the checkpoint is saved in float32).
+        cache_dir: checkpoint root, see `tiny_path`.
+
+    Raises:
+        ValueError: `family` is not one of TINY_FAMILIES.
+    """
+    path = tiny_path(family, cache_dir)  # validates `family` first
+    import transformers
+    from transformers import AutoProcessor
+
+    model_cls = getattr(transformers, _MODEL_CLASSES[family])
+    with _no_progress_bars():
+        model = model_cls.from_pretrained(
+            path, local_files_only=True, attn_implementation=attn_implementation, dtype=dtype
+        )
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    return model.eval(), processor
+
+
+def tiny_image(seed: int = 0, size: tuple[int, int] | None = None) -> Image.Image:
+    """A deterministic RGB test image: smooth colour blobs (an 8x8 random grid, bicubic-upscaled).
+
+    Args:
+        seed: selects the image; equal seeds give identical pixels.
+        size: ``(width, height)`` in pixels, PIL order; default TINY_IMAGE_SIZE (224x224).
+    """
+    width, height = size if size is not None else TINY_IMAGE_SIZE
+    grid = np.random.default_rng(seed).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(grid, mode="RGB").resize((width, height), Image.Resampling.BICUBIC)
+
+
+def tiny_inputs(
+    family: str, processor: ProcessorMixin, questions: list[str], images: list[Image.Image] | None = None
+) -> BatchFeature:
+    """Batched model inputs: one image per question, chat-formatted with the generation prompt.
+
+    Each prompt is ``processor.apply_chat_template`` of one user turn ``[image, question]`` (the real
+    model's template); the batch is left padded and returned as PyTorch tensors (a ``BatchFeature``).
+
+    Args:
+        family: one of TINY_FAMILIES (the processor must be that family's).
+        processor: the processor returned by `load_tiny`.
+        questions: one question per sample, batch size >= 1.
+        images: one image per question; default ``tiny_image(seed=i)`` for question i.
+
+    Raises:
+        ValueError: unknown family, no questions, or a different number of images and questions.
+    """
+    _check_family(family)
+    questions = list(questions)
+    if not questions:
+        raise ValueError("tiny_inputs needs at least one question")
+    images = [tiny_image(seed=i) for i in range(len(questions))] if images is None else list(images)
+    if len(images) != len(questions):
+        raise ValueError(f"one image per question: got {len(images)} images for {len(questions)} questions")
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for q in questions
+    ]
+    return processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+
+
+__all__ = ["TINY_FAMILIES", "TINY_VERSION", "TINY_VISUAL_TOKENS", "load_tiny", "tiny_image", "tiny_inputs", "tiny_path"]
