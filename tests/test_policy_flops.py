@@ -176,3 +176,12 @@ def test_cli_bad_input_is_one_clear_line(capsys):
     assert "did you mean llava15_7b" in err and "internvl3_8b" in err and "Traceback" not in err
     assert main(["flops", "--model", "qwen25vl_7b", "--policy", "29,1,1"]) == 2
     assert "0 <= d_A <= L=28" in capsys.readouterr().err
+
+
+def test_transformers_version_gate():
+    from vlmeval_dop._compat import check_transformers_version
+
+    check_transformers_version("5.24.0")
+    for bad in ("5.23.0", "5.25.0", "4.57.1"):
+        with pytest.raises(ImportError, match=r"transformers >=5.24.0,<5.25.0.*found " + bad.replace(".", r"\.")):
+            check_transformers_version(bad)
