@@ -70,6 +70,7 @@ class _CallPlan:
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # overrides the model's (remapped RoPE)
     position_ids: torch.Tensor | None
     cache: DOPCache | None
+    replay: dict[int, torch.Tensor] | None = None  # layer -> output to reuse instead of computing
     stats: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -141,6 +142,39 @@ class DOPHandle:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def run_decoder(
+        self,
+        decoder_kwargs: dict[str, Any],
+        input_ids: torch.Tensor,
+        *,
+        replay: dict[int, torch.Tensor] | None = None,
+        model_inputs: dict[str, Any] | None = None,
+        reducer_cache: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Run only the decoder stack under this policy and return last-position logits (no cache).
+
+        For policy search: the vision tower runs once per sample (capture the decoder's keyword inputs
+        with `vlmeval_dop.search.profile.capture_full_run`), and layers below the pruning depth can be
+        replayed from the unpruned run (`replay={layer: output}`) since they compute the same thing.
+
+        Args:
+            decoder_kwargs: the keyword arguments the multimodal model passed to its decoder stack
+                (inputs_embeds, attention_mask, position_ids, ...).
+            input_ids: (B, N) ids of the same sequence (locates the visual tokens).
+            replay: outputs of unpruned layers to reuse; a pruned layer in it raises ValueError.
+            model_inputs: pixel_values etc., for reducers that look at the vision tower.
+            reducer_cache: dict a reducer may use to keep scores across calls on the same sample.
+        """
+        kwargs = {k: v for k, v in decoder_kwargs.items() if k not in ("cache", "use_cache")}
+        self._pending = {
+            "input_ids": input_ids,
+            "model_inputs": model_inputs or {},
+            "replay": replay,
+            "reducer_cache": reducer_cache,
+        }
+        out = self._lm(**kwargs, use_cache=False)
+        return self.adapter.lm_head(self.model)(out.last_hidden_state[:, -1])
+
     # ------------------------------------------------------------------ hooks
     def _multimodal_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -211,6 +245,7 @@ class DOPHandle:
                 attention_mask=pad_valid[:, past:],
                 images=spans,
                 model_inputs=pending.get("model_inputs", {}),
+                cache=pending.get("reducer_cache") if pending.get("reducer_cache") is not None else {},
             )
             kept = self.reducer.select(ctx, self.policy.n_v)
             check_selection(self.reducer, ctx, self.policy.n_v, kept)
@@ -270,6 +305,7 @@ class DOPHandle:
             position_embeddings=position_embeddings,
             position_ids=position_ids,
             cache=cache,
+            replay=pending.get("replay"),
         )
         return args, kwargs
 
@@ -309,6 +345,11 @@ class DOPHandle:
         n_mlp = n_real if mlp_sub is None else int(mlp_sub.valid.sum())
         plan.stats.append((n_real, n_mlp))
         cache_full = cache is None or cache.is_full_layer(i)
+        if plan.replay is not None and i in plan.replay:
+            if not (attn.everything and mlp_sub is None and plan.position_embeddings is None and cache is None):
+                raise ValueError(f"layer {i} is pruned under {self.policy}; only an unpruned prefix can be replayed")
+            plan.stats[-1] = (0, 0)  # nothing computed
+            return plan.replay[i]
         if attn.everything and mlp_sub is None and plan.position_embeddings is None and cache_full:
             out = original(hidden, *args, **kwargs)
             if cache is not None and kwargs.get("use_cache", True):

@@ -40,6 +40,10 @@ class FamilyAdapter:
         """The decoder stack (e.g. LlamaModel / Qwen2Model / Qwen2_5_VLTextModel)."""
         return model.model.language_model
 
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        """Final projection to the vocabulary (applied after the decoder stack's norm)."""
+        return model.lm_head
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         layers = self.language_model(model).layers
         for i, layer in enumerate(layers):

@@ -1,0 +1,250 @@
+"""Profiling the individual divergence curves D_A(d_A), D_P(d_P), D_v(n_v) (paper Sec. 3.2.2, App. C.1).
+
+The paper evaluates 3I+1 full model runs per sample (each curve varies one parameter with the others at
+full). We compute the same numbers with much less work:
+
+- the vision tower, projector and embedding run once per sample: every variant re-enters at the
+  decoder stack with the captured decoder inputs (`DOPHandle.run_decoder`);
+- prefix sharing: under `(d, L, N_v)` and `(L, d, N_v)` layers `0..d-1` compute exactly what the unpruned
+  run computed, so their outputs are replayed from it and only layers `d..L-1` run (those on fewer tokens);
+- reducer scores are shared across all `n_v` points of a sample through the reducer cache;
+- samples are batched (left padding) and sdpa is used when the model was loaded with it.
+
+`ProfileCounter` counts decoder-layer forwards and their FLOP-weighted equivalent (a layer on fewer tokens
+costs proportionally less), so the saving is a number. `profile_naive` is the paper's procedure (one full
+forward per point, vision included) and the independent reference the tests compare against.
+
+Results are written per sample to `<out_dir>/samples.rank<r>.jsonl` as they finish; a rerun skips the
+samples already there (resume), and `merge_samples` averages them into the profile.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..arch import ArchSpec
+from ..executor import apply_dop
+from ..executor.families import adapter_for
+from ..flops import layer_flops
+from ..policy import DOPPolicy
+from .divergence import TopKReference
+
+CURVES = ("D_A", "D_P", "D_v")
+
+
+@dataclass
+class ProfileCounter:
+    """Work done by a profile: decoder-layer forwards and their FLOP-weighted equivalent."""
+
+    layer_forwards: int = 0
+    layer_equivalents: float = 0.0  # sum over computed layers of FLOPs / FLOPs of an unpruned layer
+    model_runs: int = 0
+
+    def add(self, spec: ArchSpec, layer_tokens: Sequence[tuple[int, int]], full_tokens: int) -> None:
+        full = layer_flops(spec, full_tokens, full_tokens)
+        for n_a, n_m in layer_tokens:
+            if n_a or n_m:
+                self.layer_forwards += 1
+                self.layer_equivalents += layer_flops(spec, n_a, n_m) / full
+        self.model_runs += 1
+
+
+@dataclass
+class FullRun:
+    """What the unpruned model computed for a batch: decoder inputs, every layer's output, logits."""
+
+    decoder_kwargs: dict[str, Any]
+    layer_outputs: list[torch.Tensor]
+    logits: torch.Tensor  # (B, V) first generated token
+
+
+def capture_full_run(model, inputs: dict[str, Any]) -> FullRun:
+    """Run the stock model once, recording its decoder-stack inputs and each decoder layer's output."""
+    adapter = adapter_for(model)
+    lm = adapter.language_model(model)
+    captured: dict[str, Any] = {}
+    outputs: list[torch.Tensor] = []
+
+    def grab_inputs(module, args, kwargs):
+        captured.update(kwargs)
+
+    def grab_output(module, args, output):
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    hooks = [lm.register_forward_pre_hook(grab_inputs, with_kwargs=True)]
+    hooks += [layer.register_forward_hook(grab_output) for layer in adapter.decoder_layers(model)]
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    return FullRun(dict(captured), outputs, logits)
+
+
+def curve_policies(num_layers: int, depths: Sequence[int], visual: Sequence[int]) -> dict[str, list[DOPPolicy]]:
+    """The 3I policies of the individual curves: each parameter varied with the others at full."""
+    L = num_layers
+    return {
+        "D_A": [DOPPolicy(d, L, None) for d in depths],
+        "D_P": [DOPPolicy(L, d, None) for d in depths],
+        "D_v": [DOPPolicy(L, L, n) for n in visual],
+    }
+
+
+def _num_visual(model, input_ids: torch.Tensor) -> int:
+    ids = torch.tensor(adapter_for(model).image_token_ids(model), device=input_ids.device)
+    return int(torch.isin(input_ids, ids).sum(1).max())
+
+
+def profile_batch(
+    model,
+    inputs: dict[str, Any],
+    depths: Sequence[int],
+    visual: Sequence[int],
+    reducer: str | None,
+    counter: ProfileCounter | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample divergences of one batch at every sampling point, with prefix sharing.
+
+    Returns {"D_A": (B, len(depths)), "D_P": (B, len(depths)), "D_v": (B, len(visual))} float64.
+    """
+    spec = ArchSpec.from_model(model)
+    L = spec.num_layers
+    full = capture_full_run(model, inputs)
+    ref = TopKReference.from_logits(full.logits)
+    n_tok = inputs["input_ids"].shape[1]
+    if counter is not None:
+        counter.add(spec, [(n_tok, n_tok)] * L, n_tok)
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    reducer_cache: dict[str, Any] = {}
+    result: dict[str, torch.Tensor] = {}
+    for curve, policies in curve_policies(L, depths, visual).items():
+        values = []
+        for policy in policies:
+            eff = policy.effective()
+            prefix = min(eff.d_A, eff.d_P) if policy.n_v is None else 0
+            replay = {i: full.layer_outputs[i] for i in range(prefix)}
+            with apply_dop(model, policy, reducer=reducer if policy.n_v is not None else None) as handle:
+                with torch.no_grad():
+                    logits = handle.run_decoder(
+                        full.decoder_kwargs,
+                        inputs["input_ids"],
+                        replay=replay,
+                        model_inputs=model_inputs,
+                        reducer_cache=reducer_cache,
+                    )
+            if counter is not None:
+                counter.add(spec, handle.last_layer_tokens, n_tok)
+            values.append(ref.kl_logits(logits).per_sample)
+        result[curve] = torch.stack(values, dim=1)
+    return result
+
+
+def profile_naive(
+    model,
+    inputs: dict[str, Any],
+    depths: Sequence[int],
+    visual: Sequence[int],
+    reducer: str | None,
+    counter: ProfileCounter | None = None,
+) -> dict[str, torch.Tensor]:
+    """The paper's procedure: 3I+1 independent full forwards (vision tower included), no sharing."""
+    spec = ArchSpec.from_model(model)
+    L = spec.num_layers
+    n_tok = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        base = model(**inputs, use_cache=False).logits[:, -1]
+    if counter is not None:
+        counter.add(spec, [(n_tok, n_tok)] * L, n_tok)
+    ref = TopKReference.from_logits(base)
+    result = {}
+    for curve, policies in curve_policies(L, depths, visual).items():
+        values = []
+        for policy in policies:
+            with apply_dop(model, policy, reducer=reducer if policy.n_v is not None else None) as handle:
+                with torch.no_grad():
+                    logits = model(**inputs, use_cache=False).logits[:, -1]
+            if counter is not None:
+                counter.add(spec, handle.last_layer_tokens, n_tok)
+            values.append(ref.kl_logits(logits).per_sample)
+        result[curve] = torch.stack(values, dim=1)
+    return result
+
+
+@dataclass
+class ProfileRun:
+    """A resumable profiling job writing per-sample results under `out_dir`.
+
+    Attributes:
+        out_dir: one directory per (model, reducer, dataset, samples, seed).
+        rank, world_size: this process's shard (torchrun: each rank profiles samples i % world == rank).
+    """
+
+    out_dir: Path
+    depths: list[int]
+    visual: list[int]
+    reducer: str | None
+    rank: int = 0
+    world_size: int = 1
+    counter: ProfileCounter = field(default_factory=ProfileCounter)
+
+    @property
+    def samples_file(self) -> Path:
+        return Path(self.out_dir) / f"samples.rank{self.rank}.jsonl"
+
+    def finished_ids(self) -> set[str]:
+        """Sample ids already profiled by any rank (a resumed job skips them)."""
+        done: set[str] = set()
+        for path in Path(self.out_dir).glob("samples.rank*.jsonl"):
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    done.add(json.loads(line)["id"])
+        return done
+
+    def run(self, model, batches: Iterable[tuple[list[str], dict[str, Any]]], total: int | None = None) -> int:
+        """Profile every batch `(sample_ids, inputs)` of this rank's shard not yet done; returns samples added."""
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        done = self.finished_ids()
+        added = 0
+        with open(self.samples_file, "a", encoding="utf-8") as fh:
+            for ids, inputs in tqdm(batches, total=total, desc="profiling", unit="batch"):
+                if all(i in done for i in ids):
+                    continue
+                out = profile_batch(model, inputs, self.depths, self.visual, self.reducer, self.counter)
+                for b, sid in enumerate(ids):
+                    if sid in done:
+                        continue
+                    record = {"id": sid, **{c: [float(v) for v in out[c][b].tolist()] for c in CURVES}}
+                    fh.write(json.dumps(record, sort_keys=True) + "\n")
+                    added += 1
+                fh.flush()  # a finished sample survives an interruption
+        return added
+
+    def shard(self, items: Sequence[Any]) -> Iterator[Any]:
+        """This rank's slice of `items` (every world_size-th, starting at rank)."""
+        return iter(items[self.rank :: self.world_size])
+
+
+def merge_samples(out_dir: Path) -> dict[str, Any]:
+    """Average every rank's per-sample divergences; sample order does not matter (sorted by id)."""
+    records: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(out_dir).glob("samples.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                records[r["id"]] = r
+    if not records:
+        raise FileNotFoundError(f"no profiled samples under {out_dir}")
+    ids = sorted(records)
+    means = {}
+    for c in CURVES:
+        t = torch.tensor([records[i][c] for i in ids], dtype=torch.float64)
+        means[c] = [float(v) for v in t.mean(0).tolist()]
+    return {"ids": ids, "per_sample": {c: [records[i][c] for i in ids] for c in CURVES}, "mean": means}
