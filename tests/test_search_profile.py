@@ -26,11 +26,11 @@ def test_prefix_sharing_equals_naive_with_fewer_forwards(family):
         torch.testing.assert_close(shared[curve], naive[curve], atol=1e-6, rtol=0)
     # divergences are real: pruning everything visual changes the output distribution
     assert float(shared["D_A"][:, -1].min()) > 0
-    assert naive_c.model_runs == shared_c.model_runs == 1 + 3 * 4
+    assert naive_c.model_runs == shared_c.model_runs == 2 * (1 + 3 * 4)  # per sample
     assert shared_c.layer_forwards < naive_c.layer_forwards
     assert shared_c.layer_equivalents < naive_c.layer_equivalents
-    # prefix sharing skips exactly the unpruned prefixes: sum of depths, for D_A and D_P
-    assert naive_c.layer_forwards - shared_c.layer_forwards == 2 * sum(DEPTHS)
+    # prefix sharing skips exactly the unpruned prefixes: sum of depths, for D_A and D_P, per sample
+    assert naive_c.layer_forwards - shared_c.layer_forwards == 2 * 2 * sum(DEPTHS)
 
 
 def _batches(family, processor, n):

@@ -28,6 +28,7 @@ class DOPCache(DynamicCache):
         self.dop_key_index: dict[int, torch.Tensor] = {}
         self.dop_key_valid: dict[int, torch.Tensor] = {}
         self.dop_pos_shift: torch.Tensor | None = None
+        self.dop_layer_all_valid: dict[int, bool] = {}  # host flag: no filler slot cached in the layer
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.dop_seen
@@ -35,8 +36,9 @@ class DOPCache(DynamicCache):
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return self.dop_seen + query_length, 0
 
-    def record(self, layer_idx: int, index: torch.Tensor, valid: torch.Tensor) -> None:
+    def record(self, layer_idx: int, index: torch.Tensor, valid: torch.Tensor, all_valid: bool) -> None:
         """Append the original indices of the entries layer `layer_idx` just cached."""
+        self.dop_layer_all_valid[layer_idx] = self.dop_layer_all_valid.get(layer_idx, True) and all_valid
         if layer_idx in self.dop_key_index:
             self.dop_key_index[layer_idx] = torch.cat([self.dop_key_index[layer_idx], index], dim=1)
             self.dop_key_valid[layer_idx] = torch.cat([self.dop_key_valid[layer_idx], valid], dim=1)
@@ -48,5 +50,4 @@ class DOPCache(DynamicCache):
         """True if layer `layer_idx` cached every token seen so far (stock masks fit it)."""
         if layer_idx not in self.dop_key_index:
             return self.dop_seen == 0
-        idx = self.dop_key_index[layer_idx]
-        return idx.shape[1] == self.dop_seen and bool(self.dop_key_valid[layer_idx].all())
+        return self.dop_key_index[layer_idx].shape[1] == self.dop_seen and self.dop_layer_all_valid[layer_idx]

@@ -42,20 +42,25 @@ class _TokenSet:
 
     index: torch.Tensor
     valid: torch.Tensor  # False for filler slots (samples with fewer kept tokens than K)
+    counts: list[int]  # kept tokens per sample (host copy: no device sync in the layers)
     everything: bool  # all N tokens, all valid
+
+    @property
+    def all_valid(self) -> bool:
+        return min(self.counts, default=0) == self.index.shape[1]
 
     @classmethod
     def from_mask(cls, keep: torch.Tensor) -> "_TokenSet":
         B, N = keep.shape
-        counts = keep.sum(1)
-        K = int(counts.max()) if B else 0
-        if bool((counts == N).all()):
+        counts = keep.sum(1).tolist()  # the one host sync per distinct token set and call
+        K = max(counts, default=0)
+        if all(c == N for c in counts):
             index = torch.arange(N, device=keep.device).expand(B, N)
-            return cls(index, torch.ones(B, N, dtype=torch.bool, device=keep.device), True)
+            return cls(index, torch.ones(B, N, dtype=torch.bool, device=keep.device), counts, True)
         # stable sort puts skipped tokens first, kept tokens last in original order; the last K slots
         # hold every kept token, preceded (left, like left padding) by fillers where a sample has fewer.
         order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, N - K :]
-        return cls(order, torch.gather(keep, 1, order), False)
+        return cls(order, torch.gather(keep, 1, order), counts, False)
 
 
 @dataclass
@@ -65,13 +70,14 @@ class _CallPlan:
     past: int  # tokens seen before this call (original coordinates)
     length: int  # tokens in this call
     pad_valid: torch.Tensor  # (B, past+N) bool, 1 = real token
+    no_padding: bool  # pad_valid is all True (host flag)
     attn: list[_TokenSet]  # per layer
     mlp_in_attn: list[_TokenSet | None]  # per layer: MLP subset as indices into the attn set (None = same)
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # overrides the model's (remapped RoPE)
     position_ids: torch.Tensor | None
     cache: DOPCache | None
     replay: dict[int, torch.Tensor] | None = None  # layer -> output to reuse instead of computing
-    stats: list[tuple[int, int]] = field(default_factory=list)
+    stats: list[list[tuple[int, int]]] = field(default_factory=list)  # per layer, per sample (n_attn, n_mlp)
 
 
 class DOPHandle:
@@ -80,7 +86,9 @@ class DOPHandle:
     Attributes:
         policy: the policy as given; `executed_policy` is its `effective()` form.
         last_layer_tokens: per layer `(tokens in MHA, tokens in MLP)` of the last prefill, summed over
-            the batch (filler slots excluded): evidence of what actually ran.
+            the batch (filler slots excluded): evidence of what actually ran. `(0, 0)` marks a layer
+            replayed from a cached unpruned run (`run_decoder(replay=...)`).
+        last_sample_layer_tokens: the same per layer and per sample.
         last_kept: per image of the last prefill, the kept local visual indices (None without reducer).
     """
 
@@ -107,6 +115,7 @@ class DOPHandle:
         self.attn_impl = attn_impl
         self.image_token_ids = torch.tensor(self.adapter.image_token_ids(model))
         self.last_layer_tokens: list[tuple[int, int]] = []
+        self.last_sample_layer_tokens: list[list[tuple[int, int]]] = []
         self.last_kept: list[torch.Tensor] | None = None
         self._pending: dict[str, Any] | None = None
         self._plan: _CallPlan | None = None
@@ -300,6 +309,7 @@ class DOPHandle:
             past=past,
             length=N,
             pad_valid=pad_valid,
+            no_padding=bool(pad_valid.all()),
             attn=attn_sets,
             mlp_in_attn=mlp_sets,
             position_embeddings=position_embeddings,
@@ -316,7 +326,10 @@ class DOPHandle:
         if plan.cache is not None:
             plan.cache.dop_seen = plan.past + plan.length
         if plan.past == 0:
-            self.last_layer_tokens = plan.stats
+            self.last_sample_layer_tokens = plan.stats
+            self.last_layer_tokens = [
+                (sum(a for a, _ in layer), sum(m for _, m in layer)) for layer in plan.stats
+            ]
         return None
 
     @staticmethod
@@ -341,14 +354,12 @@ class DOPHandle:
         mlp_sub = plan.mlp_in_attn[i]
         cache = plan.cache
         B = hidden.shape[0]
-        n_real = int(attn.valid.sum())
-        n_mlp = n_real if mlp_sub is None else int(mlp_sub.valid.sum())
-        plan.stats.append((n_real, n_mlp))
+        plan.stats.append(list(zip(attn.counts, attn.counts if mlp_sub is None else mlp_sub.counts)))
         cache_full = cache is None or cache.is_full_layer(i)
         if plan.replay is not None and i in plan.replay:
             if not (attn.everything and mlp_sub is None and plan.position_embeddings is None and cache is None):
                 raise ValueError(f"layer {i} is pruned under {self.policy}; only an unpruned prefix can be replayed")
-            plan.stats[-1] = (0, 0)  # nothing computed
+            plan.stats[-1] = [(0, 0)] * B  # nothing computed
             return plan.replay[i]
         if attn.everything and mlp_sub is None and plan.position_embeddings is None and cache_full:
             out = original(hidden, *args, **kwargs)
@@ -399,7 +410,7 @@ class DOPHandle:
         return _scatter(hidden, attn, x)
 
     def _record(self, cache: DOPCache, i: int, plan: _CallPlan, attn: _TokenSet) -> None:
-        cache.record(i, attn.index + plan.past, attn.valid)
+        cache.record(i, attn.index + plan.past, attn.valid, attn.all_valid)
 
     def _attention_mask(self, i: int, plan: _CallPlan, attn: _TokenSet, dtype: torch.dtype) -> torch.Tensor | None:
         """Mask over (this call's kept queries) x (cached + current kept keys), in original coordinates."""
@@ -411,11 +422,12 @@ class DOPHandle:
             k_slot = torch.cat([cache.dop_key_valid[i], q_valid], dim=1)
         else:
             k_pos, k_slot = q_pos, q_valid
-        k_valid = k_slot & torch.gather(plan.pad_valid, 1, k_pos)
-        if self.attn_impl == "sdpa" and bool(k_valid.all()):
+        past_ok = cache is None or cache.dop_layer_all_valid.get(i, True)
+        if self.attn_impl == "sdpa" and plan.no_padding and attn.all_valid and past_ok:
             # causal order survives gathering, so sdpa's own causal path (and fast kernels) apply
             if k_pos.shape[1] == q_pos.shape[1] or q_pos.shape[1] == 1:
                 return None
+        k_valid = k_slot & torch.gather(plan.pad_valid, 1, k_pos)
         allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
         # a row with no visible key (left padding, filler) would give NaNs that leak through V; let it see all
         allowed = allowed | ~allowed.any(-1, keepdim=True)
@@ -434,7 +446,7 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _scatter(base: torch.Tensor, tokens: _TokenSet, values: torch.Tensor) -> torch.Tensor:
     """Out-of-place: base with base[b, index[b, k]] = values[b, k] for valid slots."""
-    if bool(tokens.valid.all()):
+    if tokens.all_valid:
         return base.scatter(1, tokens.index[..., None].expand(-1, -1, base.shape[-1]), values)
     out = base.clone()
     b, k = torch.nonzero(tokens.valid, as_tuple=True)

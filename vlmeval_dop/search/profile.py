@@ -44,15 +44,17 @@ class ProfileCounter:
 
     layer_forwards: int = 0
     layer_equivalents: float = 0.0  # sum over computed layers of FLOPs / FLOPs of an unpruned layer
-    model_runs: int = 0
+    model_runs: int = 0  # per sample: a batch of B counts B runs
 
-    def add(self, spec: ArchSpec, layer_tokens: Sequence[tuple[int, int]], full_tokens: int) -> None:
+    def add(self, spec: ArchSpec, sample_layer_tokens: Sequence[Sequence[tuple[int, int]]], full_tokens: int) -> None:
+        """Count one batched run from per-layer, per-sample `(n_attn, n_mlp)` (a sample-layer = one forward)."""
         full = layer_flops(spec, full_tokens, full_tokens)
-        for n_a, n_m in layer_tokens:
-            if n_a or n_m:
-                self.layer_forwards += 1
-                self.layer_equivalents += layer_flops(spec, n_a, n_m) / full
-        self.model_runs += 1
+        for layer in sample_layer_tokens:
+            for n_a, n_m in layer:
+                if n_a or n_m:
+                    self.layer_forwards += 1
+                    self.layer_equivalents += layer_flops(spec, n_a, n_m) / full
+        self.model_runs += len(sample_layer_tokens[0]) if sample_layer_tokens else 0
 
 
 @dataclass
@@ -119,9 +121,9 @@ def profile_batch(
     L = spec.num_layers
     full = capture_full_run(model, inputs)
     ref = TopKReference.from_logits(full.logits)
-    n_tok = inputs["input_ids"].shape[1]
+    B, n_tok = inputs["input_ids"].shape
     if counter is not None:
-        counter.add(spec, [(n_tok, n_tok)] * L, n_tok)
+        counter.add(spec, [[(n_tok, n_tok)] * B] * L, n_tok)
     model_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     reducer_cache: dict[str, Any] = {}
     result: dict[str, torch.Tensor] = {}
@@ -141,7 +143,7 @@ def profile_batch(
                         reducer_cache=reducer_cache,
                     )
             if counter is not None:
-                counter.add(spec, handle.last_layer_tokens, n_tok)
+                counter.add(spec, handle.last_sample_layer_tokens, n_tok)
             values.append(ref.kl_logits(logits).per_sample)
         result[curve] = torch.stack(values, dim=1)
     return result
@@ -158,11 +160,11 @@ def profile_naive(
     """The paper's procedure: 3I+1 independent full forwards (vision tower included), no sharing."""
     spec = ArchSpec.from_model(model)
     L = spec.num_layers
-    n_tok = inputs["input_ids"].shape[1]
+    B, n_tok = inputs["input_ids"].shape
     with torch.no_grad():
         base = model(**inputs, use_cache=False).logits[:, -1]
     if counter is not None:
-        counter.add(spec, [(n_tok, n_tok)] * L, n_tok)
+        counter.add(spec, [[(n_tok, n_tok)] * B] * L, n_tok)
     ref = TopKReference.from_logits(base)
     result = {}
     for curve, policies in curve_policies(L, depths, visual).items():
@@ -172,7 +174,7 @@ def profile_naive(
                 with torch.no_grad():
                     logits = model(**inputs, use_cache=False).logits[:, -1]
             if counter is not None:
-                counter.add(spec, handle.last_layer_tokens, n_tok)
+                counter.add(spec, handle.last_sample_layer_tokens, n_tok)
             values.append(ref.kl_logits(logits).per_sample)
         result[curve] = torch.stack(values, dim=1)
     return result

@@ -1,0 +1,83 @@
+"""Cost of profiling the divergence curves: the paper's naive 3I+1 runs vs ours, measured in one run.
+
+Naive (as the paper): batch size 1, eager attention, one full forward per sampling point (vision tower
+included). Ours: prefix sharing (unpruned layers replayed from the unpruned run), vision tower once per
+sample, batched samples, sdpa. Same model weights (a reduced-depth decoder of a paper model's real width,
+random weights, built as in executor_latency.py); sampling points are the paper's Table 6 points scaled to
+the reduced depth. Prints decoder-layer forwards, FLOP-weighted layer equivalents and wall time.
+
+    python benchmarks/search_cost.py                      # CPU: 4 layers of the 7B width, 2 samples
+    python benchmarks/search_cost.py --device cuda --dtype bfloat16 --layers 32 --samples 100 --batch 8
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from executor_latency import build  # same stand-in model as the executor benchmark
+from vlmeval_dop.models_config import get_model
+from vlmeval_dop.search.profile import ProfileCounter, profile_batch, profile_naive
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llava15_7b")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--visual-tokens", type=int, default=576)
+    p.add_argument("--text-tokens", type=int, default=135)
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--skip-naive", action="store_true", help="only time ours (e.g. 100 samples on a GPU)")
+    args = p.parse_args(argv)
+
+    paper = get_model(args.model)
+    L_paper = paper.arch.num_layers
+    depths = sorted({round(d * args.layers / L_paper) for d in paper.sampling_depths}, reverse=True)
+    visual = [max(1, round(n * args.visual_tokens / paper.arch.visual_tokens)) for n in paper.sampling_visual]
+
+    args.attn = "sdpa"
+    model, one = build(args)
+
+    def batch_of(n: int) -> dict:
+        out = {k: v.repeat(n, *([1] * (v.ndim - 1))) for k, v in one.items()}
+        g = torch.Generator().manual_seed(n)
+        # different prompts per sample (text ids and pixels), same length: no padding needed
+        text = out["input_ids"] != 32000
+        out["input_ids"][text] = torch.randint(1, 31000, (int(text.sum()),), generator=g).to(args.device)
+        out["pixel_values"] = torch.randn(out["pixel_values"].shape, generator=g).to(out["pixel_values"])
+        return out
+
+    print(f"# {args.model} width, {args.layers} layers, {args.visual_tokens}+{args.text_tokens} tokens, "
+          f"{args.samples} samples, {args.device} {args.dtype}; depths {depths}, n_v {visual}")
+    ours, t0 = ProfileCounter(), time.perf_counter()
+    done = 0
+    while done < args.samples:
+        n = min(args.batch, args.samples - done)
+        profile_batch(model, batch_of(n), depths, visual, "uniform", ours)
+        done += n
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_ours = time.perf_counter() - t0
+    print(f"ours  (prefix sharing, vision once, batch {args.batch}, sdpa): {ours.layer_forwards} layer forwards, "
+          f"{ours.layer_equivalents:.1f} layer-equivalents, {t_ours:.1f} s")
+    if args.skip_naive:
+        return
+    model.set_attn_implementation("eager")
+    naive, t0 = ProfileCounter(), time.perf_counter()
+    for _ in range(args.samples):
+        profile_naive(model, batch_of(1), depths, visual, "uniform", naive)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_naive = time.perf_counter() - t0
+    print(f"naive (paper: 3I+1 full runs, batch 1, eager):          {naive.layer_forwards} layer forwards, "
+          f"{naive.layer_equivalents:.1f} layer-equivalents, {t_naive:.1f} s")
+    print(f"ratio naive/ours: layer forwards {naive.layer_forwards / ours.layer_forwards:.2f}x, "
+          f"layer-equivalents {naive.layer_equivalents / ours.layer_equivalents:.2f}x, wall time {t_naive / t_ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
