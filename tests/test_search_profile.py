@@ -69,3 +69,25 @@ def test_sharded_ranks_merge_to_the_single_process_profile(tmp_path):
         r = ProfileRun(tmp_path / "two", DEPTHS, visual, "uniform", rank=rank, world_size=2)
         r.run(model, r.shard(items))
     assert merge_samples(tmp_path / "one") == merge_samples(tmp_path / "two")
+
+
+def test_profile_feeds_the_optimizer(tmp_path):
+    """Tiny end to end: profile -> DivergenceProfile JSON -> Eq. 7 policy under a budget."""
+    from vlmeval_dop.arch import ArchSpec
+    from vlmeval_dop.flops import policy_tflops
+    from vlmeval_dop.search import DivergenceProfile, optimize
+    from vlmeval_dop.search.profile import build_profile
+
+    model, processor = load_tiny("llava15")
+    visual = [48, 32, 16, 8]
+    run = ProfileRun(tmp_path, DEPTHS, visual, "uniform")
+    run.run(model, _batches("llava15", processor, 3))
+    prof = build_profile(tmp_path, model="tiny_llava15", reducer="uniform", dataset="tiny", seed=0,
+                         num_layers=4, num_visual=64, depths=DEPTHS, visual=visual)
+    again = DivergenceProfile.from_json(prof.to_json())
+    assert again.to_json() == prof.to_json() and again.n_samples == 3
+    spec = ArchSpec.from_model(model, visual_tokens=64)
+    result = optimize(again, spec, 0.5, text_tokens=13, alpha=1.0)
+    p = result.policy
+    assert p.d_P <= p.d_A and p.n_v >= result.n_min
+    assert policy_tflops(spec, p, 13)["ratio"] <= 0.5 + 1e-12

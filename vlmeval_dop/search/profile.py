@@ -250,3 +250,30 @@ def merge_samples(out_dir: Path) -> dict[str, Any]:
         t = torch.tensor([records[i][c] for i in ids], dtype=torch.float64)
         means[c] = [float(v) for v in t.mean(0).tolist()]
     return {"ids": ids, "per_sample": {c: [records[i][c] for i in ids] for c in CURVES}, "mean": means}
+
+
+def build_profile(
+    out_dir: Path,
+    *,
+    model: str,
+    reducer: str,
+    dataset: str,
+    seed: int | None,
+    num_layers: int,
+    num_visual: int,
+    depths: Sequence[int],
+    visual: Sequence[int],
+):
+    """Merge the per-sample results under `out_dir` into a `DivergenceProfile` (curves.py)."""
+    from .curves import profile_from_measurements
+
+    merged = merge_samples(out_dir)
+    points = {"D_A": list(depths), "D_P": list(depths), "D_v": list(visual)}
+    means = {c: dict(zip(points[c], merged["mean"][c])) for c in CURVES}
+    per_sample = {
+        c: {p: [row[j] for row in merged["per_sample"][c]] for j, p in enumerate(points[c])} for c in CURVES
+    }
+    return profile_from_measurements(
+        model=model, reducer=reducer, dataset=dataset, n_samples=len(merged["ids"]), seed=seed,
+        L=num_layers, N_v=num_visual, per_sample=per_sample, **means,
+    )
