@@ -44,8 +44,11 @@ def _num_layers(model):
 # ---------------------------------------------------------------------------------------------------
 # independent reference: full-length sequence, pruning by masking, residual pass-through by torch.where
 # ---------------------------------------------------------------------------------------------------
-def masked_reference(model, inputs, policy: DOPPolicy) -> torch.Tensor:
-    """Last-token logits of `policy`, computed by masking (no gathering, no cache, paper's d_P as is)."""
+def masked_reference(model, inputs, policy: DOPPolicy, drop_after=None) -> torch.Tensor:
+    """Last-token logits of `policy`, computed by masking (no gathering, no cache, paper's d_P as is).
+
+    `drop_after=(K, rule)`: after layer K, tokens `rule(h_out, visual, alive)` leave all later layers.
+    """
     lm = model.model.language_model
     captured = {}
 
@@ -96,6 +99,8 @@ def masked_reference(model, inputs, policy: DOPPolicy) -> torch.Tensor:
             h = torch.where(a_part[..., None], h + a, h)
             m = layer.mlp(layer.post_attention_layernorm(h))
             h = torch.where(m_part[..., None], h + m, h)
+            if drop_after is not None and i == drop_after[0]:
+                dropped = dropped | drop_after[1](h, visual, a_part)
         return model.lm_head(lm.norm(h))[:, -1]
 
 
@@ -285,3 +290,55 @@ def test_arch_spec_from_tiny_config(tiny):
     assert spec.kv_dim == text.num_key_value_heads * spec.head_dim
     assert spec.gqa == (family in ("qwen25vl", "internvl3"))
     assert spec.image_token_ids == (model.config.image_token_id,)
+
+
+def _weak_visual(h_out, visual, alive):
+    """Toy content-dependent rule: drop the visual tokens whose output norm is below their sample's median."""
+    norms = h_out.norm(dim=-1).masked_fill(~(visual & alive), float("inf"))
+    drop = torch.zeros_like(visual)
+    for b in range(visual.shape[0]):
+        n = int((visual[b] & alive[b]).sum())
+        drop[b, torch.argsort(norms[b])[: n // 2]] = True
+    return drop
+
+
+class _NormPruner:
+    """A decoder-side pruner written against the hook (FastV-style: after one layer, drop tokens)."""
+
+    name = "toy_norm"
+
+    def __init__(self, layer):
+        self.layers = (layer,)
+
+    def select(self, ctx):
+        assert ctx.hidden_out.shape == ctx.hidden_in.shape
+        return _weak_visual(ctx.hidden_out, ctx.visual, ctx.alive)
+
+
+def test_decoder_token_pruner_matches_reference_and_decodes(tiny):
+    family, model, processor = tiny
+    inputs = _inputs(family, processor, n=2)
+    L = _num_layers(model)
+    n_vis = int(_visual(model, inputs["input_ids"])[0].sum())
+    for policy in (DOPPolicy.full(L), DOPPolicy(L - 1, 2, max(2, n_vis // 2))):
+        ref = masked_reference(model, inputs, policy, drop_after=(1, _weak_visual))
+        with apply_dop(model, policy, reducer="uniform" if policy.n_v else None, token_pruner=_NormPruner(1)) as h:
+            out = _logits(model, inputs)[:, -1]
+            cached = _generate(model, inputs, 3)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=f"{family} {policy}")
+        kept_vis = (policy.n_v or n_vis) - (policy.n_v or n_vis) // 2
+        assert h.last_sample_layer_tokens[2][0][0] == h.last_sample_layer_tokens[1][0][0] - (policy.n_v or n_vis) // 2
+        assert kept_vis > 0
+        # cached decoding equals recomputation under the same dynamic pruning
+        seq, mask = inputs["input_ids"], inputs["attention_mask"]
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        with apply_dop(model, policy, reducer="uniform" if policy.n_v else None, token_pruner=_NormPruner(1)):
+            for t in range(3):
+                with torch.no_grad():
+                    nxt = model(input_ids=seq, attention_mask=mask, use_cache=False, **extra).logits[:, -1].argmax(-1, keepdim=True)
+                assert torch.equal(nxt[:, 0], cached[:, t])
+                seq, mask = torch.cat([seq, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+                if "mm_token_type_ids" in extra:
+                    extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+    with pytest.raises(ValueError, match="valid: 0.."):
+        apply_dop(model, DOPPolicy.full(L), token_pruner=_NormPruner(L - 1))

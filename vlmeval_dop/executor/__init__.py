@@ -2,5 +2,6 @@
 from .cache import DOPCache
 from .core import SUPPORTED_ATTENTION, DOPHandle, apply_dop
 from .families import FAMILIES, FamilyAdapter, adapter_for
+from .token_pruner import DecoderPruneContext, DecoderTokenPruner
 
-__all__ = ["DOPCache", "DOPHandle", "FAMILIES", "FamilyAdapter", "SUPPORTED_ATTENTION", "adapter_for", "apply_dop"]
+__all__ = ["DecoderPruneContext", "DecoderTokenPruner", "DOPCache", "DOPHandle", "FAMILIES", "FamilyAdapter", "SUPPORTED_ATTENTION", "adapter_for", "apply_dop"]

@@ -30,6 +30,7 @@ from ..reducers import ReductionContext, VisualTokenReducer, check_family, check
 from ..reducers.base import ReducerError
 from .cache import DOPCache
 from .families import FamilyAdapter, adapter_for
+from .token_pruner import DecoderPruneContext, DecoderTokenPruner
 
 check_transformers_version()
 
@@ -64,6 +65,22 @@ class _TokenSet:
 
 
 @dataclass
+class _Groups:
+    """Token groups of one call: visual and (optional, Eq. 14) system tokens, with host-side flags."""
+
+    visual: torch.Tensor  # (B, N) bool
+    system: torch.Tensor | None
+    any_visual: bool
+    any_system: bool
+
+    def keep(self, alive: torch.Tensor, visual_in: bool, system_in: bool) -> torch.Tensor:
+        keep = alive if visual_in else alive & ~self.visual
+        if not system_in and self.system is not None:
+            keep = keep & ~self.system
+        return keep
+
+
+@dataclass
 class _CallPlan:
     """Everything layers need for one forward call of the decoder stack."""
 
@@ -77,6 +94,8 @@ class _CallPlan:
     position_ids: torch.Tensor | None
     cache: DOPCache | None
     replay: dict[int, torch.Tensor] | None = None  # layer -> output to reuse instead of computing
+    groups: _Groups | None = None
+    alive: torch.Tensor | None = None  # (B, N) tokens not dropped (by the reducer or a token pruner)
     stats: list[list[tuple[int, int]]] = field(default_factory=list)  # per layer, per sample (n_attn, n_mlp)
 
 
@@ -92,13 +111,26 @@ class DOPHandle:
         last_kept: per image of the last prefill, the kept local visual indices (None without reducer).
     """
 
-    def __init__(self, model: nn.Module, policy: DOPPolicy, reducer: str | VisualTokenReducer | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: DOPPolicy,
+        reducer: str | VisualTokenReducer | None = None,
+        token_pruner: DecoderTokenPruner | None = None,
+    ):
         self.model = model
         self.adapter: FamilyAdapter = adapter_for(model)
         self.spec = ArchSpec.from_model(model)
         self.policy = policy.validate(self.spec.num_layers)
         self.executed_policy = policy.effective()
         self.reducer = get_reducer(reducer)
+        self.token_pruner = token_pruner
+        if token_pruner is not None:
+            bad = [i for i in token_pruner.layers if not 0 <= i < self.spec.num_layers - 1]
+            if bad:
+                raise ValueError(
+                    f"token pruner {token_pruner.name!r} acts after layers {bad}; valid: 0..{self.spec.num_layers - 2}"
+                )
         if self.reducer is not None:
             check_family(self.reducer, self.adapter.family)
         if policy.n_v is not None and self.reducer is None:
@@ -282,29 +314,8 @@ class DOPHandle:
 
         # --- per-layer token sets
         sys_mask = self._system_mask(visual, pad_valid[:, past:]) if self.policy.has_system_depths and past == 0 else None
-        p, L = self.executed_policy, self.spec.num_layers
-        alive = ~dropped
-        sets: dict[tuple[bool, bool, bool, bool], _TokenSet] = {}
-        attn_sets, mlp_sets = [], []
-        for layer in range(L):
-            a_vis, m_vis = layer < p.d_A, layer < p.d_P
-            a_sys = p.d_A_sys is None or layer < p.d_A_sys
-            m_sys = p.d_P_sys is None or layer < p.d_P_sys
-            keep_a = alive & (a_vis | ~visual)
-            keep_m = alive & (m_vis | ~visual)
-            if sys_mask is not None:
-                keep_a = keep_a & (a_sys | ~sys_mask)
-                keep_m = keep_m & (m_sys | ~sys_mask)
-            key = (a_vis, a_sys, m_vis, m_sys)
-            if key not in sets:
-                sets[key] = _TokenSet.from_mask(keep_a)
-            attn = sets[key]
-            attn_sets.append(attn)
-            if torch.equal(keep_a, keep_m):
-                mlp_sets.append(None)
-            else:
-                within = torch.gather(keep_m, 1, attn.index) & attn.valid
-                mlp_sets.append(_TokenSet.from_mask(within))
+        groups = _Groups(visual, sys_mask, bool(visual.any()), sys_mask is not None and bool(sys_mask.any()))
+        attn_sets, mlp_sets = self._layer_sets(~dropped, groups, 0)
         self._plan = _CallPlan(
             past=past,
             length=N,
@@ -316,8 +327,32 @@ class DOPHandle:
             position_ids=position_ids,
             cache=cache,
             replay=pending.get("replay"),
+            groups=groups,
+            alive=~dropped,
         )
         return args, kwargs
+
+    def _layer_sets(self, alive: torch.Tensor, groups: "_Groups", start: int) -> tuple[list, list]:
+        """Token sets of layers `start..L-1` given the tokens still alive (not dropped before the decoder
+        or by a decoder-side pruner)."""
+        p, L = self.executed_policy, self.spec.num_layers
+        sets: dict[tuple[bool, bool], _TokenSet] = {}
+        attn_sets: list[_TokenSet] = []
+        mlp_sets: list[_TokenSet | None] = []
+        for layer in range(start, L):
+            a_vis, m_vis = layer < p.d_A or not groups.any_visual, layer < p.d_P or not groups.any_visual
+            a_sys = p.d_A_sys is None or layer < p.d_A_sys or not groups.any_system
+            m_sys = p.d_P_sys is None or layer < p.d_P_sys or not groups.any_system
+            if (a_vis, a_sys) not in sets:
+                sets[(a_vis, a_sys)] = _TokenSet.from_mask(groups.keep(alive, a_vis, a_sys))
+            attn = sets[(a_vis, a_sys)]
+            attn_sets.append(attn)
+            if (a_vis, a_sys) == (m_vis, m_sys):
+                mlp_sets.append(None)
+            else:
+                within = torch.gather(groups.keep(alive, m_vis, m_sys), 1, attn.index) & attn.valid
+                mlp_sets.append(_TokenSet.from_mask(within))
+        return attn_sets, mlp_sets
 
     def _decoder_post_hook(self, module, args, kwargs, output):
         plan, self._plan = self._plan, None
@@ -345,9 +380,37 @@ class DOPHandle:
             plan = self._plan
             if plan is None:  # called outside the decoder stack: nothing to prune
                 return original(hidden_states, *args, **kwargs)
-            return self._layer_forward(layer_idx, layer, original, plan, hidden_states, args, kwargs)
+            out = self._layer_forward(layer_idx, layer, original, plan, hidden_states, args, kwargs)
+            pruner = self.token_pruner
+            if pruner is not None and plan.past == 0 and layer_idx in pruner.layers:
+                self._run_token_pruner(layer_idx, layer, plan, hidden_states, out, kwargs)
+            return out
 
         return forward
+
+    def _run_token_pruner(self, i, layer, plan: _CallPlan, hidden_in, hidden_out, kwargs) -> None:
+        """Let the decoder-side pruner drop tokens from layers i+1.. (prefill only)."""
+        attn = plan.attn[i]
+        took_part = torch.zeros_like(plan.alive)
+        took_part.scatter_(1, attn.index, attn.valid)
+        ctx = DecoderPruneContext(
+            layer_idx=i,
+            layer=layer,
+            hidden_in=hidden_in,
+            hidden_out=hidden_out,
+            visual=plan.groups.visual,
+            alive=took_part,
+            pad_valid=plan.pad_valid[:, plan.past :],
+            position_embeddings=plan.position_embeddings or kwargs.get("position_embeddings"),
+            model=self.model,
+        )
+        drop = self.token_pruner.select(ctx)
+        if drop is None:
+            return
+        plan.alive = plan.alive & ~drop.to(plan.alive.device)
+        attn_sets, mlp_sets = self._layer_sets(plan.alive, plan.groups, i + 1)
+        plan.attn[i + 1 :] = attn_sets
+        plan.mlp_in_attn[i + 1 :] = mlp_sets
 
     def _layer_forward(self, i, layer, original, plan: _CallPlan, hidden, args, kwargs) -> torch.Tensor:
         attn = plan.attn[i]
@@ -455,7 +518,10 @@ def _scatter(base: torch.Tensor, tokens: _TokenSet, values: torch.Tensor) -> tor
 
 
 def apply_dop(
-    model: nn.Module, policy: DOPPolicy, reducer: str | VisualTokenReducer | None = None
+    model: nn.Module,
+    policy: DOPPolicy,
+    reducer: str | VisualTokenReducer | None = None,
+    token_pruner: DecoderTokenPruner | None = None,
 ) -> DOPHandle:
     """Make `model` (a stock transformers MLLM of a supported family) run `policy` in forward/generate.
 
@@ -469,5 +535,7 @@ def apply_dop(
             against each image's visual token count at the first forward.
         reducer: name in `vlmeval_dop.reducers.REDUCERS` or a `VisualTokenReducer`; required when
             `policy.n_v` is set.
+        token_pruner: optional decoder-side method (`executor.token_pruner.DecoderTokenPruner`) that
+            drops tokens after chosen layers during prefill, combined with the policy.
     """
-    return DOPHandle(model, policy, reducer)
+    return DOPHandle(model, policy, reducer, token_pruner)
