@@ -22,6 +22,7 @@ setup(
         # (`past_key_values` -> `cache`, no `cache_position`). Only the tested range is allowed; see
         # vlmeval_dop/_compat.py for the import-time check.
         "transformers>=5.24,<5.25",
+        "ms-vlmeval==0.0.20",  # VLMEvalKit (module vlmeval): run.py, models/ and datasets.py use its internals
         "scipy",
         "pandas",
         "openpyxl",

@@ -12,6 +12,14 @@ from .policy import DOPPolicy  # noqa: E402
 
 __version__ = "0.1.0"
 
-# `load_entry` (registry entry -> VLMEvalKit model) arrives with the plugin (registry.py).
+__all__ = ["DOPHandle", "DOPPolicy", "apply_dop", "load_entry", "policy_tflops", "__version__"]
 
-__all__ = ["DOPHandle", "DOPPolicy", "apply_dop", "policy_tflops", "__version__"]
+
+def __getattr__(name: str):
+    # `load_entry` (registry entry -> VLMEvalKit model) resolves lazily: the wrappers import vlmeval,
+    # which the core must not import.
+    if name == "load_entry":
+        from .registry import load_entry
+
+        return load_entry
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

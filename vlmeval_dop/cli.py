@@ -74,6 +74,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .registry import format_table, load_entries
+
+    entries = list(load_entries().values())
+    if args.runnable:
+        entries = [e for e in entries if e.runnable]
+    if args.json:
+        rows = []
+        for e in entries:
+            r = e.tflops()
+            rows.append({
+                "entry": e.name, "model": e.model.name, "method": e.method, "budget": e.budget,
+                "policy": None if e.policy is None else e.policy.to_dict(), "reducer": e.reducer,
+                "baseline": e.baseline, "tflops_ratio": None if r is None else r["ratio"],
+                "executed_tflops_ratio": None if r is None else r["executed_ratio"],
+                "runnable": e.runnable, "unavailable_reason": e.unavailable_reason(),
+            })
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_table(entries))
+    print(
+        "\nTFLOPs %: decoder prefill, paper Eq. 11 (GQA variant for Qwen2-style LLMs) relative to the "
+        "unpruned model, at the representative text tokens of eval_configs/models.yaml (paper models) or "
+        "of the DOP_Demo prompt (tiny models, eval_configs/entries.yaml)."
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmeval-dop", description="Depth-wise Operation Pruning (DOP) for multimodal LLMs"
@@ -87,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-tokens", type=int, default=0, help="system-prompt tokens among the text tokens (with system depths)")
     p.add_argument("--json", action="store_true", help="print one JSON object (tflops, full_tflops, ratio as a fraction, ...)")
     p.set_defaults(func=_cmd_flops)
+
+    p = sub.add_parser("list", help="every evaluation entry (run.py --model) with model, method, policy, TFLOPs %%")
+    p.add_argument("--runnable", action="store_true", help="only entries whose reducer/baseline is registered")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("demo", help="offline: build tiny random-weight models and run DOP-pruned generate for each family")
     p.add_argument("--family", action="append", help="tiny family (repeatable); default: all")

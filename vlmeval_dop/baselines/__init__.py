@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..executor.token_pruner import DecoderTokenPruner
+from ..policy import DOPPolicy
 from .fastv import FastV
 
 DECODER_PRUNERS: dict[str, Callable[..., DecoderTokenPruner]] = {
@@ -20,3 +21,21 @@ def get_decoder_pruner(name: str, **kwargs) -> DecoderTokenPruner:
     if name not in DECODER_PRUNERS:
         raise ValueError(f"unknown decoder-side baseline {name!r}; valid: {', '.join(sorted(DECODER_PRUNERS))}")
     return DECODER_PRUNERS[name](**kwargs)
+
+
+def _as_baseline(name: str) -> Callable[..., object]:
+    """Entry-level form used by the VLMEvalKit wrappers: `(model, **args) -> context manager`."""
+
+    def attach(model, **args):
+        from ..arch import ArchSpec
+        from ..executor import apply_dop
+
+        num_layers = ArchSpec.from_model(model).num_layers
+        return apply_dop(model, DOPPolicy.full(num_layers), token_pruner=get_decoder_pruner(name, **args))
+
+    attach.__name__ = f"{name}_baseline"
+    return attach
+
+
+# eval_configs/entries.yaml names these in `baseline:`; the arguments come from `baseline_args:`
+BASELINES: dict[str, Callable[..., object]] = {name: _as_baseline(name) for name in DECODER_PRUNERS}

@@ -1,0 +1,333 @@
+"""Datasets for VLMEvalKit: the paper's benchmark aliases, a VQAv2 plugin dataset and an offline demo set.
+
+- **Aliases** (`eval_configs/entries.yaml`, `benchmarks:`): the paper's 13 short names map to VLMEvalKit
+  dataset names (`TextVQA -> TextVQA_VAL`, `GQA -> GQA_TestDev_Balanced`, `MMB -> MMBench_DEV_EN`, ...).
+  run.py rewrites `--data` with them before VLMEvalKit sees it, so VLMEvalKit's name-based logic (prompts,
+  metrics, circular MMBench evaluation) and its result file names are exactly those of the real dataset.
+- **VQAv2** (`VQAv2_TestDev`, `VQAv2_VAL`). VLMEvalKit has no VQAv2. The paper (Appendix D.2) evaluates
+  on *test-dev*, whose answers are not public: the LLaVA numbers it reports come from the official
+  LLaVA/VisPruner/CDPruner pipeline, which answers the test-dev questions with the LLaVA short-answer
+  prompt and submits the answers to the EvalAI VQA server, scoring the standard VQA accuracy. Here
+  `VQAv2_TestDev` runs inference and writes that submission file (`*_submission.json`); `VQAv2_VAL`
+  (val2014, answers public) is scored locally with the standard VQA accuracy: for a prediction and the
+  10 human answers, acc = mean over the 10 leave-one-out subsets of min(1, #matches / 3), after the VQA
+  answer normalisation (punctuation, digits, articles, contractions; VLMEvalKit's `process_answer`).
+  Build either TSV from the official files with `python -m vlmeval_dop.datasets prepare-vqav2 ...`.
+- **DOP_Demo**: 8 generated images (coloured shapes) with questions whose exact answers are known
+  (colour, count, shape), built deterministically in memory, scored by exact match; no download, no judge.
+
+`register_datasets()` adds the two plugin classes to VLMEvalKit's dataset registry
+(`vlmeval.dataset.DATASET_CLASSES`, which `build_dataset`, `DATASET_TYPE` and the status reports iterate).
+This module imports vlmeval.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os.path as osp
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image, ImageDraw
+from vlmeval.dataset.image_base import ImageBaseDataset
+from vlmeval.smp import LMUDataRoot, d2df, dump, encode_image_to_base64, get_intermediate_file_path, load
+
+from .models_config import CONFIG_DIR
+
+SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
+
+
+# --------------------------------------------------------------------------------------------- aliases
+@lru_cache(maxsize=None)
+def benchmark_aliases(config_dir: Path | None = None) -> dict[str, str]:
+    """The paper's short benchmark names -> VLMEvalKit dataset names (eval_configs/entries.yaml)."""
+    raw = yaml.safe_load(((config_dir or CONFIG_DIR) / "entries.yaml").read_text()) or {}
+    return {str(k): str(v) for k, v in (raw.get("benchmarks") or {}).items()}
+
+
+def known_datasets() -> list[str]:
+    """Every dataset name run.py accepts: aliases, VLMEvalKit's image/video datasets and ours."""
+    from vlmeval.dataset import SUPPORTED_DATASETS
+    from vlmeval.dataset.video_dataset_config import supported_video_datasets
+
+    register_datasets()
+    names = list(benchmark_aliases()) + list(SUPPORTED_DATASETS) + list(supported_video_datasets)
+    return list(dict.fromkeys(names))
+
+
+class UnknownDatasetError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def resolve_dataset_name(name: str) -> str:
+    """Alias -> VLMEvalKit name; VLMEvalKit names and custom `LMUData/<name>.tsv` files pass unchanged.
+
+    Unknown names raise UnknownDatasetError naming the closest valid names.
+    """
+    aliases = benchmark_aliases()
+    if name in aliases:
+        return aliases[name]
+    known = known_datasets()
+    if name in known or osp.exists(osp.join(LMUDataRoot(), f"{name}.tsv")):  # VLMEvalKit's custom TSVs
+        return name
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    close += [n for n in known if name.lower() in n.lower() and n not in close][: 5 - len(close)]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownDatasetError(
+        f"unknown dataset {name!r}.{hint} Paper benchmarks: {', '.join(aliases)}; "
+        f"offline demo: DOP_Demo; any VLMEvalKit dataset name, or a custom {LMUDataRoot()}/<name>.tsv."
+    )
+
+
+# ------------------------------------------------------------------------------------------ VQA metric
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """Standard VQA accuracy of one prediction against the human answers (10 for VQAv2).
+
+    acc = mean over i of min(1, #{j != i : answers[j] == prediction} / 3), after VQA normalisation of the
+    prediction and the answers (VLMEvalKit's `process_answer`, the official VQA eval's processing).
+    """
+    from vlmeval.dataset.utils.vqa_eval import process_answer
+
+    pred = process_answer(str(prediction))
+    gts = [process_answer(str(a)) for a in answers]
+    if not gts:
+        raise ValueError("vqa_accuracy needs at least one reference answer")
+    if len(gts) == 1:
+        return float(gts[0] == pred)
+    accs = [min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3.0) for i in range(len(gts))]
+    return float(np.mean(accs))
+
+
+def _answers(cell) -> list[str]:
+    """The answer list stored in a TSV cell (a JSON/Python list literal or a single answer)."""
+    if isinstance(cell, list):
+        return [str(a) for a in cell]
+    text = str(cell)
+    if text.startswith("["):
+        try:
+            return [str(a) for a in json.loads(text)]
+        except json.JSONDecodeError:
+            import ast
+
+            return [str(a) for a in ast.literal_eval(text)]
+    return [text]
+
+
+class VQAv2Dataset(ImageBaseDataset):
+    """VQAv2 as a VLMEvalKit dataset: `VQAv2_VAL` (scored here) and `VQAv2_TestDev` (EvalAI submission).
+
+    Data: `LMUData/<name>.tsv` with columns index (the VQA question_id), image_path, question, and for
+    VAL answer (list of the 10 human answers) and answer_type; built by `prepare_vqav2`. Prompt: the
+    question + "Answer the question using a single word or phrase." (LLaVA's VQAv2 prompt; wrappers with
+    custom VQA prompts apply theirs, as for any VLMEvalKit VQA dataset).
+    """
+
+    TYPE = "VQA"
+    DATASET_URL = {"VQAv2_VAL": "", "VQAv2_TestDev": ""}  # no public TSV: built locally (prepare_vqav2)
+    DATASET_MD5 = {}
+
+    def load_data(self, dataset):
+        path = osp.join(LMUDataRoot(), f"{dataset}.tsv")
+        if not osp.exists(path):
+            split = "val" if dataset == "VQAv2_VAL" else "test-dev"
+            raise FileNotFoundError(
+                f"{path} not found. {dataset} is built from the official VQAv2 files ({split}): "
+                f"python -m vlmeval_dop.datasets prepare-vqav2 --split {split} --questions <questions json> "
+                + ("--annotations <annotations json> " if split == "val" else "")
+                + "--images <COCO image dir>"
+            )
+        self.data_path = path
+        return load(path)
+
+    def build_prompt(self, line):
+        msgs = super().build_prompt(line)
+        msgs[-1]["value"] += SHORT_ANSWER_PROMPT
+        return msgs
+
+    def evaluate(self, eval_file, **judge_kwargs):
+        data = load(eval_file)
+        if self.dataset_name == "VQAv2_TestDev":
+            out = get_intermediate_file_path(eval_file, "_submission", "json")
+            write_vqav2_submission(data, out)
+            print(f"VQAv2 test-dev answers are not public: submit {out} to the EvalAI VQA challenge (test-dev phase).")
+            return None
+        data["score"] = [vqa_accuracy(p, _answers(a)) for p, a in zip(data["prediction"], data["answer"])]
+        dump(data, get_intermediate_file_path(eval_file, "_results"))
+        ret = {"Overall": 100 * float(data["score"].mean())}
+        if "answer_type" in data:
+            for t in sorted(set(data["answer_type"])):
+                ret[t] = 100 * float(data.loc[data["answer_type"] == t, "score"].mean())
+        ret = d2df(ret)
+        dump(ret, get_intermediate_file_path(eval_file, "_acc"))
+        return ret
+
+
+def write_vqav2_submission(predictions: pd.DataFrame, out_path: str, all_question_ids: list[int] | None = None) -> str:
+    """EvalAI results file `[{"question_id", "answer"}]` (answers normalised as the VQA evaluation does).
+
+    `all_question_ids`: pad the file with empty answers for these ids (LLaVA's submission script pads to
+    every test2015 question, which the test-dev phase accepts).
+    """
+    from vlmeval.dataset.utils.vqa_eval import process_answer
+
+    answers = {int(q): process_answer(str(p)) for q, p in zip(predictions["index"], predictions["prediction"])}
+    for q in all_question_ids or []:
+        answers.setdefault(int(q), "")
+    with open(out_path, "w") as f:
+        json.dump([{"question_id": q, "answer": a} for q, a in answers.items()], f)
+    return out_path
+
+
+def prepare_vqav2(split: str, questions: str, images: str, out: str | None = None, annotations: str | None = None) -> str:
+    """Build `LMUData/VQAv2_VAL.tsv` or `VQAv2_TestDev.tsv` from the official VQAv2 json files.
+
+    Args:
+        split: `val` (v2_OpenEnded_mscoco_val2014_questions.json + v2_mscoco_val2014_annotations.json)
+            or `test-dev` (v2_OpenEnded_mscoco_test-dev2015_questions.json; no annotations).
+        questions, annotations: the official json files.
+        images: the COCO image directory (val2014/ or test2015/); images are referenced by path.
+    """
+    if split not in ("val", "test-dev"):
+        raise ValueError(f"split must be 'val' or 'test-dev', got {split!r}")
+    if split == "val" and not annotations:
+        raise ValueError("the val split needs --annotations (the answers)")
+    qs = json.loads(Path(questions).read_text())["questions"]
+    prefix = "COCO_val2014_" if split == "val" else "COCO_test2015_"
+    rows = []
+    for q in qs:
+        rows.append({
+            "index": q["question_id"],
+            "image_path": osp.abspath(osp.join(images, f"{prefix}{q['image_id']:012d}.jpg")),
+            "question": q["question"],
+        })
+    df = pd.DataFrame(rows)
+    if annotations:
+        ann = {a["question_id"]: a for a in json.loads(Path(annotations).read_text())["annotations"]}
+        df["answer"] = [json.dumps([x["answer"] for x in ann[i]["answers"]]) for i in df["index"]]
+        df["answer_type"] = [ann[i]["answer_type"] for i in df["index"]]
+        df["question_type"] = [ann[i]["question_type"] for i in df["index"]]
+    name = "VQAv2_VAL" if split == "val" else "VQAv2_TestDev"
+    out = out or osp.join(LMUDataRoot(), f"{name}.tsv")
+    df.to_csv(out, sep="\t", index=False)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ demo set
+_COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+
+
+def _canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    img = Image.new("RGB", (224, 224), (255, 255, 255))
+    return img, ImageDraw.Draw(img)
+
+
+def demo_samples() -> list[dict]:
+    """The DOP_Demo samples: (image, question, answer, category), fully determined by this code."""
+    out = []
+    for colour in ("red", "green", "blue"):
+        img, d = _canvas()
+        d.rectangle((52, 52, 172, 172), fill=_COLOURS[colour])
+        out.append((img, "What color is the square?", colour, "color"))
+    for count, colour in ((2, "blue"), (3, "red"), (4, "green")):
+        img, d = _canvas()
+        for i in range(count):
+            x, y = 20 + (i % 2) * 110, 20 + (i // 2) * 110
+            d.ellipse((x, y, x + 80, y + 80), fill=_COLOURS[colour])
+        out.append((img, "How many circles are there?", str(count), "count"))
+    img, d = _canvas()
+    d.polygon([(112, 30), (30, 194), (194, 194)], fill=_COLOURS["yellow"])
+    out.append((img, "What shape is shown?", "triangle", "shape"))
+    img, d = _canvas()
+    d.ellipse((40, 40, 184, 184), fill=_COLOURS["blue"])
+    out.append((img, "What shape is shown?", "circle", "shape"))
+    return [
+        {"index": i, "image": encode_image_to_base64(im, fmt="PNG"), "question": q, "answer": a, "category": c}
+        for i, (im, q, a, c) in enumerate(out)
+    ]
+
+
+def normalize_exact(text) -> str:
+    """Exact-match normalisation: case, surrounding whitespace and a trailing full stop are ignored."""
+    return " ".join(str(text).strip().lower().rstrip(".").split())
+
+
+class DOPDemoDataset(ImageBaseDataset):
+    """`DOP_Demo`: 8 generated images with exactly known answers, scored by exact match (no judge).
+
+    The class builds its data itself (`load_data`) instead of reading `LMUData/DOP_Demo.tsv`, so the demo
+    needs neither a download nor a prepared file; VLMEvalKit still decodes the images into
+    `LMUData/images/DOP_Demo/` as for every dataset.
+    """
+
+    TYPE = "VQA"
+    DATASET_URL = {"DOP_Demo": ""}
+    DATASET_MD5 = {}
+
+    def load_data(self, dataset):
+        return pd.DataFrame(demo_samples())
+
+    def build_prompt(self, line):
+        msgs = super().build_prompt(line)
+        msgs[-1]["value"] += SHORT_ANSWER_PROMPT
+        return msgs
+
+    def evaluate(self, eval_file, **judge_kwargs):
+        data = load(eval_file)
+        data["hit"] = [int(normalize_exact(p) == normalize_exact(a)) for p, a in zip(data["prediction"], data["answer"])]
+        dump(data, get_intermediate_file_path(eval_file, "_results"))
+        ret = {"Overall": 100 * float(data["hit"].mean())}
+        for c in sorted(set(data["category"])):
+            ret[c] = 100 * float(data.loc[data["category"] == c, "hit"].mean())
+        ret = d2df(ret)
+        dump(ret, get_intermediate_file_path(eval_file, "_acc"))
+        return ret
+
+
+PLUGIN_DATASETS = (VQAv2Dataset, DOPDemoDataset)
+
+
+def register_datasets() -> None:
+    """Add the plugin datasets to VLMEvalKit's registry (idempotent)."""
+    import vlmeval.dataset as vd
+
+    for cls in PLUGIN_DATASETS:
+        if cls not in vd.DATASET_CLASSES:
+            vd.DATASET_CLASSES.append(cls)
+            vd.IMAGE_DATASET.append(cls)
+            vd.SUPPORTED_DATASETS.extend(cls.supported_datasets())
+        setattr(vd, cls.__name__, cls)  # `--config` files name dataset classes as attributes of vlmeval.dataset
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlmeval_dop.datasets", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare-vqav2", help="build LMUData/VQAv2_VAL.tsv or VQAv2_TestDev.tsv from the official files")
+    p.add_argument("--split", choices=["val", "test-dev"], required=True)
+    p.add_argument("--questions", required=True)
+    p.add_argument("--annotations", help="answers (val only)")
+    p.add_argument("--images", required=True, help="COCO image directory (val2014/ or test2015/)")
+    p.add_argument("--out", help="output TSV (default: VLMEvalKit's data root)")
+    p = sub.add_parser("vqav2-submission", help="EvalAI results json from a VQAv2_TestDev prediction file")
+    p.add_argument("predictions")
+    p.add_argument("out")
+    p.add_argument("--all-questions", help="test2015 questions json: pad missing ids with empty answers (as LLaVA)")
+    args = parser.parse_args(argv)
+    if args.cmd == "prepare-vqav2":
+        print(prepare_vqav2(args.split, args.questions, args.images, args.out, args.annotations))
+    else:
+        ids = None
+        if args.all_questions:
+            ids = [q["question_id"] for q in json.loads(Path(args.all_questions).read_text())["questions"]]
+        print(write_vqav2_submission(load(args.predictions), args.out, ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""VLMEvalKit model wrappers (BaseModel) on stock transformers, one module per family.
+
+Importing this package is cheap; a wrapper module (and with it vlmeval) is imported only by
+`wrapper_class`, so the registry can list entries without importing vlmeval.
+"""
+from __future__ import annotations
+
+import importlib
+
+# wrapper family (eval_configs/entries.yaml `wrapper`) -> "module:class"
+WRAPPERS: dict[str, str] = {
+    "llava": "vlmeval_dop.models.llava:LLaVA15DOP",
+    "llava_next": "vlmeval_dop.models.llava:LLaVANextDOP",
+    "qwen2_5_vl": "vlmeval_dop.models.qwen2_5_vl:Qwen25VLDOP",
+    "internvl": "vlmeval_dop.models.internvl3:InternVL3DOP",
+}
+
+
+def wrapper_class(family: str) -> type:
+    """The wrapper class of a family; unknown families list the valid ones."""
+    if family not in WRAPPERS:
+        raise KeyError(f"unknown wrapper family {family!r}; valid: {', '.join(WRAPPERS)}")
+    module, cls = WRAPPERS[family].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["WRAPPERS", "wrapper_class"]

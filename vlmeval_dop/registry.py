@@ -1,0 +1,392 @@
+"""Evaluation entries: entry name -> (model, method, budget, policy, reducer) -> VLMEvalKit wrapper.
+
+Generated from data (eval_configs/entries.yaml + models.yaml + policies.yaml), never hard-coded:
+
+- every paper model as its bare name (the unpruned model);
+- `{model}_{method}{budget %}` for every paper budget of that model and every DOP variant the paper
+  evaluates on it (LLaVA: dopv, dopcd; Qwen2.5-VL / InternVL3: dopr), with the paper's policy;
+- `{model}_dop{budget %}`: the paper's headline variant of that family (DOP_CD for LLaVA, DOP_R else);
+- explicit one-line entries (tiny test/demo entries, later baselines).
+
+An entry is *runnable* when everything it needs is registered: its reducer in
+`vlmeval_dop.reducers.REDUCERS` (or `resize`, which the wrappers do on the image), its baseline in
+`vlmeval_dop.baselines.BASELINES`. Entries that are not runnable are still listed, with the reason.
+
+This module does not import vlmeval and loads no weights (listing reads the tiny checkpoints' configs, built
+offline on first use); `load_entry` imports the wrapper, and with it vlmeval, only when called.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .models_config import CONFIG_DIR, load_models, load_paper_policies
+from .policy import DOPPolicy
+
+ENTRIES_FILE = "entries.yaml"
+IMAGE_SIDE_REDUCERS = ("resize",)  # done by the wrappers before the processor (see models/base.py)
+RESIZE_WRAPPERS = ("qwen2_5_vl", "internvl")  # families whose wrapper implements `resize` (DOP_R)
+_ENTRY_KEYS = {"model", "method", "budget", "policy", "reducer", "baseline", "baseline_args", "args"}
+_MODEL_KEYS = {"wrapper", "tiny", "hf_id", "args", "text_tokens"}
+_METHOD_KEYS = {"reducer", "label"}
+_PAPER_KEYS = {"methods", "dop"}
+
+
+class EntryError(KeyError):
+    """An unknown or malformed entry; the message names the valid values."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model an entry runs: its wrapper family and where its weights come from."""
+
+    name: str
+    wrapper: str
+    hf_id: str | None = None  # Hugging Face id (paper models) ...
+    tiny: str | None = None  # ... or a vlmeval_dop.tiny family (built offline)
+    args: dict[str, Any] = field(default_factory=dict)
+    text_tokens: int | None = None  # tiny models: non-visual tokens of the DOP_Demo prompt (for TFLOPs)
+
+    @property
+    def paper(self) -> bool:
+        return self.tiny is None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One evaluation entry.
+
+    Attributes:
+        name: the name `run.py --model` accepts.
+        model: the ModelSpec it runs.
+        method: `full`, `dop`, `dopv`, `dopcd`, `dopr` or a baseline name.
+        budget: the TFLOPs label as a fraction (0.28 for `..._dop28`), None for unlabelled entries.
+        policy: the DOP policy, None for the unpruned model.
+        reducer: visual token reduction (`vlmeval_dop.reducers` name or `resize`), None if none.
+        baseline: decoder-side baseline name (`vlmeval_dop.baselines.BASELINES`), None if none.
+        source: `paper` (generated from policies.yaml) or `entries.yaml`.
+    """
+
+    name: str
+    model: ModelSpec
+    method: str
+    budget: float | None = None
+    policy: DOPPolicy | None = None
+    reducer: str | None = None
+    baseline: str | None = None
+    baseline_args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
+    source: str = "entries.yaml"
+
+    # ------------------------------------------------------------------ availability
+    def missing(self) -> tuple[str, str] | None:
+        """(`reducer` | `baseline`, name) of the first component that is not registered yet, else None."""
+        if self.reducer is not None and self.reducer not in IMAGE_SIDE_REDUCERS:
+            from .reducers import REDUCERS
+
+            if self.reducer not in REDUCERS:
+                return "reducer", self.reducer
+        if self.baseline is not None and self.baseline not in _baselines():
+            return "baseline", self.baseline
+        return None
+
+    def unavailable_reason(self) -> str | None:
+        """None if the entry can run now, else why not (the missing reducer or baseline, by name)."""
+        missing = self.missing()
+        if missing is None:
+            return None
+        kind, name = missing
+        return f"{kind} {name!r} is not registered yet ({_registered(kind)})"
+
+    @property
+    def runnable(self) -> bool:
+        return self.unavailable_reason() is None
+
+    # ------------------------------------------------------------------ compute
+    def tflops(self) -> dict[str, float] | None:
+        """Paper-count TFLOPs of the entry's policy (flops.policy_tflops); None for baselines.
+
+        Paper models use their shapes and representative text tokens (models.yaml). Tiny models use their
+        checkpoint's config (built offline on first use), the visual tokens of a 224x224 image
+        (`tiny.TINY_VISUAL_TOKENS`, the DOP_Demo image size) and `text_tokens` from entries.yaml.
+        """
+        if self.baseline is not None:
+            return None  # a baseline's schedule is not a DOP policy; its module reports its own FLOPs
+        from .flops import policy_tflops
+
+        if self.model.paper:
+            paper = load_models()[self.model.name]
+            spec, text = paper.arch, paper.text_tokens
+        else:
+            spec, text = _tiny_arch(self.model.tiny), self.model.text_tokens
+            if text is None:
+                return None
+        policy = self.policy or DOPPolicy.full(spec.num_layers)
+        return policy_tflops(spec, policy, text)
+    def describe_policy(self) -> str:
+        if self.baseline is not None:
+            args = ",".join(f"{k}={v}" for k, v in self.baseline_args.items())
+            return f"{self.baseline}({args})"
+        if self.policy is None:
+            return "full"
+        p = self.policy
+        n_v = "all" if p.n_v is None else str(p.n_v)
+        return f"({p.d_A},{p.d_P},{n_v})" + (f" {self.reducer}" if self.reducer else "")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _baselines() -> dict[str, Any]:
+    """`vlmeval_dop.baselines.BASELINES` once that package exists (another issue), else empty."""
+    try:
+        mod = importlib.import_module("vlmeval_dop.baselines")
+    except ModuleNotFoundError as exc:
+        if exc.name != "vlmeval_dop.baselines":  # a missing package is "none yet", a broken one is an error
+            raise
+        return {}
+    return dict(getattr(mod, "BASELINES", {}))
+
+
+@lru_cache(maxsize=None)
+def _tiny_arch(family: str):
+    """ArchSpec of a tiny checkpoint (its config.json; the checkpoint is built offline if missing)."""
+    from transformers import AutoConfig
+
+    from .arch import ArchSpec
+    from .tiny import TINY_VISUAL_TOKENS, tiny_path
+
+    config = AutoConfig.from_pretrained(tiny_path(family), local_files_only=True)
+    return ArchSpec.from_config(config, visual_tokens=TINY_VISUAL_TOKENS[family])
+
+
+def _registered(kind: str) -> str:
+    if kind == "reducer":
+        from .reducers import REDUCERS
+
+        names = sorted(REDUCERS) + list(IMAGE_SIDE_REDUCERS)
+        return f"registered reducers: {', '.join(names)}"
+    return f"registered baselines: {', '.join(sorted(_baselines())) or 'none yet'}"
+
+
+def budget_label(budget: float) -> str:
+    """0.28 -> '28' (entry names carry the TFLOPs percent as labelled in the paper)."""
+    pct = round(budget * 100, 6)
+    return str(int(pct)) if float(pct).is_integer() else str(pct).replace(".", "p")
+
+
+def _check_keys(what: str, data: Any, known: set[str]) -> dict:
+    if not isinstance(data, dict):
+        raise EntryError(f"{what}: expected a mapping, got {data!r}")
+    unknown = set(data) - known
+    if unknown:
+        raise EntryError(f"{what}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
+    return data
+
+
+def _policy(what: str, raw: Any) -> DOPPolicy | None:
+    if raw is None:
+        return None
+    if isinstance(raw, (list, tuple)) and len(raw) in (3, 5):
+        return DOPPolicy(*raw)
+    if isinstance(raw, dict):
+        return DOPPolicy.from_dict(raw)
+    raise EntryError(f"{what}: policy must be [d_A, d_P, n_v] (or a mapping), got {raw!r}")
+
+
+@lru_cache(maxsize=None)
+def load_entries(config_dir: Path | None = None) -> dict[str, Entry]:
+    """Every entry, keyed by name, in a stable order (paper models first, then explicit entries)."""
+    cfg_dir = config_dir or CONFIG_DIR
+    path = cfg_dir / ENTRIES_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found (eval_configs/ ships with the repository)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    _check_keys(str(path), raw, {"models", "methods", "paper", "entries", "benchmarks"})
+    paper_models = load_models(config_dir)
+    paper_policies = load_paper_policies(config_dir)
+    from .models import WRAPPERS
+
+    models: dict[str, ModelSpec] = {}
+    for name, d in (raw.get("models") or {}).items():
+        d = _check_keys(f"models.{name}", d, _MODEL_KEYS)
+        if d.get("wrapper") not in WRAPPERS:
+            raise EntryError(f"models.{name}: wrapper {d.get('wrapper')!r} unknown; valid: {', '.join(WRAPPERS)}")
+        hf_id, tiny = d.get("hf_id"), d.get("tiny")
+        if tiny is None and hf_id is None:
+            if name not in paper_models:
+                raise EntryError(
+                    f"models.{name}: give `hf_id` or `tiny`, or use a paper model name ({', '.join(paper_models)})"
+                )
+            hf_id = paper_models[name].hf_id
+        models[name] = ModelSpec(
+            name, d["wrapper"], hf_id=hf_id, tiny=tiny, args=dict(d.get("args") or {}), text_tokens=d.get("text_tokens")
+        )
+
+    methods = {}
+    for name, d in (raw.get("methods") or {}).items():
+        methods[name] = _check_keys(f"methods.{name}", d, _METHOD_KEYS)
+
+    entries: dict[str, Entry] = {}
+
+    def add(entry: Entry) -> None:
+        if entry.name in entries:
+            raise EntryError(f"entry {entry.name!r} is defined twice (generated and in entries.yaml?)")
+        if entry.reducer == "resize" and entry.model.wrapper not in RESIZE_WRAPPERS:
+            raise EntryError(
+                f"entry {entry.name!r}: the resize reduction (DOP_R) is implemented for the "
+                f"{' and '.join(RESIZE_WRAPPERS)} wrappers, not {entry.model.wrapper!r}"
+            )
+        entries[entry.name] = entry
+
+    for model_name, d in (raw.get("paper") or {}).items():
+        d = _check_keys(f"paper.{model_name}", d, _PAPER_KEYS)
+        if model_name not in models or model_name not in paper_policies:
+            raise EntryError(f"paper.{model_name}: needs a `models` entry and paper policies (policies.yaml)")
+        spec = models[model_name]
+        add(Entry(model_name, spec, "full", source="paper"))
+        variants = list(d.get("methods") or [])
+        headline = d.get("dop")
+        for m in variants + ([headline] if headline else []):
+            if m not in methods:
+                raise EntryError(f"paper.{model_name}: method {m!r} unknown; valid: {', '.join(methods)}")
+        for budget, policy in sorted(paper_policies[model_name].items(), reverse=True):
+            for label, method in [("dop", headline)] * bool(headline) + [(m, m) for m in variants]:
+                add(Entry(
+                    f"{model_name}_{label}{budget_label(budget)}", spec, label, budget=budget, policy=policy,
+                    reducer=methods[method]["reducer"], source="paper",
+                ))
+
+    for name, d in (raw.get("entries") or {}).items():
+        d = _check_keys(f"entries.{name}", d, _ENTRY_KEYS)
+        if d.get("model") not in models:
+            raise EntryError(f"entries.{name}: model {d.get('model')!r} unknown; valid: {', '.join(models)}")
+        policy = _policy(f"entries.{name}", d.get("policy"))
+        if policy is not None and policy.n_v is not None and not d.get("reducer"):
+            raise EntryError(f"entries.{name}: policy keeps n_v={policy.n_v} visual tokens but names no reducer")
+        budget = d.get("budget")
+        add(Entry(
+            name, models[d["model"]], d.get("method") or ("full" if policy is None else "dop"),
+            budget=None if budget is None else float(budget), policy=policy, reducer=d.get("reducer"),
+            baseline=d.get("baseline"), baseline_args=dict(d.get("baseline_args") or {}),
+            args=dict(d.get("args") or {}),
+        ))
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------- lookup
+def _unknown(name: str, valid: list[str], what: str = "entry") -> EntryError:
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return EntryError(f"unknown {what} {name!r}.{hint} Run `vlmeval-dop list` for all {len(valid)} entries.")
+
+
+def get_entry(name: str, config_dir: Path | None = None) -> Entry:
+    """The entry called `name`; unknown names raise EntryError naming the closest entries."""
+    entries = load_entries(config_dir)
+    if name not in entries:
+        raise _unknown(name, list(entries))
+    return entries[name]
+
+
+def runnable_entry(name: str, config_dir: Path | None = None) -> Entry:
+    """`get_entry`, and EntryError if the entry cannot run yet (says which reducer/baseline is missing)."""
+    entry = get_entry(name, config_dir)
+    reason = entry.unavailable_reason()
+    if reason:
+        raise EntryError(f"entry {name!r} is listed but not runnable: {reason}")
+    return entry
+
+
+_NAME_RE = re.compile(r"^(?P<method>[a-z]+?)(?P<budget>\d+(?:p\d+)?)?$")
+
+
+def parse_entry_name(name: str, config_dir: Path | None = None) -> tuple[str, str, float | None]:
+    """Split `{model}_{method}{budget %}` into (model, method, budget fraction); bare model -> 'full'.
+
+    Parses by the known model names (they contain underscores and digits themselves).
+    """
+    models = sorted({e.model.name for e in load_entries(config_dir).values()}, key=len, reverse=True)
+    for model in models:
+        if name == model:
+            return model, "full", None
+        if name.startswith(model + "_"):
+            m = _NAME_RE.match(name[len(model) + 1 :])
+            if m:
+                b = m.group("budget")
+                return model, m.group("method"), None if b is None else float(b.replace("p", ".")) / 100
+    raise EntryError(f"{name!r} is not of the form {{model}}_{{method}}{{budget}}; models: {', '.join(models)}")
+
+
+def load_entry(name: str, **overrides: Any):
+    """The VLMEvalKit model (a `vlmeval.vlm.base.BaseModel`) of entry `name`; weights load at first use.
+
+    `overrides` are wrapper keyword arguments (e.g. `max_new_tokens=16`, `device="cpu"`,
+    `model_path="/local/checkpoint"`) on top of the entry's own. Imports vlmeval (the wrapper is a
+    VLMEvalKit model) and registers the plugin datasets with it.
+    """
+    entry = runnable_entry(name)
+    from .datasets import register_datasets
+    from .models import wrapper_class
+
+    register_datasets()  # the wrappers' prompt logic asks VLMEvalKit for dataset types (DOP_Demo, VQAv2)
+
+    cls = wrapper_class(entry.model.wrapper)
+    kwargs = dict(
+        model_path=entry.model.hf_id, tiny=entry.model.tiny, entry=entry.name, policy=entry.policy,
+        reducer=entry.reducer, baseline=entry.baseline, baseline_args=entry.baseline_args,
+    )
+    kwargs.update(entry.model.args)
+    kwargs.update(entry.args)
+    if "model_path" in overrides:  # a local checkpoint directory replaces the Hub id (or the tiny build)
+        kwargs["tiny"] = None
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- listing
+def format_table(entries: list[Entry] | None = None) -> str:
+    """The `vlmeval-dop list` table: entry, model, method, budget, policy, TFLOPs %, status."""
+    entries = list(load_entries().values()) if entries is None else entries
+    rows = [("entry", "model", "method", "budget", "policy (d_A,d_P,n_v) reducer", "TFLOPs %", "status")]
+    for e in entries:
+        r = e.tflops()
+        if r is None:
+            tf = "-"
+        else:
+            tf = f"{100 * r['ratio']:.1f}"
+            if abs(r["executed_ratio"] - r["ratio"]) > 1e-9:
+                tf += f" (exec {100 * r['executed_ratio']:.1f})"
+        missing = e.missing()
+        status = "runnable" if missing is None else f"NOT RUNNABLE: needs {missing[0]} {missing[1]!r}"
+        budget = "-" if e.budget is None else f"{budget_label(e.budget)}%"
+        rows.append((e.name, e.model.name, e.method, budget, e.describe_policy(), tf, status))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    kinds = sorted({m[0] for m in (e.missing() for e in entries) if m})
+    for kind in kinds:
+        lines.append(f"NOT RUNNABLE: the {kind} is not registered yet ({_registered(kind)}); run.py refuses these.")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Entry",
+    "EntryError",
+    "ModelSpec",
+    "budget_label",
+    "format_table",
+    "get_entry",
+    "load_entries",
+    "load_entry",
+    "parse_entry_name",
+    "runnable_entry",
+]
