@@ -10,9 +10,11 @@ from collections.abc import Callable
 from ..executor.token_pruner import DecoderTokenPruner
 from ..policy import DOPPolicy
 from .fastv import FastV
+from .pdrop import PDrop
 
 DECODER_PRUNERS: dict[str, Callable[..., DecoderTokenPruner]] = {
     "fastv": FastV,
+    "pdrop": PDrop,
 }
 
 

@@ -24,19 +24,27 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> 
         padding, or lie after the query) get 0, exactly as in the layer's own attention.
     """
     layer, attn = ctx.layer, ctx.layer.self_attn
-    x = layer.input_layernorm(ctx.hidden_in)
-    B, N, _ = x.shape
+    B, N, _ = ctx.hidden_in.shape
     hd = attn.head_dim
-    qx = x[:, query_positions]
-    q = attn.q_proj(qx).view(B, qx.shape[1], -1, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(B, N, -1, hd).transpose(1, 2)
-    cos, sin = ctx.position_embeddings
-    cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+    dev = ctx.hidden_in.device
+    # keys: only the tokens that took part in the layer (the layer never computed the others)
+    usable = ctx.alive & ctx.pad_valid
+    K = int(usable.sum(1).max())
+    key_idx = torch.sort(usable.to(torch.int8), dim=1, stable=True).indices[:, N - K :]  # kept, in order
+    key_ok = torch.gather(usable, 1, key_idx)
+    x_keys = layer.input_layernorm(torch.gather(ctx.hidden_in, 1, key_idx[..., None].expand(-1, -1, ctx.hidden_in.shape[-1])))
+    x_q = layer.input_layernorm(ctx.hidden_in[:, query_positions])
+    q = attn.q_proj(x_q).view(B, x_q.shape[1], -1, hd).transpose(1, 2)
+    k = attn.k_proj(x_keys).view(B, K, -1, hd).transpose(1, 2)
+    cos, sin = (t.expand(B, -1, -1) for t in ctx.position_embeddings)
     q, _ = apply_rotary_pos_emb(q, q, cos[:, query_positions], sin[:, query_positions])
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    k_cos = torch.gather(cos, 1, key_idx[..., None].expand(-1, -1, cos.shape[-1]))
+    k_sin = torch.gather(sin, 1, key_idx[..., None].expand(-1, -1, sin.shape[-1]))
+    _, k = apply_rotary_pos_emb(k, k, k_cos, k_sin)
     k = repeat_kv(k, q.shape[1] // k.shape[1])
-    scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # (B, heads, Q, N)
-    visible = (ctx.alive & ctx.pad_valid)[:, None, None, :]
-    causal = torch.arange(N, device=x.device)[None, :] <= query_positions.to(x.device)[:, None]
-    scores = scores.masked_fill(~(visible & causal[None, None]), float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # (B, heads, Q, K)
+    causal = key_idx[:, None, :] <= query_positions.to(dev)[None, :, None]  # (B, Q, K)
+    scores = scores.masked_fill(~(key_ok[:, None, :] & causal)[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).mean(dim=1)  # (B, Q, K)
+    out = torch.zeros(B, probs.shape[1], N, dtype=probs.dtype, device=dev)
+    return out.scatter(2, key_idx[:, None, :].expand(-1, probs.shape[1], -1), probs * key_ok[:, None, :])

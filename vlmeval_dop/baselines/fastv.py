@@ -14,8 +14,39 @@ from ..executor.token_pruner import DecoderPruneContext
 from .attention import query_attention
 
 
-class FastV:
-    """Decoder-side FastV pruner for `apply_dop(..., token_pruner=FastV(k=2, keep=288))`.
+class AttentionRankPruner:
+    """Drop visual tokens by the last token's attention, after one or more layers.
+
+    Args:
+        schedule: {layer after which to prune: visual tokens kept per sample from the next layer on}.
+    Scores come from the last token's attention in that layer, averaged over heads.
+    """
+
+    name = "attention_rank"
+
+    def __init__(self, schedule: dict[int, int]):
+        if not schedule or any(layer < 0 or keep < 0 for layer, keep in schedule.items()):
+            raise ValueError(f"schedule must map layers >= 0 to kept token counts >= 0, got {schedule}")
+        self.schedule = dict(sorted(schedule.items()))
+        self.layers = tuple(self.schedule)
+
+    def scores(self, ctx: DecoderPruneContext) -> torch.Tensor:
+        """(B, N) attention of the last token in layer `ctx.layer_idx`, averaged over heads."""
+        last = torch.tensor([ctx.hidden_in.shape[1] - 1], device=ctx.hidden_in.device)
+        return query_attention(ctx, last)[:, 0]
+
+    def select(self, ctx: DecoderPruneContext) -> torch.Tensor:
+        keep = self.schedule[ctx.layer_idx]
+        candidates = ctx.visual & ctx.alive
+        score = self.scores(ctx).masked_fill(~candidates, float("-inf"))
+        drop = candidates.clone()
+        for b, n in enumerate(candidates.sum(1).tolist()):  # per sample: keep the top `keep` candidates
+            drop[b, torch.topk(score[b], min(keep, n)).indices] = False
+        return drop
+
+
+class FastV(AttentionRankPruner):
+    """FastV for `apply_dop(..., token_pruner=FastV(k=2, keep=288))`.
 
     Args:
         k: first layer (0-based) that runs without the dropped tokens; scores come from layer k-1.
@@ -30,28 +61,13 @@ class FastV:
         if keep < 0:
             raise ValueError(f"FastV keep must be >= 0, got {keep}")
         self.k, self.keep = k, keep
-        self.layers = (k - 1,)
-
-    def scores(self, ctx: DecoderPruneContext) -> torch.Tensor:
-        """(B, N) attention of the last token in layer k-1, averaged over heads."""
-        last = torch.tensor([ctx.hidden_in.shape[1] - 1], device=ctx.hidden_in.device)
-        return query_attention(ctx, last)[:, 0]
-
-    def select(self, ctx: DecoderPruneContext) -> torch.Tensor:
-        candidates = ctx.visual & ctx.alive
-        score = self.scores(ctx).masked_fill(~candidates, float("-inf"))
-        drop = candidates.clone()
-        for b in range(score.shape[0]):  # per sample: keep the top `keep` candidates
-            n = int(candidates[b].sum())
-            top = torch.topk(score[b], min(self.keep, n)).indices
-            drop[b, top] = False
-        return drop
+        super().__init__({k - 1: keep})
 
 
 def fastv_selection_flops(spec, n_tokens: int) -> float:
-    """FLOPs of recomputing the last token's attention row in layer k-1 (our selection overhead).
+    """FLOPs of recomputing the last token's attention row over `n_tokens` keys (our selection overhead).
 
-    K projection of all tokens, Q projection of the last one, one (1 x N) score row per head. The
+    K projection of the tokens in the layer, Q projection of the last one, one score row per head. The
     official code reads these scores from eager attention instead, at the price of eager everywhere.
     """
     return 2.0 * n_tokens * spec.hidden_size * spec.kv_dim + 2.0 * spec.hidden_size * spec.q_dim + 2.0 * n_tokens * spec.q_dim
