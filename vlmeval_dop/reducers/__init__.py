@@ -14,10 +14,12 @@ from .base import (
     check_family,
     check_selection,
 )
+from .divprune import DivPrune
 from .uniform import UniformReducer
 
 REDUCERS: dict[str, Callable[[], VisualTokenReducer]] = {
     "uniform": UniformReducer,
+    "divprune": DivPrune,
 }
 
 
