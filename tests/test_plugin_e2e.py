@@ -254,3 +254,13 @@ def test_decoder_side_baseline_entry_end_to_end(built, tmp_path):
     counts = models[entry][0].last_layer_tokens
     assert counts[0] == counts[1] and counts[2] == counts[3]
     assert counts[0][0] - counts[2][0] == VISUAL_TOKENS["llava15"] - 16
+
+
+def test_reducer_baseline_entry_end_to_end(built, tmp_path):
+    """DivPrune as one config line: 16 visual tokens kept before the decoder, every layer."""
+    entry = "tiny_llava15_divprune"
+    models = built("--model", entry, "--data", "DOP_Demo", "--work-dir", str(tmp_path))
+    assert all(p.exists() for p in _outputs(tmp_path, entry))
+    counts = models[entry][0].last_layer_tokens
+    assert len(set(counts)) == 1 and counts[0][0] == counts[0][1]
+    assert counts[0][0] < 200 and models[entry][0].last_visual_tokens == VISUAL_TOKENS["llava15"]

@@ -79,7 +79,7 @@ def test_entry_set_is_exactly_generated_plus_explicit():
     names = set(load_entries())
     expected = {n for n, *_ in _paper_entries()} | set(PAPER)
     expected |= {f"tiny_{f}" for f in TINY} | {f"tiny_{f}_dop" for f in TINY}
-    expected |= {"tiny_qwen25vl_dopr", "tiny_internvl3_dopr", "tiny_llava15_fastv"}
+    expected |= {"tiny_qwen25vl_dopr", "tiny_internvl3_dopr", "tiny_llava15_fastv", "tiny_llava15_divprune"}
     assert names == expected
     for model in PAPER:  # the bare name is the unpruned model
         e = get_entry(model)
