@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .policy import DOPPolicy, PolicyError
 
@@ -102,6 +103,30 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search.run import run_search
+
+    summary = run_search(
+        args.model, args.data, args.reducer, args.budget, args.samples, args.seed, args.out_dir,
+        alpha=args.alpha, text_tokens=args.text_tokens, depths=args.depths, visual=args.visual,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    print(f"profiled {summary['samples']} samples of {summary['dataset']} ({summary['newly_profiled']} new), "
+          f"{summary['layer_forwards']} decoder-layer forwards ({summary['layer_equivalents']} layer-equivalents)")
+    for budget, r in summary["results"].items():
+        if "error" in r:
+            print(f"  budget {budget}: {r['error']}")
+        else:
+            p = r["policy"]
+            print(f"  budget {budget}: policy ({p['d_A']}, {p['d_P']}, {p['n_v']})  predicted divergence "
+                  f"{r['objective']:.4g}  TFLOPs {100 * r['paper_ratio']:.2f} %")
+    print(f"outputs: {summary['dir']} (profile.json, profile.png, policies.yaml, search.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmeval-dop", description="Depth-wise Operation Pruning (DOP) for multimodal LLMs"
@@ -120,6 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runnable", action="store_true", help="only entries whose reducer/baseline is registered")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("search", help="profile divergence curves on validation samples and solve Eq. 7 per budget")
+    p.add_argument("--model", required=True, help="unpruned model entry (e.g. llava15_7b, tiny_llava15)")
+    p.add_argument("--reducer", default="uniform", help="reducer for the n_v curve (vlmeval_dop.reducers.REDUCERS)")
+    p.add_argument("--budget", type=float, action="append", help="TFLOPs fraction (repeatable); default: the paper's labels")
+    p.add_argument("--data", required=True, help="VLMEvalKit dataset name (or the basename of $LMUData/<name>.tsv)")
+    p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out-dir", type=Path, default=Path("profiles"))
+    p.add_argument("--alpha", type=float, default=None, help="n_min = alpha * n_e (default: models.yaml, 1.5 otherwise)")
+    p.add_argument("--text-tokens", type=int, default=None, help="non-visual tokens for the FLOPs model")
+    p.add_argument("--depths", type=int, nargs="+", default=None, help="sampling depths (default: Table 6)")
+    p.add_argument("--visual", type=int, nargs="+", default=None, help="sampling n_v values (default: Table 6)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("demo", help="offline: build tiny random-weight models and run DOP-pruned generate for each family")
     p.add_argument("--family", action="append", help="tiny family (repeatable); default: all")

@@ -1,0 +1,51 @@
+"""`vlmeval-dop search` end to end on a tiny model and the offline DOP_Demo set (through VLMEvalKit)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from vlmeval_dop.policy import DOPPolicy
+
+
+@pytest.fixture()
+def lmu(tmp_path):
+    old = os.environ.get("LMUData")
+    os.environ["LMUData"] = str(tmp_path / "LMUData")  # VLMEvalKit's own data root setting
+    yield
+    if old is None:
+        os.environ.pop("LMUData", None)
+    else:
+        os.environ["LMUData"] = old
+
+
+def test_search_cli_tiny(tmp_path, lmu, capsys):
+    from vlmeval_dop.cli import main
+
+    argv = ["search", "--model", "tiny_llava15", "--data", "DOP_Demo", "--samples", "3", "--seed", "1",
+            "--budget", "0.6", "--budget", "0.01", "--out-dir", str(tmp_path / "p"), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    run_dir = tmp_path / "p" / "tiny_llava15-uniform-DOP_Demo-3-1"
+    assert summary["dir"] == str(run_dir) and summary["samples"] == 3 and summary["newly_profiled"] == 3
+    for name in ("profile.json", "profile.png", "policies.yaml", "search.json", "samples.rank0.jsonl"):
+        assert (run_dir / name).exists(), name
+    assert "error" in summary["results"]["0.01"] and "smallest feasible" in summary["results"]["0.01"]["error"]
+    r = summary["results"]["0.6"]
+    pol = DOPPolicy.from_dict(r["policy"])
+    assert pol.d_P <= pol.d_A and r["paper_ratio"] <= 0.6
+    written = yaml.safe_load((run_dir / "policies.yaml").read_text())
+    assert written == {"tiny_llava15": {0.6: [pol.d_A, pol.d_P, pol.n_v]}}
+    # a rerun reuses the finished profile: nothing new is computed
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["newly_profiled"] == 0 and again["results"] == summary["results"]
+
+
+def test_search_cli_refuses_pruned_entry(tmp_path, lmu, capsys):
+    from vlmeval_dop.cli import main
+
+    assert main(["search", "--model", "tiny_llava15_dop", "--data", "DOP_Demo", "--out-dir", str(tmp_path)]) == 2
+    assert "unpruned model entry" in capsys.readouterr().err

@@ -1,0 +1,138 @@
+"""`vlmeval-dop search`: validation samples of a VLMEvalKit dataset -> divergence profile -> policies.
+
+Glue between the VLMEvalKit plugin (wrappers build each sample's prompt and processor inputs exactly as
+in evaluation) and the search library (profile.py, optimize.py, plot.py). Imports vlmeval lazily.
+Outputs under `--out-dir/<model>-<reducer>-<dataset>-<samples>-<seed>/`: per-sample results (resumable),
+`profile.json`, `profile.png`, `policies.yaml` (eval_configs form) and `search.json`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..arch import ArchSpec
+from ..models_config import load_models
+from ..policy import PolicyError
+
+# Table 6 sampling points of LLaVA-1.5-7B, rescaled for models outside models.yaml (tiny ones)
+_REF_DEPTHS, _REF_L = (26, 20, 14, 8, 4, 0), 32
+_REF_VISUAL, _REF_NV = (512, 256, 128, 64, 32, 16), 576
+
+
+@dataclass
+class SearchSetup:
+    """Everything the search needs to know about the model, resolved from models.yaml or the model."""
+
+    model_key: str
+    spec: ArchSpec
+    text_tokens: int
+    alpha: float
+    depths: list[int]
+    visual: list[int]
+    budgets: list[float]
+
+
+def _scaled_points(L: int, n_v: int) -> tuple[list[int], list[int]]:
+    depths = sorted({round(d * L / _REF_L) for d in _REF_DEPTHS}, reverse=True)
+    visual = sorted({max(1, round(n * n_v / _REF_NV)) for n in _REF_VISUAL}, reverse=True)
+    return [d for d in depths if d < L], [n for n in visual if n < n_v]
+
+
+def run_search(
+    entry: str,
+    data: str,
+    reducer: str,
+    budgets: list[float] | None,
+    samples: int,
+    seed: int,
+    out_dir: Path,
+    *,
+    alpha: float | None = None,
+    text_tokens: int | None = None,
+    depths: list[int] | None = None,
+    visual: list[int] | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Profile `samples` random rows (seed) of dataset `data` on the unpruned model of `entry`, then solve
+    Eq. 7 for each budget. Returns the summary that is also written to `search.json`."""
+    from ..registry import get_entry, load_entry
+    from .optimize import InfeasibleBudgetError, optimize, write_policy
+    from .plot import plot_profile
+    from .profile import ProfileRun, build_profile
+
+    e = get_entry(entry)
+    if e.policy is not None or e.baseline is not None:
+        raise PolicyError(f"search runs on an unpruned model entry (e.g. {e.model.name!r}), not on {entry!r}")
+    wrapper = load_entry(entry, **({"device": device} if device else {}))
+    wrapper.load()
+    model = wrapper.model
+
+    from vlmeval.dataset import build_dataset
+
+    dataset = build_dataset(data)
+    if dataset is None:
+        raise ValueError(f"dataset {data!r} could not be built by VLMEvalKit (name or $LMUData/{data}.tsv)")
+    rows = dataset.data.sample(n=min(samples, len(dataset.data)), random_state=seed)
+
+    def message_of(row):
+        if wrapper.use_custom_prompt(dataset.dataset_name):
+            return wrapper.build_prompt(row, dataset.dataset_name)
+        return dataset.build_prompt(row)
+
+    items = [([str(row["index"])], wrapper.build_inputs(message_of(row), dataset.dataset_name).to(wrapper.device))
+             for _, row in rows.iterrows()]
+
+    setup = _setup(e.model.name, model, items[0][1], alpha, text_tokens, depths, visual, budgets)
+    run_dir = Path(out_dir) / f"{e.model.name}-{reducer}-{dataset.dataset_name}-{len(items)}-{seed}"
+    run = ProfileRun(run_dir, setup.depths, setup.visual, reducer)
+    added = run.run(model, items, total=len(items))
+    profile = build_profile(
+        run_dir, model=setup.model_key, reducer=reducer, dataset=dataset.dataset_name, seed=seed,
+        num_layers=setup.spec.num_layers, num_visual=setup.spec.visual_tokens,
+        depths=setup.depths, visual=setup.visual,
+    )
+    profile.save(run_dir / "profile.json")
+    results, policies = {}, {}
+    for budget in setup.budgets:
+        try:
+            r = optimize(profile, setup.spec, budget, text_tokens=setup.text_tokens, alpha=setup.alpha,
+                         model=setup.model_key)
+        except InfeasibleBudgetError as exc:
+            results[str(budget)] = {"error": str(exc)}
+            continue
+        results[str(budget)] = r.to_dict()
+        policies[budget] = r.policy
+        write_policy(run_dir / "policies.yaml", setup.model_key, budget, r.policy)
+    plot_profile(run_dir / "profile.json", run_dir / "profile.png", policies=policies)
+    summary = {
+        "entry": entry, "dataset": dataset.dataset_name, "reducer": reducer, "samples": len(items),
+        "seed": seed, "newly_profiled": added, "depths": setup.depths, "visual": setup.visual,
+        "layer_forwards": run.counter.layer_forwards,
+        "layer_equivalents": round(run.counter.layer_equivalents, 3), "results": results,
+        "dir": str(run_dir),
+    }
+    (run_dir / "search.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def _setup(model_key, model, first_inputs, alpha, text_tokens, depths, visual, budgets) -> SearchSetup:
+    papers = load_models()
+    image_id = model.config.image_token_id
+    n_vis = int((first_inputs["input_ids"][0] == image_id).sum())
+    if model_key in papers:
+        p = papers[model_key]
+        spec = p.arch
+        return SearchSetup(
+            model_key, spec, text_tokens if text_tokens is not None else p.text_tokens,
+            alpha if alpha is not None else p.alpha, depths or p.sampling_depths, visual or p.sampling_visual,
+            budgets or sorted(p.budgets, reverse=True),
+        )
+    spec = ArchSpec.from_model(model, visual_tokens=n_vis)
+    d_def, v_def = _scaled_points(spec.num_layers, n_vis)
+    n_text = int(first_inputs["input_ids"].shape[1]) - n_vis
+    return SearchSetup(
+        model_key, spec, text_tokens if text_tokens is not None else n_text, alpha if alpha is not None else 1.5,
+        depths or d_def, visual or v_def, budgets or [0.5],
+    )
