@@ -1,0 +1,154 @@
+"""Regenerate a paper table's accuracy cells with VLMEvalKit, resumably.
+
+    python reproduce/run.py --table 8 --dry-run          # the plan: every cell, done / to run / blocked
+    python reproduce/run.py --table 8 [--limit K] [--work-dir outputs] [--gpus N] [-- <run.py flags>]
+
+A cell is (entry, benchmark). It counts as finished when VLMEvalKit's score file for it exists under
+`<work-dir>/<entry>/` (`<entry>_<dataset>_{acc,score}*`); finished cells are never recomputed and VLMEvalKit
+is always called with `--reuse`, so its own finished predictions are kept too. Cells of rows that need
+something this framework lacks (an unregistered reducer/baseline, a search ablation, a model family) are
+listed as blocked with the reason, never silently dropped. Non-accuracy tables (efficiency, search cost,
+...) are produced by other tools; the plan says which.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script from anywhere: the repo root holds vlmeval_dop
+    sys.path.insert(0, str(HERE.parent))
+
+from reproduce.tables import get_table, parse_row  # noqa: E402
+
+OTHER_TOOLS = {
+    "efficiency": "GPU latency/memory measurement (benchmarks/executor_latency.py; reproduce/efficiency.py is not written yet)",
+    "search_cost": "`vlmeval-dop search` (its search.json reports layer forwards; wall time on a GPU)",
+    "search_setup": "data: eval_configs/models.yaml (sampling points)",
+    "policy": "data: eval_configs/policies.yaml, or `vlmeval-dop search`",
+    "spearman": "vlmeval_dop.search.extensions.spearman_additive_vs_joint on a profile plus joint divergences",
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (row, benchmark) cell of an accuracy table and what stands in its way, if anything."""
+
+    row: str
+    entry: str
+    benchmark: str
+    dataset: str
+    status: str  # "done", "todo" or "blocked"
+    reason: str = ""
+
+
+def benchmark_datasets() -> dict[str, str]:
+    """The paper's benchmark aliases -> VLMEvalKit dataset names (eval_configs/entries.yaml)."""
+    import yaml
+
+    from vlmeval_dop.registry import CONFIG_DIR, ENTRIES_FILE
+
+    return dict(yaml.safe_load((CONFIG_DIR / ENTRIES_FILE).read_text())["benchmarks"])
+
+
+def is_finished(work_dir: Path, entry: str, dataset: str) -> bool:
+    """True when VLMEvalKit wrote a score file for (entry, dataset) under `work_dir/entry/`."""
+    d = Path(work_dir) / entry
+    return d.is_dir() and (any(d.glob(f"{entry}_{dataset}_acc*")) or any(d.glob(f"{entry}_{dataset}_score*")))
+
+
+def plan_table(number: int, work_dir: Path) -> list[Cell]:
+    """Every cell of accuracy table `number` with its status (no vlmeval import, nothing written)."""
+    from vlmeval_dop.registry import EntryError, get_entry
+
+    spec = get_table(number)
+    if spec.kind != "accuracy" and not spec.benchmarks:
+        raise ValueError(
+            f"table {number} ({spec.kind}) is not made of VLMEvalKit accuracy cells; "
+            f"it comes from {OTHER_TOOLS.get(spec.kind, 'a dedicated experiment: ' + spec.notes)}"
+        )
+    datasets = benchmark_datasets()
+    cells = []
+    for row in spec.rows:
+        ref = parse_row(row)
+        blocked = ""
+        if ref.config:
+            blocked = f"needs a search/evaluation ablation ({', '.join(f'{k}={v}' for k, v in ref.config.items())})"
+        else:
+            try:
+                reason = get_entry(ref.entry).unavailable_reason()
+                blocked = reason or ""
+            except EntryError:
+                blocked = f"no entry {ref.entry!r} in eval_configs/entries.yaml yet"
+        for bench in spec.benchmarks:
+            dataset = datasets[bench]
+            if blocked:
+                cells.append(Cell(row, ref.entry, bench, dataset, "blocked", blocked))
+            else:
+                status = "done" if is_finished(work_dir, ref.entry, dataset) else "todo"
+                cells.append(Cell(row, ref.entry, bench, dataset, status))
+    return cells
+
+
+def format_plan(number: int, cells: list[Cell]) -> str:
+    """Human-readable plan: counts, the cells to run grouped by entry, and the blocked rows with reasons."""
+    todo = [c for c in cells if c.status == "todo"]
+    done = [c for c in cells if c.status == "done"]
+    blocked = [c for c in cells if c.status == "blocked"]
+    lines = [f"table {number}: {len(cells)} cells: {len(done)} done, {len(todo)} to run, {len(blocked)} blocked"]
+    by_entry: dict[str, list[str]] = {}
+    for c in todo:
+        by_entry.setdefault(c.entry, []).append(c.dataset)
+    for entry, ds in by_entry.items():
+        lines.append(f"  run   {entry}: {' '.join(ds)}")
+    reasons: dict[tuple[str, str], int] = {}
+    for c in blocked:
+        reasons[(c.row, c.reason)] = reasons.get((c.row, c.reason), 0) + 1
+    for (row, reason), n in reasons.items():
+        lines.append(f"  block {row} ({n} cells): {reason}")
+    return "\n".join(lines)
+
+
+def run_cells(cells: list[Cell], work_dir: Path, limit: int | None, gpus: int, extra: list[str]) -> int:
+    """Run the `todo` cells (at most `limit`) through the repository's run.py, one call per entry."""
+    todo = [c for c in cells if c.status == "todo"][: limit if limit is not None else None]
+    by_entry: dict[str, list[str]] = {}
+    for c in todo:
+        by_entry.setdefault(c.entry, []).append(c.dataset)
+    launcher = [sys.executable] if gpus <= 1 else ["torchrun", f"--nproc-per-node={gpus}"]
+    for entry, datasets in by_entry.items():
+        cmd = launcher + [str(HERE.parent / "run.py"), "--model", entry, "--data", *datasets,
+                          "--work-dir", str(work_dir), "--reuse", *extra]
+        print("$", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            print(f"run.py failed for {entry} (exit {rc}); finished cells are kept, rerun to continue", file=sys.stderr)
+            return rc
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", type=int, required=True, help="paper table number (1-30)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan only")
+    parser.add_argument("--limit", type=int, default=None, help="run at most this many cells")
+    parser.add_argument("--work-dir", type=Path, default=Path("outputs"), help="VLMEvalKit work dir")
+    parser.add_argument("--gpus", type=int, default=1, help="> 1: launch run.py with torchrun")
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    try:
+        cells = plan_table(args.table, args.work_dir)
+    except ValueError as exc:
+        print(f"reproduce/run.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(args.table, cells))
+    if args.dry_run:
+        return 0
+    return run_cells(cells, args.work_dir, args.limit, args.gpus, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

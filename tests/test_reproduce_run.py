@@ -1,0 +1,55 @@
+"""reproduce/run.py: the plan of every accuracy table, resumability, bad input (no model runs)."""
+from __future__ import annotations
+
+import pytest
+
+from reproduce import run as rrun
+from reproduce.tables import TABLES, get_table, parse_row
+
+ACCURACY = [n for n, t in TABLES.items() if t.kind == "accuracy"]
+
+
+@pytest.mark.parametrize("number", ACCURACY)
+def test_dry_run_lists_exactly_the_table_cells(number, tmp_path, capsys):
+    spec = get_table(number)
+    cells = rrun.plan_table(number, tmp_path)
+    assert [(c.row, c.benchmark) for c in cells] == [(r, b) for r in spec.rows for b in spec.benchmarks]
+    datasets = rrun.benchmark_datasets()
+    for c in cells:
+        assert c.dataset == datasets[c.benchmark] and c.entry == parse_row(c.row).entry
+        assert c.status in ("todo", "blocked") and (c.status == "blocked") == bool(c.reason)
+    assert rrun.main(["--table", str(number), "--dry-run", "--work-dir", str(tmp_path)]) == 0
+    assert f"table {number}: {len(cells)} cells" in capsys.readouterr().out
+
+
+def test_unpruned_rows_are_runnable_and_blocked_rows_say_why(tmp_path):
+    cells = {c.row: c for c in rrun.plan_table(8, tmp_path)}
+    assert cells["llava15_7b"].status == "todo"
+    assert "reducer 'cdpruner'" in cells["llava15_7b_dopcd28"].reason or cells["llava15_7b_dopcd28"].status == "todo"
+    assert "entries.yaml" in cells["llava15_7b_sparsevlm28"].reason
+
+
+def test_finished_cells_are_reused_not_rerun(tmp_path, monkeypatch):
+    (tmp_path / "llava15_7b").mkdir()
+    (tmp_path / "llava15_7b" / "llava15_7b_TextVQA_VAL_acc.csv").write_text("Overall\n58.2\n")
+    cells = rrun.plan_table(8, tmp_path)
+    mine = [c for c in cells if c.entry == "llava15_7b"]
+    assert [c.status for c in mine if c.dataset == "TextVQA_VAL"] == ["done"]
+    calls = []
+    monkeypatch.setattr(rrun.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert rrun.run_cells(cells, tmp_path, limit=3, gpus=1, extra=["--judge", "exact_matching"]) == 0
+    (cmd,) = calls
+    data = cmd[cmd.index("--data") + 1 : cmd.index("--work-dir")]
+    assert data == ["VQAv2_TestDev", "GQA_TestDev_Balanced", "VizWiz"]  # first 3 unfinished, TextVQA skipped
+    assert "--reuse" in cmd and cmd[-2:] == ["--judge", "exact_matching"]
+    calls.clear()
+    rrun.run_cells(cells, tmp_path, limit=None, gpus=4, extra=[])
+    assert calls[0][:2] == ["torchrun", "--nproc-per-node=4"]
+    assert "TextVQA_VAL" not in calls[0]
+
+
+def test_bad_tables(capsys):
+    assert rrun.main(["--table", "31", "--dry-run"]) == 2
+    assert "numbered 1-30" in capsys.readouterr().err
+    assert rrun.main(["--table", "3", "--dry-run"]) == 2
+    assert "efficiency" in capsys.readouterr().err
