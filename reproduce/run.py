@@ -25,7 +25,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from anywhere: the repo 
 from reproduce.tables import get_table, parse_row  # noqa: E402
 
 OTHER_TOOLS = {
-    "efficiency": "GPU latency/memory measurement (benchmarks/executor_latency.py; reproduce/efficiency.py is not written yet)",
+    "efficiency": "reproduce/efficiency.py (GPU latency, peak memory, TFLOPs per attention implementation)",
     "search_cost": "`vlmeval-dop search` (its search.json reports layer forwards; wall time on a GPU)",
     "search_setup": "data: eval_configs/models.yaml (sampling points)",
     "policy": "data: eval_configs/policies.yaml, or `vlmeval-dop search`",
