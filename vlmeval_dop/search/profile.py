@@ -100,9 +100,29 @@ def curve_policies(num_layers: int, depths: Sequence[int], visual: Sequence[int]
     }
 
 
-def _num_visual(model, input_ids: torch.Tensor) -> int:
-    ids = torch.tensor(adapter_for(model).image_token_ids(model), device=input_ids.device)
-    return int(torch.isin(input_ids, ids).sum(1).max())
+def _profile_curves(model, inputs, depths, visual, reducer, counter, base_logits, run_variant):
+    """Shared loop of both procedures: every curve policy, its divergence from `base_logits`, counted.
+
+    `run_variant(handle, policy)` returns the variant's last-position logits under the installed policy.
+    """
+    spec = ArchSpec.from_model(model)
+    L = spec.num_layers
+    B, n_tok = inputs["input_ids"].shape
+    if counter is not None:  # the unpruned run
+        counter.add(spec, [[(n_tok, n_tok)] * B] * L, n_tok)
+    ref = TopKReference.from_logits(base_logits)
+    result: dict[str, torch.Tensor] = {}
+    for curve, policies in curve_policies(L, depths, visual).items():
+        values = []
+        for policy in policies:
+            with apply_dop(model, policy, reducer=reducer if policy.n_v is not None else None) as handle:
+                with torch.no_grad():
+                    logits = run_variant(handle, policy)
+            if counter is not None:
+                counter.add(spec, handle.last_sample_layer_tokens, n_tok)
+            values.append(ref.kl_logits(logits).per_sample)
+        result[curve] = torch.stack(values, dim=1)
+    return result
 
 
 def profile_batch(
@@ -117,36 +137,22 @@ def profile_batch(
 
     Returns {"D_A": (B, len(depths)), "D_P": (B, len(depths)), "D_v": (B, len(visual))} float64.
     """
-    spec = ArchSpec.from_model(model)
-    L = spec.num_layers
     full = capture_full_run(model, inputs)
-    ref = TopKReference.from_logits(full.logits)
-    B, n_tok = inputs["input_ids"].shape
-    if counter is not None:
-        counter.add(spec, [[(n_tok, n_tok)] * B] * L, n_tok)
     model_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    reducer_cache: dict[str, Any] = {}
-    result: dict[str, torch.Tensor] = {}
-    for curve, policies in curve_policies(L, depths, visual).items():
-        values = []
-        for policy in policies:
-            eff = policy.effective()
-            prefix = min(eff.d_A, eff.d_P) if policy.n_v is None else 0
-            replay = {i: full.layer_outputs[i] for i in range(prefix)}
-            with apply_dop(model, policy, reducer=reducer if policy.n_v is not None else None) as handle:
-                with torch.no_grad():
-                    logits = handle.run_decoder(
-                        full.decoder_kwargs,
-                        inputs["input_ids"],
-                        replay=replay,
-                        model_inputs=model_inputs,
-                        reducer_cache=reducer_cache,
-                    )
-            if counter is not None:
-                counter.add(spec, handle.last_sample_layer_tokens, n_tok)
-            values.append(ref.kl_logits(logits).per_sample)
-        result[curve] = torch.stack(values, dim=1)
-    return result
+    reducer_cache: dict[str, Any] = {}  # reducer scores shared by all n_v points of this batch
+
+    def variant(handle, policy: DOPPolicy) -> torch.Tensor:
+        eff = policy.effective()
+        prefix = min(eff.d_A, eff.d_P) if policy.n_v is None else 0  # layers identical to the unpruned run
+        return handle.run_decoder(
+            full.decoder_kwargs,
+            inputs["input_ids"],
+            replay={i: full.layer_outputs[i] for i in range(prefix)},
+            model_inputs=model_inputs,
+            reducer_cache=reducer_cache,
+        )
+
+    return _profile_curves(model, inputs, depths, visual, reducer, counter, full.logits, variant)
 
 
 def profile_naive(
@@ -158,26 +164,12 @@ def profile_naive(
     counter: ProfileCounter | None = None,
 ) -> dict[str, torch.Tensor]:
     """The paper's procedure: 3I+1 independent full forwards (vision tower included), no sharing."""
-    spec = ArchSpec.from_model(model)
-    L = spec.num_layers
-    B, n_tok = inputs["input_ids"].shape
     with torch.no_grad():
         base = model(**inputs, use_cache=False).logits[:, -1]
-    if counter is not None:
-        counter.add(spec, [[(n_tok, n_tok)] * B] * L, n_tok)
-    ref = TopKReference.from_logits(base)
-    result = {}
-    for curve, policies in curve_policies(L, depths, visual).items():
-        values = []
-        for policy in policies:
-            with apply_dop(model, policy, reducer=reducer if policy.n_v is not None else None) as handle:
-                with torch.no_grad():
-                    logits = model(**inputs, use_cache=False).logits[:, -1]
-            if counter is not None:
-                counter.add(spec, handle.last_sample_layer_tokens, n_tok)
-            values.append(ref.kl_logits(logits).per_sample)
-        result[curve] = torch.stack(values, dim=1)
-    return result
+    return _profile_curves(
+        model, inputs, depths, visual, reducer, counter, base,
+        lambda handle, policy: model(**inputs, use_cache=False).logits[:, -1],
+    )
 
 
 @dataclass
