@@ -27,7 +27,8 @@ from .._compat import check_transformers_version
 from ..arch import ArchSpec
 from ..policy import DOPPolicy, PolicyError
 from ..reducers import ReductionContext, VisualTokenReducer, check_family, check_selection, get_reducer
-from ..reducers.base import ReducerError
+from ..reducers.base import KeptTokens, ReducerError, selection_indices
+from ..reducers.vision import VISION_CAPTURE_KEY, VisionRecorder
 from .cache import DOPCache
 from .families import FamilyAdapter, adapter_for
 from .token_pruner import DecoderPruneContext, DecoderTokenPruner
@@ -152,6 +153,7 @@ class DOPHandle:
         self._pending: dict[str, Any] | None = None
         self._plan: _CallPlan | None = None
         self._removers: list[Callable[[], None]] = []
+        self._vision: VisionRecorder | None = None
         self._install()
 
     # ------------------------------------------------------------------ install / remove
@@ -170,6 +172,10 @@ class DOPHandle:
                 raise RuntimeError(f"decoder layer {i} already has an instance forward (is DOP applied twice?)")
             layer.forward = self._make_layer_forward(i, layer, layer.forward)
             self._removers.append(lambda layer=layer: layer.__dict__.pop("forward", None))
+        if self.reducer is not None and self.policy.n_v is not None and getattr(self.reducer, "needs_vision_capture", False):
+            # record the vision tower's feature layer during the model's own forward (no second tower run)
+            self._vision = VisionRecorder().attach(self.model)
+            self._removers.append(self._vision.detach)
 
     def remove(self) -> None:
         """Restore the model exactly (idempotent)."""
@@ -220,6 +226,8 @@ class DOPHandle:
     def _multimodal_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._pending = {"input_ids": input_ids, "model_inputs": dict(kwargs)}
+        if self._vision is not None:
+            self._vision.clear()  # a new forward: whatever was recorded belongs to an earlier one
         return None
 
     def _decoder_pre_hook(self, module, args, kwargs):
@@ -278,6 +286,9 @@ class DOPHandle:
                         f"n_v={self.policy.n_v} exceeds the {span.num_tokens} visual tokens of image "
                         f"{span.image_index} in sample {span.batch_index}; valid: 1..{span.num_tokens}"
                     )
+            reducer_cache = pending.get("reducer_cache") if pending.get("reducer_cache") is not None else {}
+            if self._vision is not None and self._vision.recorded:
+                reducer_cache[VISION_CAPTURE_KEY] = self._vision.take(self.model, pending.get("model_inputs", {}))
             ctx = ReductionContext(
                 family=self.adapter.family,
                 model=self.model,
@@ -286,15 +297,23 @@ class DOPHandle:
                 attention_mask=pad_valid[:, past:],
                 images=spans,
                 model_inputs=pending.get("model_inputs", {}),
-                cache=pending.get("reducer_cache") if pending.get("reducer_cache") is not None else {},
+                cache=reducer_cache,
             )
             kept = self.reducer.select(ctx, self.policy.n_v)
             check_selection(self.reducer, ctx, self.policy.n_v, kept)
-            for span, idx in zip(spans, kept):
+            merged = None
+            for span, sel in zip(spans, kept):
+                idx = selection_indices(sel).to(device)
                 drop = torch.ones(span.num_tokens, dtype=torch.bool, device=device)
-                drop[idx.to(device)] = False
+                drop[idx] = False
                 dropped[span.batch_index, span.positions.to(device)] = drop
-            self.last_kept = [k.cpu() for k in kept]
+                if isinstance(sel, KeptTokens) and sel.embeds is not None:
+                    if merged is None:  # never write into the caller's / the model's tensor
+                        merged = embeds.clone()
+                    merged[span.batch_index, span.positions.to(device)[idx]] = sel.embeds.to(merged)
+            if merged is not None:
+                embeds = kwargs["inputs_embeds"] = merged
+            self.last_kept = [selection_indices(k).cpu() for k in kept]
 
         # --- RoPE positions: model's own, or renumbered as if dropped tokens had never been there
         position_ids = kwargs.get("position_ids")

@@ -8,11 +8,14 @@ from collections.abc import Callable
 
 from .base import (
     ImageSpan,
+    KeptTokens,
     ReducerError,
     ReductionContext,
+    Selection,
     VisualTokenReducer,
     check_family,
     check_selection,
+    selection_indices,
 )
 from .divprune import DivPrune
 from .uniform import UniformReducer
@@ -35,10 +38,13 @@ def get_reducer(reducer: str | VisualTokenReducer | None) -> VisualTokenReducer 
 __all__ = [
     "REDUCERS",
     "ImageSpan",
+    "KeptTokens",
     "ReducerError",
     "ReductionContext",
+    "Selection",
     "VisualTokenReducer",
     "check_family",
     "check_selection",
     "get_reducer",
+    "selection_indices",
 ]

@@ -68,26 +68,62 @@ class ReductionContext:
         return self.inputs_embeds[span.batch_index, span.positions]
 
 
+@dataclass
+class KeptTokens:
+    """A selection that also replaces the kept tokens' embeddings (token *merging* methods).
+
+    `indices`: sorted unique local indices as for a plain selection; `embeds`: (len(indices), H) decoder
+    inputs that replace the embeddings at those positions (e.g. VisionZip's merged contextual tokens,
+    re-projected by the model's own projector). The merged token sits at the position of the token it
+    was merged into, so RoPE positions stay those of real image locations.
+    """
+
+    indices: torch.Tensor
+    embeds: torch.Tensor | None = None
+
+
+Selection = torch.Tensor | KeptTokens
+
+
+def selection_indices(sel: Selection) -> torch.Tensor:
+    """The kept local indices of a plain or merging selection."""
+    return sel.indices if isinstance(sel, KeptTokens) else sel
+
+
 @runtime_checkable
 class VisualTokenReducer(Protocol):
     """Protocol every reducer implements.
 
     `families` lists the supported model families (None = all). `select` returns, for each image span
     of `ctx.images` in order, a sorted, unique LongTensor of local indices (0 .. span.num_tokens-1) of
-    length exactly `min(n_keep, span.num_tokens)`.
+    length exactly `min(n_keep, span.num_tokens)`, or a `KeptTokens` carrying those indices plus the
+    embeddings that replace them (merging methods).
+
+    Optional attribute `needs_vision_capture = True`: the executor then records the vision tower's
+    feature layer during the model's own forward (`vlmeval_dop.reducers.vision`) and hands it over in
+    `ctx.cache[VISION_CAPTURE_KEY]`, so the reducer does not run the tower a second time.
     """
 
     name: str
     families: tuple[str, ...] | None
 
-    def select(self, ctx: ReductionContext, n_keep: int) -> list[torch.Tensor]: ...
+    def select(self, ctx: ReductionContext, n_keep: int) -> list[Selection]: ...
 
 
-def check_selection(reducer: VisualTokenReducer, ctx: ReductionContext, n_keep: int, kept: list[torch.Tensor]) -> None:
-    """Validate a reducer's output (count, sortedness, uniqueness, range); raise ReducerError if wrong."""
+def check_selection(reducer: VisualTokenReducer, ctx: ReductionContext, n_keep: int, kept: list[Selection]) -> None:
+    """Validate a reducer's output (count, sortedness, uniqueness, range, merged embedding shapes);
+    raise ReducerError if wrong."""
     if len(kept) != len(ctx.images):
         raise ReducerError(f"reducer {reducer.name!r} returned {len(kept)} selections for {len(ctx.images)} images")
-    for span, idx in zip(ctx.images, kept):
+    for span, sel in zip(ctx.images, kept):
+        idx = selection_indices(sel)
+        if isinstance(sel, KeptTokens) and sel.embeds is not None:
+            want_shape = (idx.numel(), ctx.inputs_embeds.shape[-1])
+            if tuple(sel.embeds.shape) != want_shape:
+                raise ReducerError(
+                    f"reducer {reducer.name!r} returned merged embeddings of shape {tuple(sel.embeds.shape)}, "
+                    f"expected {want_shape}"
+                )
         want = min(n_keep, span.num_tokens)
         if idx.ndim != 1 or idx.numel() != want:
             raise ReducerError(f"reducer {reducer.name!r} kept {idx.numel()} tokens, expected {want}")
