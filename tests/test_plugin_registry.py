@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import re
 from pathlib import Path
 
 import pytest
@@ -75,12 +76,35 @@ def test_every_paper_entry(name, model, method, pct, policy, reducer):
     assert tf["ratio"] > pct / 100 - 0.02  # and it is the paper's budget, not a much smaller one
 
 
+def _paper_table_baseline_rows() -> set[str]:
+    """Baseline rows of the paper's comparison tables 8-13 (transcribed in reproduce/paper_tables)."""
+    import csv
+
+    rows = set()
+    for n in range(8, 14):
+        with open(REPO / "reproduce" / "paper_tables" / f"table_{n:02d}.csv") as f:
+            for r in csv.DictReader(f):
+                if r["budget"] and not re.search(r"_dop[a-z]*\d+$", r["row"]):
+                    rows.add(r["row"])
+    return rows
+
+
 def test_entry_set_is_exactly_generated_plus_explicit():
     names = set(load_entries())
     expected = {n for n, *_ in _paper_entries()} | set(PAPER)
-    expected |= {f"tiny_{f}" for f in TINY} | {f"tiny_{f}_dop" for f in TINY}
-    expected |= {"tiny_qwen25vl_dopr", "tiny_internvl3_dopr", "tiny_llava15_fastv", "tiny_llava15_divprune"}
-    assert names == expected
+    baselines = {n for n in names if load_entries()[n].source == "paper" and n not in expected}
+    # every baseline cell of the paper's Tables 8-13 has its entry ...
+    assert _paper_table_baseline_rows() <= baselines
+    # ... and every generated baseline entry is a (model, method) the paper reports, at one of its budgets
+    reported = {parse_entry_name(r)[:2] for r in _paper_table_baseline_rows()}
+    for n in baselines:
+        model, method, budget = parse_entry_name(n)
+        assert (model, method) in reported, n
+        assert round(100 * budget) in PAPER[model], n
+    tiny = {f"tiny_{f}" for f in TINY} | {f"tiny_{f}_dop" for f in TINY}
+    tiny |= {"tiny_qwen25vl_dopr", "tiny_internvl3_dopr", "tiny_llava15_fastv", "tiny_llava15_divprune"}
+    assert {n for n in names if not n.startswith("tiny_")} == expected | baselines
+    assert tiny <= {n for n in names if n.startswith("tiny_")}
     for model in PAPER:  # the bare name is the unpruned model
         e = get_entry(model)
         assert e.policy is None and e.method == "full" and e.tflops()["ratio"] == pytest.approx(1.0)
@@ -90,12 +114,16 @@ def test_entry_set_is_exactly_generated_plus_explicit():
 def test_runnable_follows_the_reducer_registry():
     from vlmeval_dop.reducers import REDUCERS
 
+    from vlmeval_dop.baselines import BASELINES
+
     for e in load_entries().values():
-        needs_registry = e.reducer not in (None, "resize")
-        assert e.runnable == (not needs_registry or e.reducer in REDUCERS), e.name
+        reducer_ok = e.reducer in (None, "resize") or e.reducer in REDUCERS
+        baseline_ok = e.baseline is None or e.baseline in BASELINES
+        assert e.runnable == (reducer_ok and baseline_ok), e.name
         if not e.runnable:
             reason = e.unavailable_reason()
-            assert repr(e.reducer) in reason and "not registered" in reason
+            missing = e.reducer if not reducer_ok else e.baseline
+            assert repr(missing) in reason and "not registered" in reason
     # the tiny entries use the uniform reducer (always registered) or resize, so the demo always runs
     for f in TINY:
         assert runnable_entry(f"tiny_{f}_dop").reducer == "uniform"
@@ -165,3 +193,24 @@ def test_load_entry_export_is_lazy():
         "assert load_entry is f and 'vlmeval' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_paper_baselines_are_matched_in_tflops():
+    """Reducer baselines keep the label's uniform n_e; decoder-side ones get the largest free argument whose
+    FLOPs (computed here from the per-layer counts, by brute force over all values) stay within n_e."""
+    from vlmeval_dop.baselines.fastv import fastv_layer_tokens
+    from vlmeval_dop.flops import schedule_flops
+    from vlmeval_dop.models_config import load_models
+
+    pm = load_models()["llava15_7b"]
+    e = get_entry("llava15_7b_vispruner28")
+    assert e.policy == DOPPolicy(32, 32, 64) and e.reducer == "vispruner"
+    assert get_entry("qwen25vl_7b_resize26").policy == DOPPolicy(28, 28, 256)
+    spec, text = pm.arch, pm.text_tokens
+    for pct, n_e in ((37, 128), (28, 64)):
+        target = schedule_flops(spec, [(text + n_e,) * 2] * 32)
+        ok = [k for k in range(577) if schedule_flops(spec, fastv_layer_tokens(32, 2, 576, k, text)) <= target]
+        assert get_entry(f"llava15_7b_fastv{pct}").baseline_args == {"k": 2, "keep": max(ok)}
+    # two full layers of 576 tokens already cost more than 32 tokens everywhere: no FastV cell at 23 %
+    with pytest.raises(EntryError, match="cannot meet the TFLOPs of 32 visual tokens"):
+        get_entry("llava15_7b_fastv23")

@@ -6,7 +6,10 @@ Generated from data (eval_configs/entries.yaml + models.yaml + policies.yaml), n
 - `{model}_{method}{budget %}` for every paper budget of that model and every DOP variant the paper
   evaluates on it (LLaVA: dopv, dopcd; Qwen2.5-VL / InternVL3: dopr), with the paper's policy;
 - `{model}_dop{budget %}`: the paper's headline variant of that family (DOP_CD for LLaVA, DOP_R else);
-- explicit one-line entries (tiny test/demo entries, later baselines).
+- `{model}_{baseline}{budget %}` for every baseline the paper reports on that model, at the same budgets,
+  matched in TFLOPs as eval_configs/baselines.yaml says (reducers keep n_e tokens; decoder-side methods
+  get their free argument solved against the analytic FLOPs);
+- explicit one-line entries (tiny test/demo entries).
 
 An entry is *runnable* when everything it needs is registered: its reducer in
 `vlmeval_dop.reducers.REDUCERS` (or `resize`, which the wrappers do on the image), its baseline in
@@ -31,6 +34,8 @@ from .models_config import CONFIG_DIR, load_models, load_paper_policies
 from .policy import DOPPolicy
 
 ENTRIES_FILE = "entries.yaml"
+BASELINES_FILE = "baselines.yaml"
+_BASELINE_KEYS = {"reducer", "baseline", "args", "solve", "solve_range", "budget_arg"}
 IMAGE_SIDE_REDUCERS = ("resize",)  # done by the wrappers before the processor (see models/base.py)
 RESIZE_WRAPPERS = ("qwen2_5_vl", "internvl")  # families whose wrapper implements `resize` (DOP_R)
 _ENTRY_KEYS = {"model", "method", "budget", "policy", "reducer", "baseline", "baseline_args", "args"}
@@ -265,6 +270,9 @@ def load_entries(config_dir: Path | None = None) -> dict[str, Entry]:
                     reducer=methods[method]["reducer"], source="paper",
                 ))
 
+    for entry in _paper_baseline_entries(cfg_dir, models, paper_models):
+        add(entry)
+
     for name, d in (raw.get("entries") or {}).items():
         d = _check_keys(f"entries.{name}", d, _ENTRY_KEYS)
         if d.get("model") not in models:
@@ -282,6 +290,87 @@ def load_entries(config_dir: Path | None = None) -> dict[str, Entry]:
     return entries
 
 
+# `{model}_{baseline}{budget}` names that baselines.yaml would generate but whose method cannot meet that
+# budget (the paper has no such cell either); get_entry explains instead of "unknown entry".
+INFEASIBLE_BASELINES: dict[str, str] = {}
+
+
+def _paper_baseline_entries(cfg_dir: Path, models: dict[str, ModelSpec], paper_models: dict) -> list[Entry]:
+    """Entries of eval_configs/baselines.yaml: every paper baseline at every budget of its model."""
+    path = cfg_dir / BASELINES_FILE
+    if not path.exists():
+        return []
+    raw = _check_keys(str(path), yaml.safe_load(path.read_text()) or {}, {"baselines", "paper"})
+    methods = {n: _check_keys(f"baselines.{n}", d, _BASELINE_KEYS) for n, d in (raw.get("baselines") or {}).items()}
+    out = []
+    for model_name, names in (raw.get("paper") or {}).items():
+        if model_name not in paper_models or model_name not in models:
+            raise EntryError(f"{path.name}: paper.{model_name} is not a paper model; valid: {', '.join(paper_models)}")
+        pm, spec = paper_models[model_name], models[model_name]
+        for name in names:
+            if name not in methods:
+                raise EntryError(f"{path.name}: paper.{model_name} names baseline {name!r}; valid: {', '.join(methods)}")
+            m = methods[name]
+            for budget, n_e in sorted(pm.budgets.items(), reverse=True):
+                entry_name = f"{model_name}_{name}{budget_label(budget)}"
+                if m.get("reducer"):
+                    L = pm.arch.num_layers
+                    out.append(Entry(entry_name, spec, name, budget=budget, policy=DOPPolicy(L, L, n_e),
+                                     reducer=m["reducer"], source="paper"))  # fmt: skip
+                    continue
+                args = dict(m.get("args") or {})
+                if m.get("budget_arg"):
+                    args[m["budget_arg"]] = budget
+                if m.get("solve"):
+                    try:
+                        args = _solve_baseline_args(m["baseline"], pm, n_e, args, m["solve"], m.get("solve_range"))
+                    except EntryError as exc:  # e.g. FastV (K=2) at 23%: two full layers exceed the budget
+                        INFEASIBLE_BASELINES[entry_name] = str(exc)
+                        continue
+                out.append(Entry(entry_name, spec, name, budget=budget, baseline=m["baseline"],
+                                 baseline_args=args, source="paper"))  # fmt: skip
+    return out
+
+
+def _solve_baseline_args(baseline: str, pm, n_e: int, args: dict, solve: str, bounds) -> dict:
+    """Set `args[solve]` to the largest value whose analytic FLOPs stay within n_e tokens in every layer.
+
+    Needs the registered pruner class's `layer_tokens(num_layers, n_visual, text_tokens, **args)`; an
+    unregistered baseline keeps its arguments unsolved (the entry is listed as not runnable anyway).
+    """
+    from .flops import schedule_flops
+
+    classes = getattr(importlib.import_module("vlmeval_dop.baselines"), "DECODER_PRUNERS", {})
+    cls = classes.get(baseline)
+    if cls is None or not hasattr(cls, "layer_tokens"):
+        return args
+    spec, L, N, text = pm.arch, pm.arch.num_layers, pm.arch.visual_tokens, pm.text_tokens
+    target = schedule_flops(spec, [(text + n_e, text + n_e)] * L)
+    lo, hi = [N if b == "n_visual" else b for b in (bounds or [0, "n_visual"])]
+
+    def cost(value) -> float:
+        return schedule_flops(spec, cls.layer_tokens(L, N, text, **{**args, solve: value}))
+
+    integer = isinstance(lo, int) and isinstance(hi, int)
+    if cost(lo) > target:
+        raise EntryError(
+            f"{baseline}{args} cannot meet the TFLOPs of {n_e} visual tokens in every layer on {pm.name} "
+            f"for any {solve} in [{lo}, {hi}]"
+        )
+    while (hi - lo > 1) if integer else (hi - lo > 1e-4):  # cost is monotone in the kept amount
+        mid = (lo + hi) // 2 if integer else (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid)
+    best = hi if cost(hi) <= target else lo
+    extra = {"n_visual": N} if "n_visual" in _init_params(cls) else {}
+    return {**args, **extra, solve: best if integer else round(best, 4)}
+
+
+def _init_params(cls) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters)
+
+
 # ---------------------------------------------------------------------------------------------- lookup
 def _unknown(name: str, valid: list[str], what: str = "entry") -> EntryError:
     close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
@@ -293,6 +382,8 @@ def get_entry(name: str, config_dir: Path | None = None) -> Entry:
     """The entry called `name`; unknown names raise EntryError naming the closest entries."""
     entries = load_entries(config_dir)
     if name not in entries:
+        if name in INFEASIBLE_BASELINES:
+            raise EntryError(f"entry {name!r} does not exist: {INFEASIBLE_BASELINES[name]}")
         raise _unknown(name, list(entries))
     return entries[name]
 

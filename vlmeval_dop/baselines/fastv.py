@@ -63,6 +63,11 @@ class FastV(AttentionRankPruner):
         self.k, self.keep = k, keep
         super().__init__({k - 1: keep})
 
+    @staticmethod
+    def layer_tokens(num_layers: int, n_visual: int, text_tokens: int, k: int = 2, keep: int = 288) -> list[tuple[int, int]]:
+        """Per-layer (n_A, n_P) for the analytic TFLOPs (used to match baselines to a budget)."""
+        return fastv_layer_tokens(num_layers, k, n_visual, keep, text_tokens)
+
 
 def fastv_selection_flops(spec, n_tokens: int) -> float:
     """FLOPs of recomputing the last token's attention row over `n_tokens` keys (our selection overhead).

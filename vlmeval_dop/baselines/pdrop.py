@@ -42,6 +42,13 @@ class PDrop(AttentionRankPruner):
         self.boundaries, self.n_visual, self.ratio = list(boundaries), n_visual, ratio
         super().__init__(pdrop_schedule(self.boundaries, n_visual, ratio))
 
+    @staticmethod
+    def layer_tokens(
+        num_layers: int, n_visual: int, text_tokens: int, boundaries: list[int] = (8, 16, 24), ratio: float = 0.5
+    ) -> list[tuple[int, int]]:
+        """Per-layer (n_A, n_P) for the analytic TFLOPs (used to match baselines to a budget)."""
+        return pdrop_layer_tokens(num_layers, list(boundaries), n_visual, ratio, text_tokens)
+
 
 def pdrop_layer_tokens(num_layers: int, boundaries: list[int], n_visual: int, ratio: float, text_tokens: int):
     """Per-layer (n_A, n_P) of PDrop for the analytic FLOPs model."""
