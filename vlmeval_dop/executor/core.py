@@ -28,7 +28,7 @@ from ..arch import ArchSpec
 from ..policy import DOPPolicy, PolicyError
 from ..reducers import ReductionContext, VisualTokenReducer, check_family, check_selection, get_reducer
 from ..reducers.base import KeptTokens, ReducerError, selection_indices
-from ..reducers.vision import VISION_CAPTURE_KEY, VisionRecorder
+from ..reducers.vision import CLIP_FAMILIES, VISION_CAPTURE_KEY, VisionRecorder
 from .cache import DOPCache
 from .families import FamilyAdapter, adapter_for
 from .token_pruner import DecoderPruneContext, DecoderTokenPruner
@@ -172,7 +172,12 @@ class DOPHandle:
                 raise RuntimeError(f"decoder layer {i} already has an instance forward (is DOP applied twice?)")
             layer.forward = self._make_layer_forward(i, layer, layer.forward)
             self._removers.append(lambda layer=layer: layer.__dict__.pop("forward", None))
-        if self.reducer is not None and self.policy.n_v is not None and getattr(self.reducer, "needs_vision_capture", False):
+        if (
+            self.reducer is not None
+            and self.policy.n_v is not None
+            and getattr(self.reducer, "needs_vision_capture", False)
+            and self.adapter.family in CLIP_FAMILIES  # the recorder reads CLIP towers; others compute their own
+        ):
             # record the vision tower's feature layer during the model's own forward (no second tower run)
             self._vision = VisionRecorder().attach(self.model)
             self._removers.append(self._vision.detach)
@@ -408,7 +413,13 @@ class DOPHandle:
         return forward
 
     def _run_token_pruner(self, i, layer, plan: _CallPlan, hidden_in, hidden_out, kwargs) -> None:
-        """Let the decoder-side pruner drop tokens from layers i+1.. (prefill only)."""
+        """Let the decoder-side pruner drop tokens from layers i+1.. (prefill only).
+
+        A `PruneDecision` may also overwrite surviving tokens' hidden states: written in place into
+        `hidden_out`, the tensor layer i returns (a fresh tensor of this call), so layer i+1 reads them.
+        """
+        from .token_pruner import PruneDecision  # local: the module-level imports belong to others
+
         attn = plan.attn[i]
         took_part = torch.zeros_like(plan.alive)
         took_part.scatter_(1, attn.index, attn.valid)
@@ -423,7 +434,38 @@ class DOPHandle:
             position_embeddings=plan.position_embeddings or kwargs.get("position_embeddings"),
             model=self.model,
         )
-        drop = self.token_pruner.select(ctx)
+        result = self.token_pruner.select(ctx)
+        if result is None:
+            return
+        if isinstance(result, PruneDecision):
+            drop, upd, values = result.drop, result.update_mask, result.update_values
+        elif isinstance(result, torch.Tensor):
+            drop, upd, values = result, None, None
+        else:
+            raise TypeError(
+                f"token pruner {self.token_pruner.name!r} returned {type(result).__name__}; "
+                "valid: None, a (B, N) bool tensor or a PruneDecision"
+            )
+        shape = tuple(plan.alive.shape)
+        for what, mask in (("drop", drop), ("update_mask", upd)):
+            if mask is not None and (tuple(mask.shape) != shape or mask.dtype != torch.bool):
+                raise ValueError(f"token pruner {self.token_pruner.name!r}: {what} must be a {shape} bool tensor")
+        if upd is not None and bool(upd.any()):
+            upd = upd.to(plan.alive.device)
+            stays = took_part & (~drop.to(upd.device) if drop is not None else True)
+            if bool((upd & ~stays).any()):
+                raise ValueError(
+                    f"token pruner {self.token_pruner.name!r} overwrites tokens that leave the later layers; "
+                    "valid: tokens that took part in this layer and are not dropped"
+                )
+            count = int(upd.sum())
+            if values is None or tuple(values.shape) != (count, hidden_out.shape[-1]):
+                got = None if values is None else tuple(values.shape)
+                raise ValueError(f"update_values must have shape {(count, hidden_out.shape[-1])}, got {got}")
+            if plan.replay is not None and i in plan.replay:
+                raise ValueError(f"layer {i} is replayed from a cached run; its output cannot be overwritten")
+            b, n = torch.nonzero(upd, as_tuple=True)
+            hidden_out[b, n] = values.to(device=hidden_out.device, dtype=hidden_out.dtype)
         if drop is None:
             return
         plan.alive = plan.alive & ~drop.to(plan.alive.device)

@@ -1,0 +1,112 @@
+"""Reducer cost as a fraction of the pruned 7B prefill it enables, on CPU, measured in one run.
+
+Inputs are random tensors of the real sizes: LLaVA-1.5 one crop of 576 patches -> 64 kept; LLaVA-NeXT
+(672x672) 5 crops x 576 = 2880 patches (+48 row newlines in the span) -> 320 kept. LLM-input features
+are 4096-d (7B width), CLIP feature-layer features 1024-d, CLIP joint-space embeddings 768-d. The prefill
+reference is a random-weight LLaMA decoder of the 7B width (4096 / 11008 / 32 heads) with `--layers`
+layers on the pruned sequence (n_v + `--text-tokens` tokens), timed and scaled to 32 layers.
+
+Timed per reducer (selection only, features given): cdpruner (relevance + kernel + DPP; LLaVA-NeXT per crop
+as the official code, and a single 2880 -> 320 DPP for reference), its CLIP text tower (random weights of
+CLIP ViT-L/14's text tower on one 77-token segment), vispruner and divprune when registered, uniform.
+Not timed: the extra vision-tower pass CDPruner(capture=False) makes for LLaVA (see cdpruner.py).
+
+    python benchmarks/reducer_cost.py                 # ~1-2 min on 2 cores
+    python benchmarks/reducer_cost.py --layers 1 --repeats 1
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def prefill_seconds(tokens: int, layers: int, repeats: int) -> float:
+    """Seconds of a 32-layer 7B-width prefill of `tokens` tokens, from `layers` timed layers."""
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=layers, vocab_size=32, attn_implementation="sdpa")  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model = model.to_empty(device="cpu").eval()
+    for p in model.parameters():  # cheap non-degenerate weights (init of 400M params is slow)
+        p.data.normal_(0, 0.02)
+    x = torch.randn(1, tokens, 4096)
+    with torch.no_grad():
+        t = timed(lambda: model(inputs_embeds=x, use_cache=False), repeats)
+    return t * 32 / layers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers timed (scaled to 32)")
+    ap.add_argument("--text-tokens", type=int, default=135, help="non-visual tokens of the prompt")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from vlmeval_dop.reducers import REDUCERS
+    from vlmeval_dop.reducers.cdpruner import cdpruner_select, crop_quotas, relevance_scores
+    from vlmeval_dop.reducers.divprune import divprune_select
+    from vlmeval_dop.reducers.uniform import uniform_indices
+
+    text_cfg = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                              projection_dim=768, max_position_embeddings=77)  # fmt: skip
+    clip_text = CLIPTextModelWithProjection(text_cfg).eval()
+    ids = torch.randint(0, 49000, (1, 77))
+    with torch.no_grad():
+        t_clip = timed(lambda: clip_text(input_ids=ids), args.repeats)
+
+    print(f"torch threads: {torch.get_num_threads()}; prefill = 7B width, {args.layers} layers timed x {32 / args.layers:g}")
+    print(f"{'setting':<34}{'reducer':<28}{'reducer ms':>12}{'prefill ms':>12}{'ratio':>9}")
+    for name, crops, n_keep, newlines in (("LLaVA-1.5 576->64", 1, 64, 0), ("LLaVA-NeXT 2880->320", 5, 320, 48)):
+        P = 576
+        feats = torch.randn(crops, P, 4096)
+        clip_feats = torch.randn(crops, P, 1024)
+        img_emb = torch.randn(crops, P, 768)
+        txt_emb = torch.randn(1, 768)
+        cls_attn = torch.softmax(torch.randn(crops, P), dim=-1)
+        quotas = crop_quotas([P] * crops, n_keep)
+
+        def cd_per_crop():
+            r = relevance_scores(img_emb, txt_emb)  # jointly over the image's crops
+            return [cdpruner_select(feats[c], r[c], q) for c, q in enumerate(quotas)]
+
+        def cd_single():
+            return cdpruner_select(feats.reshape(-1, 4096), relevance_scores(img_emb, txt_emb).flatten(), n_keep)
+
+        rows = [("cdpruner (DPP per crop)", cd_per_crop)]
+        if crops > 1:
+            rows.append(("cdpruner (one DPP 2880)", cd_single))
+        rows.append(("cdpruner CLIP text tower", None))
+        if "vispruner" in REDUCERS:
+            from vlmeval_dop.reducers.vispruner import vispruner_select
+
+            rows.append(("vispruner (per crop)",
+                         lambda: [vispruner_select(cls_attn[c], clip_feats[c], q) for c, q in enumerate(quotas)]))
+        span = torch.cat([feats.reshape(-1, 4096), torch.randn(newlines, 4096)])
+        rows.append(("divprune (whole span)", lambda: divprune_select(span, n_keep)))
+        rows.append(("uniform", lambda: uniform_indices(span.shape[0], n_keep)))
+        prefill = prefill_seconds(n_keep + args.text_tokens, args.layers, args.repeats)
+        for label, fn in rows:
+            t = t_clip if fn is None else timed(fn, args.repeats)
+            print(f"{name:<34}{label:<28}{t * 1e3:>12.1f}{prefill * 1e3:>12.0f}{t / prefill:>9.2%}")
+
+
+if __name__ == "__main__":
+    main()
