@@ -119,8 +119,11 @@ def test_runnable_follows_the_reducer_registry():
     for e in load_entries().values():
         reducer_ok = e.reducer in (None, "resize") or e.reducer in REDUCERS
         baseline_ok = e.baseline is None or e.baseline in BASELINES
-        assert e.runnable == (reducer_ok and baseline_ok), e.name
-        if not e.runnable:
+        file_ok = e.required_file is None or Path(e.required_file).exists()
+        assert e.runnable == (reducer_ok and baseline_ok and file_ok), e.name
+        if not file_ok and reducer_ok and baseline_ok:
+            assert "vlmeval-dop fitprune" in e.unavailable_reason()
+        elif not e.runnable:
             reason = e.unavailable_reason()
             missing = e.reducer if not reducer_ok else e.baseline
             assert repr(missing) in reason and "not registered" in reason

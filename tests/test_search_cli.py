@@ -49,3 +49,36 @@ def test_search_cli_refuses_pruned_entry(tmp_path, lmu, capsys):
 
     assert main(["search", "--model", "tiny_llava15_dop", "--data", "DOP_Demo", "--out-dir", str(tmp_path)]) == 2
     assert "unpruned model entry" in capsys.readouterr().err
+
+
+def test_fitprune_cli_writes_the_schedule_an_entry_needs(tmp_path, lmu, monkeypatch, capsys):
+    """`vlmeval-dop fitprune` fits on validation samples, writes the entry's schedule file atomically, and
+    a rerun keeps the finished file."""
+    from vlmeval_dop import registry
+    from vlmeval_dop.arch import ArchSpec
+    from vlmeval_dop.baselines.fitprune import FitPruneSchedule
+    from vlmeval_dop.cli import main
+    from vlmeval_dop.flops import schedule_flops
+    from vlmeval_dop.tiny import load_tiny
+
+    real = dict(registry.load_entries())
+    target = tmp_path / "fitprune" / "tiny_llava15_80.yaml"
+    entry = registry.Entry(
+        "tiny_llava15_fitprune80", real["tiny_llava15"].model, "fitprune", budget=0.8, baseline="fitprune",
+        baseline_args={"budget": 0.8, "schedule": str(target)}, source="paper", required_file=str(target),
+    )
+    assert "vlmeval-dop fitprune --model tiny_llava15 --budget 0.8" in entry.unavailable_reason()
+    monkeypatch.setattr(registry, "load_entries", lambda config_dir=None: {**real, entry.name: entry})
+
+    argv = ["fitprune", "--model", "tiny_llava15", "--data", "DOP_Demo", "--samples", "3", "--seed", "1"]
+    assert main(argv) == 0
+    assert str(target) in capsys.readouterr().out
+    assert entry.runnable
+    schedule = FitPruneSchedule.load(target)
+    assert schedule.budget == 0.8 and schedule.n_samples == 3
+    spec = ArchSpec.from_model(load_tiny("llava15")[0])
+    full = schedule_flops(spec, [(schedule.n_visual + schedule.text_tokens,) * 2] * spec.num_layers)
+    assert schedule_flops(spec, schedule.layer_tokens(schedule.text_tokens)) <= 0.8 * full
+    stamp = target.stat().st_mtime_ns
+    assert main(argv) == 0 and target.stat().st_mtime_ns == stamp  # finished work is not redone
+    assert main(["fitprune", "--model", "tiny_llava15_dop", "--data", "DOP_Demo"]) == 2  # not unpruned / no entries

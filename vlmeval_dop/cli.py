@@ -127,6 +127,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fitprune(args: argparse.Namespace) -> int:
+    from .search.run import run_fitprune
+
+    paths = run_fitprune(args.model, args.data, args.budget, args.samples, args.seed, force=args.force, device=args.device)
+    for budget, path in paths.items():
+        print(f"budget {budget}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmeval-dop", description="Depth-wise Operation Pruning (DOP) for multimodal LLMs"
@@ -161,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("fitprune", help="fit FitPrune's per-layer schedules on validation samples (for the fitprune entries)")
+    p.add_argument("--model", required=True, help="paper model with FitPrune entries (eval_configs/baselines.yaml), e.g. llava15_7b")
+    p.add_argument("--budget", type=float, action="append", help="TFLOPs fraction (repeatable); default: every FitPrune entry of the model")
+    p.add_argument("--data", required=True, help="VLMEvalKit dataset name (or the basename of $LMUData/<name>.tsv)")
+    p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--force", action="store_true", help="refit and overwrite existing schedules")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_fitprune)
 
     p = sub.add_parser("demo", help="offline: build tiny random-weight models and run DOP-pruned generate for each family")
     p.add_argument("--family", action="append", help="tiny family (repeatable); default: all")

@@ -35,7 +35,7 @@ from .policy import DOPPolicy
 
 ENTRIES_FILE = "entries.yaml"
 BASELINES_FILE = "baselines.yaml"
-_BASELINE_KEYS = {"reducer", "baseline", "args", "solve", "solve_range", "budget_arg"}
+_BASELINE_KEYS = {"reducer", "baseline", "args", "solve", "solve_range", "solve_fallback", "budget_arg", "schedule_file"}
 IMAGE_SIDE_REDUCERS = ("resize",)  # done by the wrappers before the processor (see models/base.py)
 RESIZE_WRAPPERS = ("qwen2_5_vl", "internvl")  # families whose wrapper implements `resize` (DOP_R)
 _ENTRY_KEYS = {"model", "method", "budget", "policy", "reducer", "baseline", "baseline_args", "args"}
@@ -92,6 +92,7 @@ class Entry:
     baseline_args: dict[str, Any] = field(default_factory=dict)
     args: dict[str, Any] = field(default_factory=dict)
     source: str = "entries.yaml"
+    required_file: str | None = None  # a file fitted offline that the entry needs (FitPrune's schedule)
 
     # ------------------------------------------------------------------ availability
     def missing(self) -> tuple[str, str] | None:
@@ -103,6 +104,8 @@ class Entry:
                 return "reducer", self.reducer
         if self.baseline is not None and self.baseline not in _baselines():
             return "baseline", self.baseline
+        if self.required_file is not None and not Path(self.required_file).exists():
+            return "file", self.required_file
         return None
 
     def unavailable_reason(self) -> str | None:
@@ -111,6 +114,11 @@ class Entry:
         if missing is None:
             return None
         kind, name = missing
+        if kind == "file":
+            return (
+                f"the fitted schedule {name} does not exist yet: fit it with `vlmeval-dop fitprune --model "
+                f"{self.model.name} --budget {self.budget} --data <validation dataset>`"
+            )
         return f"{kind} {name!r} is not registered yet ({_registered(kind)})"
 
     @property
@@ -322,13 +330,25 @@ def _paper_baseline_entries(cfg_dir: Path, models: dict[str, ModelSpec], paper_m
                 if m.get("budget_arg"):
                     args[m["budget_arg"]] = budget
                 if m.get("solve"):
-                    try:
-                        args = _solve_baseline_args(m["baseline"], pm, n_e, args, m["solve"], m.get("solve_range"))
-                    except EntryError as exc:  # e.g. FastV (K=2) at 23%: two full layers exceed the budget
-                        INFEASIBLE_BASELINES[entry_name] = str(exc)
+                    solved = None
+                    for extra in [{}] + list(m.get("solve_fallback") or []):  # e.g. DART: K=2, else K=1
+                        try:
+                            solved = _solve_baseline_args(
+                                m["baseline"], pm, n_e, {**args, **extra}, m["solve"], m.get("solve_range")
+                            )
+                            break
+                        except EntryError as exc:  # e.g. FastV (K=2) at 23%: two full layers exceed it
+                            INFEASIBLE_BASELINES[entry_name] = str(exc)
+                    if solved is None:
                         continue
+                    INFEASIBLE_BASELINES.pop(entry_name, None)
+                    args = solved
+                required = None
+                if m.get("schedule_file"):  # fitted offline (FitPrune): the entry runs once the file exists
+                    required = str(cfg_dir / m["schedule_file"].format(model=model_name, budget=budget_label(budget)))
+                    args["schedule"] = required
                 out.append(Entry(entry_name, spec, name, budget=budget, baseline=m["baseline"],
-                                 baseline_args=args, source="paper"))  # fmt: skip
+                                 baseline_args=args, source="paper", required_file=required))  # fmt: skip
     return out
 
 
@@ -457,7 +477,12 @@ def format_table(entries: list[Entry] | None = None) -> str:
             if abs(r["executed_ratio"] - r["ratio"]) > 1e-9:
                 tf += f" (exec {100 * r['executed_ratio']:.1f})"
         missing = e.missing()
-        status = "runnable" if missing is None else f"NOT RUNNABLE: needs {missing[0]} {missing[1]!r}"
+        if missing is None:
+            status = "runnable"
+        elif missing[0] == "file":
+            status = f"NOT RUNNABLE: needs fitted file {Path(missing[1]).name}"
+        else:
+            status = f"NOT RUNNABLE: needs {missing[0]} {missing[1]!r}"
         budget = "-" if e.budget is None else f"{budget_label(e.budget)}%"
         rows.append((e.name, e.model.name, e.method, budget, e.describe_policy(), tf, status))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -465,7 +490,10 @@ def format_table(entries: list[Entry] | None = None) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
     kinds = sorted({m[0] for m in (e.missing() for e in entries) if m})
     for kind in kinds:
-        lines.append(f"NOT RUNNABLE: the {kind} is not registered yet ({_registered(kind)}); run.py refuses these.")
+        if kind == "file":
+            lines.append("NOT RUNNABLE: fitted files (FitPrune schedules) are made by `vlmeval-dop fitprune`.")
+        else:
+            lines.append(f"NOT RUNNABLE: the {kind} is not registered yet ({_registered(kind)}); run.py refuses these.")
     return "\n".join(lines)
 
 

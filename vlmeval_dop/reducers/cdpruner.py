@@ -52,7 +52,6 @@ the tower itself (`vision.vision_capture` fallback), e.g. when called outside th
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -60,9 +59,9 @@ import torch
 
 from .base import ImageSpan, ReducerError, ReductionContext
 from .dpp import dpp_greedy_map
+from .instruction import InstructionText, instruction_ids
 
 _CLIP_FAMILIES = ("llava", "llava_next")
-_ASSISTANT_SUFFIX = re.compile(r"\s*ASSISTANT:\s*$")
 
 
 def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -159,41 +158,18 @@ class CDPruner:
         capture: bool = True,
     ) -> None:
         self.clip_model = clip_model
-        self.tokenizer = tokenizer
-        self.text_fn = text_fn
+        self._text = InstructionText(tokenizer, text_fn, who="CDPruner")
         self.theta = theta
         self.needs_vision_capture = capture
 
     # ------------------------------------------------------------------ text
-    def _tokenizer(self, model) -> Any:
-        if self.tokenizer is None:
-            from transformers import AutoTokenizer
-
-            src = getattr(model, "name_or_path", None)
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(src)
-            except (OSError, ValueError, TypeError) as exc:
-                raise ReducerError(
-                    f"CDPruner decodes the instruction with the model's tokenizer but could not load it from "
-                    f"{src!r}: {exc}; pass CDPruner(tokenizer=...)"
-                ) from exc
-        return self.tokenizer
-
     def instruction_ids(self, ctx: ReductionContext, span: ImageSpan) -> torch.Tensor:
         """Token ids of the sample after its last image span, up to its last real token."""
-        b = span.batch_index
-        last_end = max(int(s.positions[-1]) for s in ctx.images if s.batch_index == b) + 1
-        ids = ctx.input_ids[b, last_end:]
-        if ctx.attention_mask is not None:
-            ids = ids[ctx.attention_mask[b, last_end:].bool().to(ids.device)]
-        return ids
+        return instruction_ids(ctx, span)
 
     def instruction_text(self, ctx: ReductionContext, span: ImageSpan) -> str:
-        """The instruction text for `span` (LLaVA families), see the module docstring."""
-        if self.text_fn is not None:
-            return self.text_fn(ctx, span)
-        text = self._tokenizer(ctx.model).decode(self.instruction_ids(ctx, span).tolist(), skip_special_tokens=True)
-        return _ASSISTANT_SUFFIX.sub("", text).strip()
+        """The instruction text for `span` (LLaVA families), see vlmeval_dop.reducers.instruction."""
+        return self._text(ctx, span)
 
     def qwen_instruction_ids(self, ctx: ReductionContext, span: ImageSpan) -> torch.Tensor:
         """Qwen2.5-VL instruction tokens: after the image (vision_end skipped) up to the end of the user turn."""

@@ -40,6 +40,69 @@ def _scaled_points(L: int, n_v: int) -> tuple[list[int], list[int]]:
     return [d for d in depths if d < L], [n for n in visual if n < n_v]
 
 
+def validation_items(entry: str, data: str, samples: int, seed: int, device: str | None = None):
+    """`samples` random rows (seed) of dataset `data` as model inputs built by `entry`'s wrapper.
+
+    The unpruned entry's VLMEvalKit wrapper builds each prompt (its own custom prompt where it has one,
+    else the dataset's) and processor inputs exactly as evaluation does. Returns (entry, loaded model,
+    VLMEvalKit dataset name, [([row index], inputs), ...]).
+    """
+    from ..registry import get_entry, load_entry
+
+    e = get_entry(entry)
+    if e.policy is not None or e.baseline is not None:
+        raise PolicyError(f"this runs on an unpruned model entry (e.g. {e.model.name!r}), not on {entry!r}")
+    wrapper = load_entry(entry, **({"device": device} if device else {}))
+    wrapper.load()
+
+    from vlmeval.dataset import build_dataset
+
+    dataset = build_dataset(data)
+    if dataset is None:
+        raise ValueError(f"dataset {data!r} could not be built by VLMEvalKit (name or $LMUData/{data}.tsv)")
+    rows = dataset.data.sample(n=min(samples, len(dataset.data)), random_state=seed)
+
+    def message_of(row):
+        if wrapper.use_custom_prompt(dataset.dataset_name):
+            return wrapper.build_prompt(row, dataset.dataset_name)
+        return dataset.build_prompt(row)
+
+    items = [([str(row["index"])], wrapper.build_inputs(message_of(row), dataset.dataset_name).to(wrapper.device))
+             for _, row in rows.iterrows()]
+    return e, wrapper.model, dataset.dataset_name, items
+
+
+def run_fitprune(entry: str, data: str, budgets: list[float] | None, samples: int, seed: int, *,
+                 force: bool = False, device: str | None = None) -> dict[str, str]:
+    """Fit FitPrune's schedule for each budget on validation samples and write the files the
+    `{model}_fitprune{budget}` entries read (eval_configs/baselines.yaml `schedule_file`).
+
+    A schedule that exists is kept (finished work is never overwritten) unless `force`. Returns
+    {budget: path}.
+    """
+    from ..baselines.fitprune import fit_fitprune_schedule
+    from ..registry import load_entries
+
+    todo = {}
+    for cand in load_entries().values():
+        if cand.baseline == "fitprune" and cand.required_file and cand.model.name == entry:
+            if budgets is None or any(abs(cand.budget - b) < 1e-9 for b in budgets):
+                todo[cand.budget] = Path(cand.required_file)
+    if not todo:
+        raise ValueError(f"no FitPrune entries for model {entry!r} at budgets {budgets} (eval_configs/baselines.yaml)")
+    pending = {b: p for b, p in todo.items() if force or not p.exists()}
+    if pending:
+        _, model, _, items = validation_items(entry, data, samples, seed, device)
+        calibration = [inputs for _, inputs in items]
+        for budget, path in sorted(pending.items()):
+            schedule = fit_fitprune_schedule(model, calibration, budget)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp" + path.suffix)
+            schedule.save(tmp)
+            tmp.replace(path)  # atomic: an interrupted fit leaves no half-written schedule
+    return {str(b): str(p) for b, p in sorted(todo.items())}
+
+
 def run_search(
     entry: str,
     data: str,
@@ -57,39 +120,17 @@ def run_search(
 ) -> dict[str, Any]:
     """Profile `samples` random rows (seed) of dataset `data` on the unpruned model of `entry`, then solve
     Eq. 7 for each budget. Returns the summary that is also written to `search.json`."""
-    from ..registry import get_entry, load_entry
     from .optimize import InfeasibleBudgetError, optimize, write_policy
     from .plot import plot_profile
     from .profile import ProfileRun, build_profile
 
-    e = get_entry(entry)
-    if e.policy is not None or e.baseline is not None:
-        raise PolicyError(f"search runs on an unpruned model entry (e.g. {e.model.name!r}), not on {entry!r}")
-    wrapper = load_entry(entry, **({"device": device} if device else {}))
-    wrapper.load()
-    model = wrapper.model
-
-    from vlmeval.dataset import build_dataset
-
-    dataset = build_dataset(data)
-    if dataset is None:
-        raise ValueError(f"dataset {data!r} could not be built by VLMEvalKit (name or $LMUData/{data}.tsv)")
-    rows = dataset.data.sample(n=min(samples, len(dataset.data)), random_state=seed)
-
-    def message_of(row):
-        if wrapper.use_custom_prompt(dataset.dataset_name):
-            return wrapper.build_prompt(row, dataset.dataset_name)
-        return dataset.build_prompt(row)
-
-    items = [([str(row["index"])], wrapper.build_inputs(message_of(row), dataset.dataset_name).to(wrapper.device))
-             for _, row in rows.iterrows()]
-
+    e, model, dataset_name, items = validation_items(entry, data, samples, seed, device)
     setup = _setup(e.model.name, model, items[0][1], alpha, text_tokens, depths, visual, budgets)
-    run_dir = Path(out_dir) / f"{e.model.name}-{reducer}-{dataset.dataset_name}-{len(items)}-{seed}"
+    run_dir = Path(out_dir) / f"{e.model.name}-{reducer}-{dataset_name}-{len(items)}-{seed}"
     run = ProfileRun(run_dir, setup.depths, setup.visual, reducer)
     added = run.run(model, items, total=len(items))
     profile = build_profile(
-        run_dir, model=setup.model_key, reducer=reducer, dataset=dataset.dataset_name, seed=seed,
+        run_dir, model=setup.model_key, reducer=reducer, dataset=dataset_name, seed=seed,
         num_layers=setup.spec.num_layers, num_visual=setup.spec.visual_tokens,
         depths=setup.depths, visual=setup.visual,
     )
@@ -107,7 +148,7 @@ def run_search(
         write_policy(run_dir / "policies.yaml", setup.model_key, budget, r.policy)
     plot_profile(run_dir / "profile.json", run_dir / "profile.png", policies=policies)
     summary = {
-        "entry": entry, "dataset": dataset.dataset_name, "reducer": reducer, "samples": len(items),
+        "entry": entry, "dataset": dataset_name, "reducer": reducer, "samples": len(items),
         "seed": seed, "newly_profiled": added, "depths": setup.depths, "visual": setup.visual,
         "layer_forwards": run.counter.layer_forwards,
         "layer_equivalents": round(run.counter.layer_equivalents, 3), "results": results,
