@@ -1,0 +1,166 @@
+"""TRIM (Song et al., COLING 2025, "Less is More: A Simple yet Effective Token Reduction Method for
+Efficient Multi-modal LLMs"; official code FreedomIntelligence/TRIM, `CLIPVisionTower.token_reduction`,
+variant "TextSim+"), vision side, LLaVA-1.5 and LLaVA-NeXT.
+
+Official procedure, per image:
+1. CLIP image embeddings of the patch tokens: the LLaVA feature layer ([CLS] dropped) through the tower's
+   `post_layernorm` and CLIP's `visual_projection`; the instruction's CLIP text embedding
+   (`CLIPTextModelWithProjection`, tokenizer truncation at 77 tokens).
+2. score = softmax over patches of the *negated* dot product (unnormalised embeddings), exactly as the
+   official code (`similarities = -similarities; softmax`); the top-scored patches are kept.
+3. Adaptive count: the patches whose score is an IQR outlier (> Q3 + 1.5 IQR) are kept.
+4. "+": every patch not kept is averaged into one extra token (pre-projector features), so no image
+   region is lost entirely; the LLM sees `[kept patches in raster order] + [mean token]`.
+
+Fixed budgets (the paper's matched-TFLOPs cells): the executor keeps exactly `n_keep` tokens, so we keep
+the `n_keep - 1` highest-scored patches plus the mean token. The IQR outliers are the top of the same
+ranking, so this equals "IQR outliers, truncated or filled up by score" (`iqr_outlier_count` is the count
+the adaptive official variant would keep). Ties: lower index first.
+
+Placement: the mean token takes the position of the highest-index patch that is not kept, which puts it
+after every kept patch (as the official append) whenever that patch is the last of the image; otherwise
+it sits at the last free position in raster order (the rebuilt sequence differs from the official one in
+this token's position only).
+
+LLaVA-NeXT (not in the official repo; the paper copies CDPruner's numbers): per crop as the other
+reducers here, `n_keep` split evenly over the base image and the grid crops (`crop_quotas`), each crop
+keeping its top `q - 1` patches plus its own mean token; llava-hf's row newlines are not kept (they are
+not vision-tower tokens; the paper counts 2880 crop tokens).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import ImageSpan, KeptTokens, ReducerError, ReductionContext
+from .cdpruner import crop_quotas
+from .instruction import InstructionText
+from .vision import CLIP_FAMILIES, vision_capture, vision_tower
+
+
+def trim_scores(image_embeds: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
+    """Official TRIM score of each patch: softmax_i(-<e_i, t>) over the patches (float32)."""
+    return torch.softmax(-(image_embeds.float() @ text_embed.float().to(image_embeds.device)), dim=-1)
+
+
+def iqr_outlier_count(scores: torch.Tensor) -> int:
+    """How many scores exceed Q3 + 1.5 IQR (numpy's linear percentiles, as the official code)."""
+    s = scores.detach().float().cpu().numpy().ravel()
+    q1, q3 = np.percentile(s, 25), np.percentile(s, 75)
+    return int((s > q3 + 1.5 * (q3 - q1)).sum())
+
+
+def trim_select(scores: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, int | None]:
+    """(sorted kept patch indices, index whose position the mean token takes or None) for `n_keep` tokens.
+
+    `n_keep - 1` top-scored patches (ties to the lower index) + one mean token of the rest; all patches
+    and no mean token when `n_keep` covers them all.
+    """
+    N = scores.numel()
+    if not 0 <= n_keep <= N:
+        raise ReducerError(f"TRIM cannot keep {n_keep} of {N} tokens; valid: 0..{N}")
+    if n_keep == N:
+        return torch.arange(N), None
+    if n_keep == 0:
+        return torch.empty(0, dtype=torch.long), None
+    order = sorted(range(N), key=lambda i: (-float(scores[i]), i))
+    top = sorted(order[: n_keep - 1])
+    rest = set(range(N)) - set(top)
+    slot = max(rest)
+    return torch.tensor(sorted(top + [slot]), dtype=torch.long), slot
+
+
+class TRIM:
+    """Reducer: CLIP text-similarity selection plus one mean token per image/crop (see module doc).
+
+    Args:
+        clip_model: CLIP checkpoint with the text tower (default as CDPruner: the tower LLaVA was built on,
+            or the tiny CLIP for tiny checkpoints).
+        tokenizer / text_fn: how the instruction text is obtained (vlmeval_dop.reducers.instruction).
+        capture: record the CLIP feature layer during the model's own forward (no second tower run).
+    """
+
+    name = "trim"
+    families = CLIP_FAMILIES
+
+    def __init__(
+        self,
+        clip_model: str | None = None,
+        tokenizer: Any = None,
+        text_fn: Callable[[ReductionContext, ImageSpan], str] | None = None,
+        capture: bool = True,
+    ) -> None:
+        self.clip_model = clip_model
+        self._text = InstructionText(tokenizer, text_fn, who="TRIM")
+        self.needs_vision_capture = capture
+
+    @torch.no_grad()
+    def text_embedding(self, clip, text: str) -> torch.Tensor:
+        """(C,) CLIP text embedding of `text`, truncated to CLIP's context as the official tokenizer call."""
+        enc = clip.tokenizer(text=[text], return_tensors="pt", truncation=True, max_length=clip.max_positions)
+        device = next(clip.text_model.parameters()).device
+        out = clip.text_model(**{k: v.to(device) for k, v in enc.items()})
+        return clip.text_projection(out.pooler_output)[0].float()
+
+    def select(self, ctx: ReductionContext, n_keep: int) -> list[KeptTokens]:
+        if ctx.family not in self.families:
+            raise ReducerError(f"reducer 'trim' does not support model family {ctx.family!r}; supported: {', '.join(self.families)}")
+        for span in ctx.images:
+            if not 0 <= n_keep <= span.num_tokens:
+                raise ReducerError(
+                    f"TRIM cannot keep {n_keep} of the {span.num_tokens} visual tokens of image "
+                    f"{span.image_index} in sample {span.batch_index}; valid: 0..{span.num_tokens}"
+                )
+        from .clip_text import default_clip_source, load_clip_text
+
+        cap = vision_capture(ctx)
+        clip = load_clip_text(self.clip_model or default_clip_source(ctx.model))
+        tower = vision_tower(ctx.model)
+        post_ln = getattr(tower, "vision_model", tower).post_layernorm
+        projector = ctx.model.model.multi_modal_projector
+        out = []
+        for i, span in enumerate(ctx.images):
+            text = self.text_embedding(clip, self._text(ctx, span))
+            crops = cap.features[cap.image_crops(i), 1:]  # (C, P, D) pre-projector patches, [CLS] dropped
+            with torch.no_grad():
+                scores = trim_scores(clip.project_image(post_ln(crops)), text)  # (C, P)
+            if ctx.family == "llava":
+                groups = [(torch.arange(span.num_tokens), 0, torch.arange(span.num_tokens))]
+                newline = None
+            else:
+                from .llava_next_layout import llava_next_layout
+
+                lay = llava_next_layout(ctx.model, ctx.model_inputs["image_sizes"][i], num_tokens=span.num_tokens)
+                groups = [(lay.crop_positions(c), c, lay.patch[lay.crop_positions(c)]) for c in range(lay.num_crops)]
+                newline = torch.nonzero(lay.newline).flatten()
+            quotas = crop_quotas([g[0].numel() for g in groups], n_keep)
+            embeds = ctx.image_embeds(span)
+            kept, rows = [], {}
+            for (positions, crop, patches), q in zip(groups, quotas):
+                if not q:
+                    continue
+                local, slot = trim_select(scores[crop, patches], q)
+                kept.append(positions[local])
+                if slot is not None:
+                    rest = torch.ones(patches.numel(), dtype=torch.bool)
+                    rest[local] = False
+                    rest[slot] = True  # the slot's own patch is averaged too (it is not kept as itself)
+                    mean = crops[crop, patches[rest]].mean(0)
+                    with torch.no_grad():
+                        rows[int(positions[slot])] = projector(mean[None].to(embeds.dtype))[0]
+            short = n_keep - sum(quotas)  # n_keep beyond the crop tokens: the first newlines
+            if short > 0 and newline is not None:
+                kept.append(newline[:short])
+            idx = torch.sort(torch.cat(kept)).values if kept else torch.empty(0, dtype=torch.long)
+            new = embeds[idx.to(embeds.device)].clone()
+            for r, pos in enumerate(idx.tolist()):
+                if pos in rows:
+                    new[r] = rows[pos].to(new)
+            out.append(KeptTokens(idx, new))
+        return out
+
+
+__all__ = ["TRIM", "iqr_outlier_count", "trim_scores", "trim_select"]
