@@ -15,6 +15,7 @@ restored exactly.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +155,7 @@ class DOPHandle:
         self._plan: _CallPlan | None = None
         self._removers: list[Callable[[], None]] = []
         self._vision: VisionRecorder | None = None
+        self._encoder_inputs: dict[str, Any] = {}  # what the last image-encoder call got (see _install)
         self._install()
 
     # ------------------------------------------------------------------ install / remove
@@ -181,6 +183,29 @@ class DOPHandle:
             # record the vision tower's feature layer during the model's own forward (no second tower run)
             self._vision = VisionRecorder().attach(self.model)
             self._removers.append(self._vision.detach)
+        if self.reducer is not None and self.policy.n_v is not None:
+            self._record_encoder_inputs(mm)
+
+    def _record_encoder_inputs(self, mm: nn.Module) -> None:
+        """Remember the inputs of the image encoder call (instance-level wrapper, removed on exit).
+
+        transformers' `generate` encodes the images *before* the first forward
+        (`_prepare_multimodal_encoder_kwargs_for_generation`) and then calls the model with
+        `mm_encoder_outputs` and without `pixel_values` / `image_sizes` / `image_grid_thw`. Reducers that
+        look at the image or the crop layout still need those, so we keep what `get_image_features` got.
+        """
+        if "get_image_features" in mm.__dict__:
+            raise RuntimeError("get_image_features already has an instance override (is DOP applied twice?)")
+        original = mm.get_image_features
+
+        @functools.wraps(original)  # generate() picks the encoder's inputs from its signature
+        def get_image_features(*args, **kwargs):
+            names = ("pixel_values", "image_sizes", "image_grid_thw")
+            self._encoder_inputs = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
+            return original(*args, **kwargs)
+
+        mm.get_image_features = get_image_features
+        self._removers.append(lambda: mm.__dict__.pop("get_image_features", None))
 
     def remove(self) -> None:
         """Restore the model exactly (idempotent)."""
@@ -230,9 +255,16 @@ class DOPHandle:
     # ------------------------------------------------------------------ hooks
     def _multimodal_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._pending = {"input_ids": input_ids, "model_inputs": dict(kwargs)}
-        if self._vision is not None:
-            self._vision.clear()  # a new forward: whatever was recorded belongs to an earlier one
+        model_inputs = dict(kwargs)
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        if encoded and kwargs.get("pixel_values") is None:
+            # generate() ran the image encoder before this forward: its recording belongs to this forward
+            model_inputs = {**self._encoder_inputs, **{k: v for k, v in kwargs.items() if v is not None}}
+        else:
+            if self._vision is not None:
+                self._vision.clear()  # a new forward: whatever was recorded belongs to an earlier one
+            self._encoder_inputs = {}
+        self._pending = {"input_ids": input_ids, "model_inputs": model_inputs}
         return None
 
     def _decoder_pre_hook(self, module, args, kwargs):

@@ -7,6 +7,11 @@ survivors, so decoding stays consistent. Dropped tokens keep their hidden state 
 and everyone keeps the original RoPE positions, as in FastV/PDrop. Attention scores are not handed over:
 a pruner that needs them recomputes the few rows it needs from `layer.self_attn`'s q/k projections and
 `position_embeddings`, so the model never has to run eager attention.
+
+A pruner may also overwrite the hidden states of some surviving tokens for the following layers (token
+merging/recycling, e.g. SparseVLM places each aggregated token at the position of one of its cluster
+members): `select` then returns a `PruneDecision(drop, update_mask, update_values)`; a plain bool tensor
+(drop only) keeps working.
 """
 from __future__ import annotations
 
@@ -43,15 +48,33 @@ class DecoderPruneContext:
     model: Any
 
 
+@dataclass
+class PruneDecision:
+    """What a pruner decides after one layer: tokens to drop, and surviving tokens to overwrite.
+
+    Attributes:
+        drop: (B, N) bool, True = leave every later layer (None = drop nothing).
+        update_mask: (B, N) bool, tokens whose hidden state (this layer's output, i.e. the next layer's
+            input) is replaced; they must stay in the later layers (not dropped now or before).
+        update_values: (M, H) new hidden states, M = update_mask.sum(), rows in the order of
+            `torch.nonzero(update_mask)` (sample by sample, ascending position).
+    """
+
+    drop: torch.Tensor | None = None
+    update_mask: torch.Tensor | None = None
+    update_values: torch.Tensor | None = None
+
+
 @runtime_checkable
 class DecoderTokenPruner(Protocol):
     """Protocol of decoder-side token pruning methods.
 
     `layers` lists the layers after which `select` is called (prefill only). `select` returns a (B, N)
-    bool mask of tokens to drop from all later layers (True = drop), or None to drop nothing.
+    bool mask of tokens to drop from all later layers (True = drop), a `PruneDecision` (drop and/or
+    overwrite surviving tokens' hidden states), or None to change nothing.
     """
 
     name: str
     layers: tuple[int, ...]
 
-    def select(self, ctx: DecoderPruneContext) -> torch.Tensor | None: ...
+    def select(self, ctx: DecoderPruneContext) -> torch.Tensor | PruneDecision | None: ...

@@ -17,12 +17,22 @@ from .base import (
     check_selection,
     selection_indices,
 )
+from .cdpruner import CDPruner
 from .divprune import DivPrune
 from .uniform import UniformReducer
+from .vispruner import VisPruner
+from .visionzip import VisionZip
+from .prumerge import PruMergePlus
+from .trim import TRIM
 
 REDUCERS: dict[str, Callable[[], VisualTokenReducer]] = {
     "uniform": UniformReducer,
     "divprune": DivPrune,
+    "cdpruner": CDPruner,
+    "vispruner": VisPruner,
+    "visionzip": VisionZip,
+    "prumergeplus": PruMergePlus,
+    "trim": TRIM,
 }
 
 
