@@ -9,12 +9,18 @@ from collections.abc import Callable
 
 from ..executor.token_pruner import DecoderTokenPruner
 from ..policy import DOPPolicy
+from .dart import DART
 from .fastv import FastV
+from .fitprune import FitPrune
 from .pdrop import PDrop
+from .sparsevlm import SparseVLM
 
 DECODER_PRUNERS: dict[str, Callable[..., DecoderTokenPruner]] = {
     "fastv": FastV,
     "pdrop": PDrop,
+    "dart": DART,
+    "fitprune": FitPrune,
+    "sparsevlm": SparseVLM,
 }
 
 
