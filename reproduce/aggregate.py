@@ -1,29 +1,35 @@
 """Aggregate benchmark scores into the paper's table layout with its Rel. Avg. column.
 
+    python reproduce/aggregate.py --work-dir outputs --base <row name> [--entries E ...] [--benchmarks B ...]
+                                  [--mme auto|perception|total] [--out PREFIX] [--paper-table N]
     python reproduce/aggregate.py --scores scores.csv --base <row name> [--out PREFIX] [--paper-table N]
 
-scores.csv is long format with columns method,benchmark,score (one line per cell; `method` is a row name,
-normally an entry name such as llava15_7b_dopcd28; `benchmark` a short alias such as TextVQA). The command
-prints a markdown table with one column per benchmark and a final "Rel. Avg." column: the mean over
-benchmarks of score / base score, in percent (reproduce/relavg.py), where the base is the `--base` row.
-A row that lacks one of the benchmarks gets no Rel. Avg. (it would not be comparable) and a note on stderr.
+--work-dir reads VLMEvalKit's own score files under `<work_dir>/<entry>/` (`collect_scores`: one row per
+entry folder, one column per paper benchmark found, each in the paper's unit). --scores reads a long-format
+CSV with columns method,benchmark,score (one line per cell; `method` is a row name, normally an entry name
+such as llava15_7b_dopcd28; `benchmark` a short alias such as TextVQA). Both may be given, e.g. to add the
+EvalAI server's VQAv2 test-dev scores to a work dir; a cell given twice is an error. The command prints a
+markdown table with one column per benchmark and a final "Rel. Avg." column: the mean over benchmarks of
+score / base score, in percent (reproduce/relavg.py), where the base is the `--base` row. A row that lacks
+one of the benchmarks gets no Rel. Avg. (it would not be comparable) and a note on stderr.
 
 --out PREFIX also writes PREFIX.csv (full precision) and PREFIX.xlsx. --paper-table N adds the paper's
 printed Rel. Avg. of the rows that table N has, and our value minus the paper's ("Δ"; only where our row
 has exactly the table's benchmarks).
 
-Bad input (missing columns, non-numeric or duplicate scores, a benchmark without a base score, an unknown
-base row or table, a missing output folder) prints one error line and exits with code 2, before anything
-is written. Scores and base must be in the same unit per benchmark (see relavg.py on MME / OCRBench).
+Bad input (missing columns, non-numeric or duplicate scores, a missing work dir or entry folder, a requested
+benchmark without any score file, a benchmark without a base score, an unknown base row or table, a missing
+output folder) prints one error line and exits with code 2, before anything is written. Scores and base must
+be in the same unit per benchmark (see relavg.py on MME / OCRBench; `--mme`).
 
-Reading VLMEvalKit's result files directly is not implemented yet: see `collect_scores`.
-No vlmeval import.
+No vlmeval import (nor torch): the score files are read with pandas, the aliases with yaml.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -33,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `reproduce` importable fr
 import pandas as pd
 
 from reproduce.relavg import rel_avg, round_half_up
-from reproduce.tables import BENCHMARKS, TABLES, get_table, parse_row, read_paper_table, rel_avg_benchmarks
+from reproduce.tables import BENCHMARKS, REPO_ROOT, TABLES, get_table, parse_row, read_paper_table, rel_avg_benchmarks
 
 REQUIRED_COLUMNS = ("method", "benchmark", "score")
 REL_AVG = "Rel. Avg."
@@ -45,29 +51,227 @@ class InputError(ValueError):
     """Bad input to the aggregation: reported as one line, exit code 2, nothing written."""
 
 
-def collect_scores(work_dir: str | Path) -> pd.DataFrame:
-    """NOT IMPLEMENTED YET: read a VLMEvalKit work_dir into the long format (method, benchmark, score).
+# ---------------------------------------------------------------------------- VLMEvalKit work dirs
+# How each dataset's score file is read. VLMEvalKit writes, next to the predictions
+# `<work_dir>/<model>/<model>_<dataset>.xlsx` (vlmeval/smp/file.py: get_pred_file_path):
+#   MCQ (ImageMCQDataset.evaluate_heuristic)  `_acc.csv`: report_acc, a `split` column, `Overall` a FRACTION;
+#   VQA (ImageVQADataset, VizWiz, our plugins) `_acc.csv` (or `.json` with EVAL_FORMAT=json): one row,
+#       `Overall` in percent;
+#   Y/N (ImageYORNDataset)  `_score.csv`: POPE_rating (rows per split, `Overall` = F1 in percent),
+#       MME_rating (one row: `perception`, `reasoning` and the 14 subtask scores);
+#   OCRBench                `_score.json`: {"Final Score": 0-1000, ...};
+#   captioning (vlmeval_dop/captioning.py, Table 17) `_score.json`: {"CIDEr": <Table 17 unit>, ...}.
+POPE_DATASET, MME_DATASET, OCRBENCH_DATASET = "POPE", "MME", "OCRBench"
+CAPTION_DATASETS = ("NoCaps_VAL", "TextCaps_VAL")
+SERVER_SCORED = {
+    "VQAv2_TestDev": "test-dev answers are not public: VLMEvalKit writes *_submission.json for the EvalAI "
+                     "server; add the server's score with --scores",
+}
+MME_UNITS = ("auto", "perception", "total")
+# model wrapper family (eval_configs/entries.yaml `models:`) -> the MME unit of the paper's tables for it
+_MME_BY_WRAPPER = {"llava": "perception", "llava_next": "perception", "qwen2_5_vl": "total", "internvl": "total"}
+# VLMEvalKit's timestamped run folders (vlmeval/smp/file.py: NEW_EVAL_ID_PATTERN, LEGACY_EVAL_ID_PATTERN)
+_RUN_DIR = re.compile(r"^T\d{8}(-\d{6}|_G[0-9a-fA-F]+)$")
 
-    What it has to do, and why it is not done here yet:
-    - find the per-dataset score files VLMEvalKit writes under `<work_dir>/<model>/` (file names and
-      columns differ by dataset type: `_acc.csv`, `_score.csv`, ...);
-    - map VLMEvalKit dataset names back to the paper's aliases (eval_configs/entries.yaml, `benchmarks:`);
-    - take the paper's metric for each benchmark, which depends on the target table: MME is `perception`
-      in the LLaVA tables but `perception + reasoning` in the Qwen2.5-VL / InternVL3 tables; OCRBench is the
-      0-1000 "Final Score"; POPE is F1 (the LLaVA papers report the mean over the random / popular /
-      adversarial splits, VLMEvalKit's "Overall" pools them: to be decided and documented); MMBench the
-      circular-evaluation Overall;
-    - leave VQAv2 test-dev empty: its answers are not public, the score comes from the EvalAI server.
 
-    Until then, write scores.csv by hand or with a script, one line per (method, benchmark, score).
+def _entries_config() -> dict:
+    """eval_configs/entries.yaml, read with yaml only (vlmeval_dop would import torch)."""
+    import yaml
+
+    return yaml.safe_load((REPO_ROOT / "eval_configs" / "entries.yaml").read_text()) or {}
+
+
+def benchmark_aliases() -> dict[str, str]:
+    """The paper's short benchmark names -> VLMEvalKit dataset names (entries.yaml `benchmarks:`)."""
+    return {str(k): str(v) for k, v in (_entries_config().get("benchmarks") or {}).items()}
+
+
+def _mme_unit(entry: str, mme: str) -> str:
+    """`perception` or `total` for this entry: as asked, or (auto) the paper's unit for its model family."""
+    if mme != "auto":
+        return mme
+    cfg = _entries_config()
+    models = cfg.get("models") or {}
+    model = (cfg.get("entries") or {}).get(entry, {}).get("model")
+    if model is None:  # generated paper entries: `{model}` or `{model}_{method}{budget}`
+        model = next((m for m in sorted(models, key=len, reverse=True)
+                      if entry == m or entry.startswith(m + "_")), None)
+    wrapper = (models.get(model) or {}).get("wrapper")
+    if wrapper not in _MME_BY_WRAPPER:
+        raise InputError(f"cannot tell the MME unit of {entry!r} (not an entry of eval_configs/entries.yaml); "
+                         f"pass --mme perception (LLaVA tables) or --mme total (Qwen2.5-VL / InternVL3 tables)")
+    return _MME_BY_WRAPPER[wrapper]
+
+
+def _suffixes(dataset: str) -> tuple[str, ...]:
+    if dataset in (POPE_DATASET, MME_DATASET):
+        return ("_score.csv",)
+    if dataset == OCRBENCH_DATASET or dataset in CAPTION_DATASETS:
+        return ("_score.json",)
+    return ("_acc.csv", "_acc.json", "_score.csv")  # the last: Y/N datasets scored by default_rating
+
+
+def find_score_file(work_dir: str | Path, entry: str, dataset: str) -> Path | None:
+    """VLMEvalKit's score file of (entry, dataset), or None.
+
+    Looks in `<work_dir>/<entry>/` and in its timestamped run folders (`T20250101-120000/`, legacy
+    `T20250101_G1a2b3c/`, of which older VLMEvalKit versions symlink the files into `<entry>/`). Names are
+    matched exactly (`<entry>_<dataset>_acc.csv`): a prefix match would mix datasets such as MMBench_DEV_EN
+    and MMBench_DEV_EN_V11. Of several candidates the most recently modified one wins (the latest run);
+    broken symlinks are ignored.
+    """
+    root = Path(work_dir) / entry
+    if not root.is_dir():
+        return None
+    folders = [root] + sorted(d for d in root.iterdir() if d.is_dir() and _RUN_DIR.match(d.name))
+    found = [f for d in folders for suf in _suffixes(dataset) for f in [d / f"{entry}_{dataset}{suf}"] if f.is_file()]
+    return max(found, key=lambda f: f.stat().st_mtime) if found else None
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A score file as a DataFrame (csv, or json as written by VLMEvalKit's dump)."""
+    try:
+        if path.suffix == ".json":
+            import json
+
+            raw = json.loads(path.read_text())
+            if isinstance(raw, dict) and all(not isinstance(v, (dict, list)) for v in raw.values()):
+                return pd.DataFrame([raw])
+            return pd.DataFrame(raw)
+        return pd.read_csv(path)
+    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise InputError(f"cannot read VLMEvalKit score file {str(path)!r}: {str(exc).strip()}") from None
+
+
+def _column(df: pd.DataFrame, path: Path, column: str) -> pd.Series:
+    if column not in df.columns or df.empty:
+        raise InputError(f"{str(path)!r} has no {column!r} value (columns: {', '.join(map(str, df.columns))}); "
+                         "is it a VLMEvalKit score file?")
+    return pd.to_numeric(df[column], errors="coerce")
+
+
+def read_score_file(path: str | Path, dataset: str, mme_unit: str = "perception") -> float:
+    """The paper's metric for `dataset` from its VLMEvalKit score file, in the paper's unit.
+
+    - MCQ (`_acc.csv` with a `split` column, report_acc): `Overall` x 100 (VLMEvalKit stores a fraction).
+      MMBench's is the circular-evaluation Overall. Several splits in one file is an error (ambiguous).
+    - VQA and other `_acc` / `_score.csv` files without `split`: `Overall` as written (percent).
+    - POPE: the mean F1 over the split rows (adversarial / popular / random), as the LLaVA evaluation
+      reports it (85.9 for LLaVA-1.5-7B); VLMEvalKit's own `Overall` row pools the three splits into one
+      F1, which is not the paper's number. A file without split rows falls back to `Overall`.
+    - MME: `perception` (0-2000, LLaVA tables) or `perception + reasoning` (0-2800, Qwen2.5-VL / InternVL3
+      tables), by `mme_unit`.
+    - OCRBench: `Final Score` (0-1000, the number of correct answers out of 1000, as the paper prints it).
+    - NoCaps_VAL / TextCaps_VAL: `CIDEr` as the plugin's evaluate() writes it (Table 17's unit).
 
     Raises:
-        NotImplementedError: always.
+        InputError: unreadable file, a missing column, a non-finite value, ambiguous splits.
     """
-    raise NotImplementedError(
-        f"collect_scores({str(work_dir)!r}): reading VLMEvalKit result files is not implemented yet; "
-        "pass a scores.csv with columns method,benchmark,score (see reproduce/aggregate.py)"
-    )
+    path = Path(path)
+    df = _read_table(path)
+    if dataset == OCRBENCH_DATASET:
+        values = _column(df, path, "Final Score")
+    elif dataset in CAPTION_DATASETS:
+        values = _column(df, path, "CIDEr")
+    elif dataset == MME_DATASET:
+        if mme_unit not in ("perception", "total"):
+            raise InputError(f"MME unit {mme_unit!r} unknown; valid: perception, total")
+        values = _column(df, path, "perception")
+        if mme_unit == "total":
+            values = values + _column(df, path, "reasoning")
+    elif dataset == POPE_DATASET:
+        values = _column(df, path, "Overall")
+        if "split" in df.columns:
+            is_split = (df["split"].astype(str) != "Overall").to_numpy()
+            values = pd.Series([values[is_split].mean()]) if is_split.any() else values[~is_split]
+    else:
+        values = _column(df, path, "Overall")
+        if "split" in df.columns and path.name.endswith(("_acc.csv", "_acc.json")):  # report_acc: fractions
+            if len(df) > 1:
+                raise InputError(f"{str(path)!r} has several splits ({', '.join(map(str, df['split']))}); "
+                                 "evaluate one split per dataset")
+            values = 100.0 * values
+    if len(values) != 1 or not math.isfinite(float(values.iloc[0])):
+        raise InputError(f"{str(path)!r}: expected one finite score, got {list(values)}")
+    return float(values.iloc[0])
+
+
+def collect_scores(work_dir: str | Path, entries: list[str] | None = None, benchmarks: list[str] | None = None,
+                   mme: str = "auto") -> pd.DataFrame:
+    """Read a VLMEvalKit work dir into the long format (method, benchmark, score) `aggregate` takes.
+
+    `method` is the entry (VLMEvalKit model) folder name, `benchmark` the paper's alias (entries.yaml
+    `benchmarks:`; a dataset without an alias keeps its VLMEvalKit name), `score` the paper's metric in the
+    paper's unit (`read_score_file`). Only VLMEvalKit's own score files are read; nothing is re-scored.
+
+    Args:
+        work_dir: the `--work-dir` of run.py / reproduce/run.py (holds `<entry>/` folders).
+        entries: entry folders to read (default: every folder of the work dir except `logs`; folders
+            without score files add no rows).
+        benchmarks: paper aliases (`TextVQA`) or VLMEvalKit dataset names (`TextVQA_VAL`, `DOP_Demo`, a
+            custom TSV's name). Default: every alias of entries.yaml (the paper's benchmarks) that has a
+            score file for some entry.
+            Every requested benchmark must have a score file for at least one entry; an entry lacking
+            one simply has no cell (aggregate then leaves its Rel. Avg. empty).
+        mme: `perception`, `total` (perception + reasoning), or `auto`: the unit of the paper's tables for
+            the entry's model family (LLaVA: perception; Qwen2.5-VL / InternVL3: total).
+
+    VQAv2 test-dev (`VQAv2_TestDev`) has no local score: its cells come from the EvalAI server (pass them
+    with --scores). The returned frame's `attrs["files"]` maps (method, benchmark) to the file read.
+
+    Raises:
+        InputError: a missing work dir or entry folder, no score file at all / for a requested benchmark,
+            an unreadable score file, an unknown `mme`.
+    """
+    root = Path(work_dir)
+    if not root.is_dir():
+        raise InputError(f"work dir {str(root)!r} not found (the --work-dir given to run.py)")
+    if mme not in MME_UNITS:
+        raise InputError(f"--mme {mme!r} unknown; valid: {', '.join(MME_UNITS)}")
+    aliases = benchmark_aliases()
+    to_alias = {d: a for a, d in aliases.items()}
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "logs")
+    if entries is not None:
+        missing = [e for e in entries if e not in folders]
+        if missing:
+            raise InputError(f"no entry folder {', '.join(repr(str(root / e)) for e in missing)}; entries in "
+                             f"{str(root)!r}: {', '.join(folders) or 'none'}")
+    if benchmarks is None:
+        order = _ordered(list(aliases), BENCHMARKS)
+        requested = [(a, aliases[a]) for a in order if aliases[a] not in SERVER_SCORED]
+    else:
+        requested = []
+        for name in dict.fromkeys(benchmarks):
+            dataset = aliases.get(name, name)
+            if dataset in SERVER_SCORED:
+                raise InputError(f"{name} ({dataset}) has no local score: {SERVER_SCORED[dataset]}")
+            requested.append((to_alias.get(dataset, dataset), dataset))
+        requested = list(dict.fromkeys(requested))  # `TextVQA` and `TextVQA_VAL` are one column
+    rows, files = [], {}
+    for entry in entries if entries is not None else folders:
+        for label, dataset in requested:
+            path = find_score_file(root, entry, dataset)
+            if path is None:
+                continue
+            unit = _mme_unit(entry, mme) if dataset == MME_DATASET else "perception"
+            rows.append((entry, label, read_score_file(path, dataset, unit)))
+            files[(entry, label)] = path
+    got = {b for _, b, _ in rows}
+    if benchmarks is not None:
+        lacking = [(b, d) for b, d in requested if b not in got]
+        if lacking:
+            b, d = lacking[0]
+            raise InputError(
+                f"no VLMEvalKit score file for benchmark {b} ({d}) under {str(root)!r}: expected "
+                f"<entry>/<entry>_{d}{_suffixes(d)[0]}; benchmarks with score files: {', '.join(sorted(got)) or 'none'}"
+            )
+    if not rows:
+        raise InputError(f"no VLMEvalKit score files of the paper's benchmarks under {str(root)!r} "
+                         f"(looked for <entry>/<entry>_<dataset>_acc.csv / _score.csv / _score.json, datasets: "
+                         f"{', '.join(d for _, d in requested)}); name other datasets with --benchmarks")
+    out = pd.DataFrame(rows, columns=list(REQUIRED_COLUMNS))
+    out.attrs["files"] = files
+    return out
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -263,16 +467,38 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit code (0 ok, 2 bad input)."""
     parser = argparse.ArgumentParser(
         prog="python reproduce/aggregate.py",
-        description="Scores (long CSV: method,benchmark,score) -> markdown table with the paper's Rel. Avg.",
+        description="Scores (long CSV: method,benchmark,score, and/or a VLMEvalKit work dir) -> markdown table "
+                    "with the paper's Rel. Avg.",
     )
-    parser.add_argument("--scores", required=True, help="CSV with columns method,benchmark,score")
+    parser.add_argument("--scores", help="CSV with columns method,benchmark,score")
+    parser.add_argument("--work-dir", help="VLMEvalKit work dir: read its score files (collect_scores)")
+    parser.add_argument("--entries", nargs="+", metavar="ENTRY", help="with --work-dir: only these entry folders")
+    parser.add_argument("--benchmarks", nargs="+", metavar="NAME",
+                        help="with --work-dir: these benchmarks (aliases or VLMEvalKit dataset names; "
+                             "default: the paper's benchmarks found)")
+    parser.add_argument("--mme", choices=MME_UNITS, default="auto",
+                        help="MME unit: perception (LLaVA tables), total = perception + reasoning (Qwen2.5-VL / "
+                             "InternVL3 tables), auto = by each entry's model family (default)")
     parser.add_argument("--base", required=True, help="the row (method) whose scores are the denominators")
     parser.add_argument("--out", help="also write PREFIX.csv (full precision) and PREFIX.xlsx")
     parser.add_argument("--paper-table", type=int, metavar="N",
                         help="show the paper's Rel. Avg. of table N and the difference")
     args = parser.parse_args(argv)
     try:
-        scores = read_scores(args.scores)
+        if not args.work_dir and (args.entries or args.benchmarks):
+            raise InputError("--entries / --benchmarks select from a --work-dir; none was given")
+        if not args.scores and not args.work_dir:
+            raise InputError("give --scores CSV, --work-dir DIR (VLMEvalKit's outputs), or both")
+        parts = []
+        if args.work_dir:
+            parts.append(collect_scores(args.work_dir, args.entries, args.benchmarks, args.mme))
+        if args.scores:
+            parts.append(read_scores(args.scores))
+        scores = pd.concat(parts, ignore_index=True)
+        dup = scores[scores.duplicated(["method", "benchmark"], keep=False)]
+        if not dup.empty:  # a cell both in the work dir and in --scores
+            cells = sorted({f"{m}/{b}" for m, b in zip(dup["method"], dup["benchmark"])})
+            raise InputError(f"--scores repeats cell(s) read from --work-dir: {', '.join(cells)}")
         table, notes = aggregate(scores, args.base, args.paper_table)
         files: dict[Path, bytes] = {}
         if args.out:

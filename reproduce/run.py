@@ -55,9 +55,11 @@ def benchmark_datasets() -> dict[str, str]:
 
 
 def is_finished(work_dir: Path, entry: str, dataset: str) -> bool:
-    """True when VLMEvalKit wrote a score file for (entry, dataset) under `work_dir/entry/`."""
-    d = Path(work_dir) / entry
-    return d.is_dir() and (any(d.glob(f"{entry}_{dataset}_acc*")) or any(d.glob(f"{entry}_{dataset}_score*")))
+    """True when VLMEvalKit wrote a score file for (entry, dataset) under `work_dir/entry/` (or one of its
+    timestamped run folders); names match exactly, so MMBench_DEV_EN is not done by MMBench_DEV_EN_V11's."""
+    from reproduce.aggregate import find_score_file
+
+    return find_score_file(work_dir, entry, dataset) is not None
 
 
 def plan_table(number: int, work_dir: Path) -> list[Cell]:

@@ -350,9 +350,10 @@ def test_aggregate_missing_file_and_output_folder(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv"]
 
 
-def test_collect_scores_is_not_faked():
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        aggregate.collect_scores("work_dir")
+def test_collect_scores_refuses_a_missing_work_dir(tmp_path):
+    # reading real VLMEvalKit outputs is tested in test_reproduce_aggregate.py
+    with pytest.raises(aggregate.InputError, match="not found"):
+        aggregate.collect_scores(tmp_path / "nowhere")
 
 
 def test_reproduce_imports_no_vlmeval_or_torch():
