@@ -32,6 +32,7 @@ BENCHMARKS = ("VQAv2", "GQA", "VizWiz", "SQA", "SEED", "TextVQA", "POPE", "MME",
               "AI2D", "ChartQA", "OCRBench")
 LLAVA_BENCHMARKS = ("VQAv2", "GQA", "VizWiz", "SQA", "SEED", "TextVQA", "POPE", "MME", "MMB", "MMB-CN")
 QI_BENCHMARKS = ("TextVQA", "ChartQA", "AI2D", "OCRBench", "MME", "MMB", "MMB-CN")  # Qwen2.5-VL / InternVL3
+CAPTION_BENCHMARKS = ("NoCaps", "TextCaps")  # Table 17 (plugin datasets NoCaps_VAL / TextCaps_VAL)
 
 MODELS = ("llava15_7b", "llava15_13b", "llavanext_7b", "llavanext_13b", "qwen25vl_7b", "internvl3_8b")
 # Models of the paper that are not entries of this framework (their rows are data only).
@@ -131,7 +132,7 @@ class TableSpec:
     @property
     def benchmarks(self) -> tuple[str, ...]:
         """The value columns that are benchmark aliases (the cells a Rel. Avg. is computed from)."""
-        return tuple(c for c in self.columns if c in BENCHMARKS)
+        return tuple(c for c in self.columns if c in BENCHMARKS or c in CAPTION_BENCHMARKS)
 
     @property
     def has_rel_avg(self) -> bool:
@@ -339,11 +340,16 @@ _add(TableSpec(
     17, "Image captioning (CIDEr) on LLaVA-1.5-7B", "captioning", ("llava15_7b",),
     ("llava15_7b", "llava15_7b_cdpruner28", "llava15_7b_dopcd28", "llava15_7b_cdpruner23", "llava15_7b_dopcd23"),
     ("NoCaps", "TextCaps"),
-    "CIDEr on a 0-1 scale, evaluated by the authors with lmms-eval; the DOP rows are labelled 'DOP_C' "
-    "(DOP_CD, see ERRATA). NoCaps and TextCaps are not VLMEvalKit datasets (VLMEvalKit has COCO_VAL "
-    "captioning only) and this framework has no plugin for them, so the table cannot be run here.",
+    "CIDEr-D on a 0-1 scale (not x100), evaluated by the authors with lmms-eval (nocaps_val, textcaps_val; "
+    "prompt 'Provide a one-sentence caption for the provided image.'); the DOP rows are labelled 'DOP_C' "
+    "(DOP_CD, see ERRATA). NoCaps_VAL / TextCaps_VAL are plugin datasets (vlmeval_dop/captioning.py, "
+    "scored with its own CIDEr-D: `_score.json` key 'CIDEr'). The user must provide the official files and "
+    "build the TSVs once: `python -m vlmeval_dop.datasets prepare-captions --dataset nocaps --annotations "
+    "nocaps_val_4500_captions.json --images <NoCaps val images>` and `... --dataset textcaps --annotations "
+    "TextCaps_0.1_val.json --images <TextCaps train_images/>`; then `python run.py --model <rows> --data "
+    "NoCaps TextCaps`. The PTB tokenisation is a Python approximation of coco-caption's Java one (CIDEr "
+    "can differ in the third decimal).",
     budgets=(0.28, 0.23), units={"NoCaps": "CIDEr (0-1 scale)", "TextCaps": "CIDEr (0-1 scale)"},
-    missing=("datasets NoCaps and TextCaps (not in VLMEvalKit, no plugin dataset here)",),
 ))
 _add(TableSpec(
     18, "Video QA on Video-LLaVA-7B (VisPruner vs DOP + VisPruner)", "video", ("videollava_7b",),
@@ -604,6 +610,13 @@ ERRATA: tuple[Erratum, ...] = (
     Erratum("E18", 26, "llava15_7b[prune=MHA;eval=SEED]", "l1", "26.1", None, "suspicious",
             "Pruning MHA at layer 1 alone scores 26.1 (chance level) while pruning layers 1-3 (Table 27) "
             "scores 60.4."),
+    Erratum("E19", 8, "llava15_7b_dart23", None, "DART at 23 % TFLOPs", None, "suspicious",
+            "DART prunes after layer 2 (K=2); two layers with all 576 visual tokens already exceed the TFLOPs of "
+            "32 tokens in every layer, so the copied cell cannot be TFLOPs-matched with K=2 (also Table 10, "
+            "llavanext_7b_dart9). Our entry prunes after layer 0 (K=1) there."),
+    Erratum("E20", 8, "llava15_7b_pdrop28", None, "PDrop at 37 / 28 % TFLOPs", None, "suspicious",
+            "The official PDrop schedule (stages [8, 16, 24]) cannot reach 37 % or 28 % on LLaVA-1.5 (8 layers at "
+            "576 tokens alone exceed them); the paper does not say which schedule its copied cells used."),
 )
 
 # Rows whose printed Rel. Avg. does not recompute (to the printed digit) from the printed cells.

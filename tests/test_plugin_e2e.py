@@ -264,3 +264,29 @@ def test_reducer_baseline_entry_end_to_end(built, tmp_path):
     counts = models[entry][0].last_layer_tokens
     assert len(set(counts)) == 1 and counts[0][0] == counts[0][1]
     assert counts[0][0] < 200 and models[entry][0].last_visual_tokens == VISUAL_TOKENS["llava15"]
+
+
+def _tiny_method_entries():
+    from vlmeval_dop.registry import load_entries
+
+    return sorted(n for n, e in load_entries().items() if n.startswith("tiny_") and (e.reducer or e.baseline))
+
+
+@pytest.mark.parametrize("entry", _tiny_method_entries())
+def test_every_tiny_method_entry_generates_pruned(entry, lmu_root):
+    """Every reducer / baseline / DOP entry of the tiny models runs the wrapper's greedy generate (the path
+    VLMEvalKit calls) on a demo sample, and the executor's token counts show the reduction."""
+    from vlmeval_dop.datasets import DOPDemoDataset
+    from vlmeval_dop.registry import get_entry, load_entry
+
+    e = get_entry(entry)
+    wrapper = load_entry(entry).load()
+    ds = DOPDemoDataset("DOP_Demo")
+    out = wrapper.generate(ds.build_prompt(ds.data.iloc[1]), dataset="DOP_Demo")
+    assert isinstance(out, str)
+    counts = wrapper.last_layer_tokens
+    assert counts is not None and len(counts) == 4
+    if e.reducer not in (None, "resize") and e.policy is not None and e.policy.n_v is not None:
+        # the first layer sees the kept visual tokens plus the text: fewer than the unpruned count
+        assert counts[0][0] <= sum(counts[0]) and counts[0][0] < wrapper.last_visual_tokens + 200
+    assert counts[-1][0] < counts[0][0] or e.baseline is None  # decoder-side methods drop tokens in the decoder

@@ -289,7 +289,9 @@ class DOPDemoDataset(ImageBaseDataset):
         return ret
 
 
-PLUGIN_DATASETS = (VQAv2Dataset, DOPDemoDataset)
+from .captioning import CaptioningDataset, prepare_captions  # noqa: E402  (NoCaps_VAL / TextCaps_VAL, Table 17)
+
+PLUGIN_DATASETS = (VQAv2Dataset, DOPDemoDataset, CaptioningDataset)
 
 
 def register_datasets() -> None:
@@ -318,8 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("predictions")
     p.add_argument("out")
     p.add_argument("--all-questions", help="test2015 questions json: pad missing ids with empty answers (as LLaVA)")
+    p = sub.add_parser("prepare-captions", help="build LMUData/NoCaps_VAL.tsv or TextCaps_VAL.tsv from the official files")
+    p.add_argument("--dataset", choices=["nocaps", "textcaps"], required=True)
+    p.add_argument("--annotations", required=True,
+                   help="nocaps_val_4500_captions.json (NoCaps) or TextCaps_0.1_val.json (TextCaps)")
+    p.add_argument("--images", required=True, help="image directory (NoCaps val images; TextCaps train_images/)")
+    p.add_argument("--out", help="output TSV (default: VLMEvalKit's data root)")
     args = parser.parse_args(argv)
-    if args.cmd == "prepare-vqav2":
+    if args.cmd == "prepare-captions":
+        print(prepare_captions(args.dataset, args.annotations, args.images, args.out))
+    elif args.cmd == "prepare-vqav2":
         print(prepare_vqav2(args.split, args.questions, args.images, args.out, args.annotations))
     else:
         ids = None
