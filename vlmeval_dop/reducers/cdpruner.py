@@ -36,6 +36,9 @@ Family specifics:
   embeddings of the instruction tokens (those after the image, up to the end of the user turn), each
   instruction token one t_m (mean of per-token negated cosines, the official formula with M = tokens). The
   sign and min-max conventions are kept from the official LLaVA code.
+- InternVL3 (paper Table 13 reports CDPruner there, copied from the CDPruner paper, whose code for it is not
+  released): the same port as Qwen2.5-VL on the pixel-shuffled, projected tile tokens; the `<img>` / `</img>`
+  markers are not instruction tokens. Tiles are not treated separately (the span is one DPP), as for DivPrune.
 
 The instruction text (LLaVA): the tokens of the sample after its last image placeholder, up to the last
 real token, decoded with the model's tokenizer (loaded from `model.name_or_path`, or passed as
@@ -133,7 +136,7 @@ def crop_quotas(available: list[int], n_keep: int) -> list[int]:
 
 
 class CDPruner:
-    """Reducer: conditional-DPP visual token selection (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL); see module doc.
+    """Reducer: conditional-DPP visual token selection (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, InternVL3); see module doc.
 
     Args:
         clip_model: CLIP checkpoint (HF id or directory) for the LLaVA families; default
@@ -147,7 +150,7 @@ class CDPruner:
     """
 
     name = "cdpruner"
-    families = ("llava", "llava_next", "qwen2_5_vl")
+    families = ("llava", "llava_next", "qwen2_5_vl", "internvl")
 
     def __init__(
         self,
@@ -172,7 +175,8 @@ class CDPruner:
         return self._text(ctx, span)
 
     def qwen_instruction_ids(self, ctx: ReductionContext, span: ImageSpan) -> torch.Tensor:
-        """Qwen2.5-VL instruction tokens: after the image (vision_end skipped) up to the end of the user turn."""
+        """Qwen2.5-VL / InternVL3 instruction tokens: after the image (image markers skipped) up to the end
+        of the user turn."""
         ids = self.instruction_ids(ctx, span)
         cfg = ctx.model.config
         stop = set()
@@ -182,6 +186,9 @@ class CDPruner:
         ends = [i for i, t in enumerate(ids.tolist()) if t in stop]
         ids = ids[: ends[0]] if ends else ids
         skip = [getattr(cfg, k, None) for k in ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")]
+        if ctx.family == "internvl":  # the <img> ... </img> markers around the tile tokens (no config ids)
+            tok = self._text._tokenizer(ctx.model)
+            skip += [tok.convert_tokens_to_ids(t) for t in ("<img>", "</img>") if t in tok.get_vocab()]
         keep = ~torch.isin(ids, torch.tensor([s for s in skip if s is not None], dtype=ids.dtype, device=ids.device))
         return ids[keep]
 
@@ -216,7 +223,7 @@ class CDPruner:
                     f"CDPruner cannot keep {n_keep} of the {span.num_tokens} visual tokens of image "
                     f"{span.image_index} in sample {span.batch_index}; valid: 0..{span.num_tokens}"
                 )
-        if ctx.family == "qwen2_5_vl":
+        if ctx.family in ("qwen2_5_vl", "internvl"):  # no CLIP: LLM-space port (module docstring)
             return [self._select_qwen(ctx, span, n_keep) for span in ctx.images]
         rel = self.clip_relevance(ctx)
         if ctx.family == "llava":
