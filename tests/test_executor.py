@@ -44,11 +44,14 @@ def _num_layers(model):
 # ---------------------------------------------------------------------------------------------------
 # independent reference: full-length sequence, pruning by masking, residual pass-through by torch.where
 # ---------------------------------------------------------------------------------------------------
-def masked_reference(model, inputs, policy: DOPPolicy, drop_after=None) -> torch.Tensor:
+def masked_reference(model, inputs, policy: DOPPolicy, drop_after=None, op_mask=None) -> torch.Tensor:
     """Last-token logits of `policy`, computed by masking (no gathering, no cache, paper's d_P as is).
 
     `drop_after=(K, rule)`: after layer K, tokens `rule(h_out, visual, alive)` leave all later layers.
+    `op_mask`: visual MHA / MLP operations pruned at single layers (sets of layer indices).
     """
+    attn_off = set() if op_mask is None else set(op_mask.attn)
+    mlp_off = set() if op_mask is None else set(op_mask.mlp)
     lm = model.model.language_model
     captured = {}
 
@@ -88,8 +91,8 @@ def masked_reference(model, inputs, policy: DOPPolicy, drop_after=None) -> torch
     d_P_sys = L if policy.d_P_sys is None else policy.d_P_sys
     with torch.no_grad():
         for i, layer in enumerate(lm.layers):
-            a_part = ~dropped & (~visual | (i < policy.d_A)) & (~system | (i < d_A_sys))
-            m_part = ~dropped & (~visual | (i < policy.d_P)) & (~system | (i < d_P_sys))
+            a_part = ~dropped & (~visual | ((i < policy.d_A) and i not in attn_off)) & (~system | (i < d_A_sys))
+            m_part = ~dropped & (~visual | ((i < policy.d_P) and i not in mlp_off)) & (~system | (i < d_P_sys))
             allowed = causal[None] & pad[:, None, :] & a_part[:, None, :]
             allowed = allowed | torch.eye(N, dtype=torch.bool)[None]
             mask = torch.zeros(B, 1, N, N, dtype=h.dtype).masked_fill(~allowed[:, None], torch.finfo(h.dtype).min)
@@ -342,3 +345,44 @@ def test_decoder_token_pruner_matches_reference_and_decodes(tiny):
                     extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
     with pytest.raises(ValueError, match="valid: 0.."):
         apply_dop(model, DOPPolicy.full(L), token_pruner=_NormPruner(L - 1))
+
+
+@pytest.mark.parametrize("mask", [({1}, set()), (set(), {0, 2}), ({0, 1, 2}, set()), ({2}, {1})])
+def test_single_operation_pruning_equals_masking(tiny, mask):
+    """Visual MHA/MLP operations pruned at single layers (the paper's redundancy analysis, Tables 26-30):
+    gathered execution equals the masked reference, cached decoding equals recomputation, and the executor
+    processes the declared tokens per layer."""
+    from vlmeval_dop.flops import layer_token_counts
+    from vlmeval_dop.policy import OperationMask
+
+    family, model, processor = tiny
+    inputs = _inputs(family, processor, n=2)
+    L = _num_layers(model)
+    op = OperationMask(attn=mask[0], mlp=mask[1])
+    policy = DOPPolicy(L, L) if family != "llava15" else DOPPolicy(L - 1, L)
+    ref = masked_reference(model, inputs, policy, op_mask=op)
+    with apply_dop(model, policy, op_mask=op) as handle:
+        out = _logits(model, inputs)[:, -1]
+        gen = _generate(model, inputs, n=3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # tokens per layer: visual tokens leave exactly the masked operations (padding-free sample 0)
+    n = int(inputs["attention_mask"][0].sum())
+    n_vis = int(_visual(model, inputs["input_ids"])[0].sum())
+    spec = ArchSpec.from_model(model)
+    expect = layer_token_counts(spec, policy, n - n_vis, n_visual=n_vis, executed=True, op_mask=op)
+    assert handle.last_sample_layer_tokens and [c[0] for c in handle.last_sample_layer_tokens] == expect
+    # decoding from the pruned caches equals recomputing the whole sequence step by step
+    seq = inputs["input_ids"]
+    am = inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    with apply_dop(model, policy, op_mask=op), torch.no_grad():
+        for t in range(gen.shape[1]):
+            logits = model(input_ids=seq, attention_mask=am, use_cache=False, **extra).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            assert torch.equal(nxt, gen[:, t : t + 1])
+            seq = torch.cat([seq, nxt], 1)
+            am = torch.cat([am, torch.ones_like(nxt)], 1)
+            if "mm_token_type_ids" in extra:  # Qwen2.5-VL: generated tokens are text (type 0)
+                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+    with pytest.raises(Exception, match="valid: 0.."):
+        apply_dop(model, policy, op_mask=OperationMask(attn={L}))

@@ -8,11 +8,11 @@ check_transformers_version()
 
 from .executor import DOPHandle, apply_dop  # noqa: E402
 from .flops import policy_tflops  # noqa: E402
-from .policy import DOPPolicy  # noqa: E402
+from .policy import DOPPolicy, OperationMask  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["DOPHandle", "DOPPolicy", "apply_dop", "load_entry", "policy_tflops", "__version__"]
+__all__ = ["DOPHandle", "DOPPolicy", "OperationMask", "apply_dop", "load_entry", "policy_tflops", "__version__"]
 
 
 def __getattr__(name: str):

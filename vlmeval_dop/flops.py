@@ -53,6 +53,7 @@ def layer_token_counts(
     n_visual: int | None = None,
     system_tokens: int = 0,
     executed: bool = False,
+    op_mask=None,
 ) -> list[tuple[int, int]]:
     """Per-layer `(n_A, n_P)` token counts of `policy`.
 
@@ -62,6 +63,7 @@ def layer_token_counts(
         system_tokens: how many of `text_tokens` form the system group (only used when the policy sets
             system-token depths, Eq. 14).
         executed: count what the executor runs (`policy.effective()`) instead of the paper's Eq. 11.
+        op_mask: `policy.OperationMask` of single visual operations pruned on top of the depths.
     """
     n_visual = spec.visual_tokens if n_visual is None else n_visual
     p = policy.effective() if executed else policy
@@ -73,8 +75,9 @@ def layer_token_counts(
     rest = text_tokens - sys_n
     counts = []
     for layer in range(L):
-        n_a = rest + (n_v if layer < p.d_A else 0) + (sys_n if layer < d_A_sys else 0)
-        n_p = rest + (n_v if layer < p.d_P else 0) + (sys_n if layer < d_P_sys else 0)
+        a_in, m_in = op_mask.visual_in(layer) if op_mask else (True, True)
+        n_a = rest + (n_v if layer < p.d_A and a_in else 0) + (sys_n if layer < d_A_sys else 0)
+        n_p = rest + (n_v if layer < p.d_P and m_in else 0) + (sys_n if layer < d_P_sys else 0)
         counts.append((n_a, n_p))
     return counts
 

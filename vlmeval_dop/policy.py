@@ -145,3 +145,36 @@ class DOPPolicy:
                     f"n_v={self.n_v} exceeds the model's {num_visual_tokens} visual tokens; valid: 1..{num_visual_tokens}"
                 )
         return self
+
+
+@dataclass(frozen=True)
+class OperationMask:
+    """Visual-token operations pruned at individual layers, on top of a depth policy (paper App. G).
+
+    The depth policy prunes *suffixes* (every layer >= d_A / d_P). The redundancy analysis of the paper
+    (Tables 26-28: one operation at layer l, or three consecutive ones) and the policy perturbations
+    (Tables 29-30: random swaps) prune arbitrary sets instead: visual tokens skip the MHA of the layers in
+    `attn` (neither queries nor keys/values there, they pass through by the residual) and the MLP of the
+    layers in `mlp`, and take part again in the other layers.
+    """
+
+    attn: frozenset[int] = frozenset()
+    mlp: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attn", frozenset(int(i) for i in self.attn))
+        object.__setattr__(self, "mlp", frozenset(int(i) for i in self.mlp))
+
+    def validate(self, num_layers: int) -> "OperationMask":
+        """Raise PolicyError unless every layer index is in 0..num_layers-1."""
+        bad = sorted(i for i in self.attn | self.mlp if not 0 <= i < num_layers)
+        if bad:
+            raise PolicyError(f"operation mask names layers {bad}; valid: 0..{num_layers - 1}")
+        return self
+
+    def visual_in(self, layer: int) -> tuple[bool, bool]:
+        """(visual tokens in this layer's MHA, in its MLP) as far as the mask is concerned."""
+        return layer not in self.attn, layer not in self.mlp
+
+    def __bool__(self) -> bool:
+        return bool(self.attn or self.mlp)

@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicCache
 
 from .._compat import check_transformers_version
 from ..arch import ArchSpec
-from ..policy import DOPPolicy, PolicyError
+from ..policy import DOPPolicy, OperationMask, PolicyError
 from ..reducers import ReductionContext, VisualTokenReducer, check_family, check_selection, get_reducer
 from ..reducers.base import KeptTokens, ReducerError, selection_indices
 from ..reducers.vision import CLIP_FAMILIES, VISION_CAPTURE_KEY, VisionRecorder
@@ -83,6 +83,17 @@ class _Groups:
 
 
 @dataclass
+class _MLPBeyondAttn:
+    """An MLP token set (full-sequence coordinates) that is not a subset of the layer's attention set."""
+
+    tokens: "_TokenSet"
+
+    @property
+    def counts(self) -> list[int]:
+        return self.tokens.counts
+
+
+@dataclass
 class _CallPlan:
     """Everything layers need for one forward call of the decoder stack."""
 
@@ -91,7 +102,9 @@ class _CallPlan:
     pad_valid: torch.Tensor  # (B, past+N) bool, 1 = real token
     no_padding: bool  # pad_valid is all True (host flag)
     attn: list[_TokenSet]  # per layer
-    mlp_in_attn: list[_TokenSet | None]  # per layer: MLP subset as indices into the attn set (None = same)
+    # per layer: MLP subset as indices into the attn set (None = same), or `_MLPBeyondAttn` when the MLP
+    # also runs tokens that skip this layer's attention (single-layer MHA pruning, OperationMask)
+    mlp_in_attn: list["_TokenSet | _MLPBeyondAttn | None"]
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # overrides the model's (remapped RoPE)
     position_ids: torch.Tensor | None
     cache: DOPCache | None
@@ -119,11 +132,14 @@ class DOPHandle:
         policy: DOPPolicy,
         reducer: str | VisualTokenReducer | None = None,
         token_pruner: DecoderTokenPruner | None = None,
+        op_mask: OperationMask | None = None,
     ):
         self.model = model
         self.adapter: FamilyAdapter = adapter_for(model)
         self.spec = ArchSpec.from_model(model)
         self.policy = policy.validate(self.spec.num_layers)
+        self.op_mask = (op_mask or OperationMask()).validate(self.spec.num_layers)
+        # effective() still holds with an operation mask: after d_A no layer attends to visual tokens again
         self.executed_policy = policy.effective()
         self.reducer = get_reducer(reducer)
         self.token_pruner = token_pruner
@@ -394,9 +410,11 @@ class DOPHandle:
         p, L = self.executed_policy, self.spec.num_layers
         sets: dict[tuple[bool, bool], _TokenSet] = {}
         attn_sets: list[_TokenSet] = []
-        mlp_sets: list[_TokenSet | None] = []
+        mlp_sets: list[_TokenSet | _MLPBeyondAttn | None] = []
         for layer in range(start, L):
-            a_vis, m_vis = layer < p.d_A or not groups.any_visual, layer < p.d_P or not groups.any_visual
+            a_in, m_in = self.op_mask.visual_in(layer)
+            a_vis = (layer < p.d_A and a_in) or not groups.any_visual
+            m_vis = (layer < p.d_P and m_in) or not groups.any_visual
             a_sys = p.d_A_sys is None or layer < p.d_A_sys or not groups.any_system
             m_sys = p.d_P_sys is None or layer < p.d_P_sys or not groups.any_system
             if (a_vis, a_sys) not in sets:
@@ -405,6 +423,8 @@ class DOPHandle:
             attn_sets.append(attn)
             if (a_vis, a_sys) == (m_vis, m_sys):
                 mlp_sets.append(None)
+            elif (m_vis and not a_vis) or (m_sys and not a_sys):  # MLP runs tokens the MHA skipped
+                mlp_sets.append(_MLPBeyondAttn(_TokenSet.from_mask(groups.keep(alive, m_vis, m_sys))))
             else:
                 within = torch.gather(groups.keep(alive, m_vis, m_sys), 1, attn.index) & attn.valid
                 mlp_sets.append(_TokenSet.from_mask(within))
@@ -557,6 +577,11 @@ class DOPHandle:
         if cache is not None:
             self._record(cache, i, plan, attn)
 
+        if isinstance(mlp_sub, _MLPBeyondAttn):  # attention on its set, then the MLP on a larger one
+            full = _scatter(hidden, attn, x)
+            y = _gather(full, mlp_sub.tokens.index)
+            y = y + layer.mlp(layer.post_attention_layernorm(y))
+            return _scatter(full, mlp_sub.tokens, y)
         if mlp_sub is None:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         else:
@@ -615,6 +640,7 @@ def apply_dop(
     policy: DOPPolicy,
     reducer: str | VisualTokenReducer | None = None,
     token_pruner: DecoderTokenPruner | None = None,
+    op_mask: OperationMask | None = None,
 ) -> DOPHandle:
     """Make `model` (a stock transformers MLLM of a supported family) run `policy` in forward/generate.
 
@@ -630,5 +656,7 @@ def apply_dop(
             `policy.n_v` is set.
         token_pruner: optional decoder-side method (`executor.token_pruner.DecoderTokenPruner`) that
             drops tokens after chosen layers during prefill, combined with the policy.
+        op_mask: `OperationMask` of single visual MHA/MLP operations pruned at given layers on top of the
+            depths (the paper's redundancy analysis and policy perturbations).
     """
-    return DOPHandle(model, policy, reducer, token_pruner)
+    return DOPHandle(model, policy, reducer, token_pruner, op_mask)
