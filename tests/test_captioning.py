@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import random
 import sys
 from pathlib import Path
@@ -26,7 +25,6 @@ def test_cider_d_by_hand_on_three_items():
     # ln3 - ln3 = 0; every other reference n-gram is in one item -> idf L; n-grams in no reference
     # ("red red", "runs", ...) have df 0 -> idf ln3 - ln(max(1, 0)) = L. Weight = tf * idf.
     # "length" = number of bigrams (coco-caption's counts2vec), penalty exp(-d^2 / 72) (sigma 6).
-    L = math.log(3)
     pen = math.exp(-1 / 72)
     # item 1, candidate: red 2L, car L (|.|=L*sqrt5); "red red" L, "red car" L (L*sqrt2); trigram L; length 2
     #  ref "a red car": a 0, red L, car L (L*sqrt2); "a red" L, "red car" L (L*sqrt2); "a red car" L; length 2
@@ -147,18 +145,6 @@ def test_ptb_tokenize_approximation():
 
 
 # ------------------------------------------------------------------------------------------ datasets
-@pytest.fixture(scope="module")
-def lmu_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("LMUData")
-    old = os.environ.get("LMUData")
-    os.environ["LMUData"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("LMUData", None)
-    else:
-        os.environ["LMUData"] = old
-
-
 NOCAPS_REFS = {
     0: ["A bird sits on a branch.", "a small bird on a tree branch", "A bird perched on a branch."],
     1: ["Two people ride bikes.", "two cyclists on a road"],

@@ -6,7 +6,6 @@ through its own `LMUData` variable (VLMEvalKit's configuration, not ours), so no
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -17,18 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("llava15", "llavanext", "qwen25vl", "internvl3")
 VISUAL_TOKENS = {"llava15": 64, "llavanext": 336, "qwen25vl": 64, "internvl3": 80}  # 224x224 demo images
 N_DEMO = 8
-
-
-@pytest.fixture(scope="module")
-def lmu_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("LMUData")
-    old = os.environ.get("LMUData")
-    os.environ["LMUData"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("LMUData", None)
-    else:
-        os.environ["LMUData"] = old
 
 
 @pytest.fixture(scope="module")

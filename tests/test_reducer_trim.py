@@ -9,7 +9,7 @@ import torch
 from vlmeval_dop import DOPPolicy, apply_dop
 from vlmeval_dop.reducers import ReducerError
 from vlmeval_dop.reducers.clip_text import default_clip_source, load_clip_text
-from vlmeval_dop.reducers.trim import TRIM, iqr_outlier_count, trim_scores, trim_select
+from vlmeval_dop.reducers.trim import iqr_outlier_count, trim_scores, trim_select
 from vlmeval_dop.tiny import load_tiny, tiny_image, tiny_inputs
 
 Q = "Which colour is the square?"

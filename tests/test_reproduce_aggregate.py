@@ -125,18 +125,6 @@ VLMEVAL_POOLED_POPE_BASE = 100 * 2 * 4 / (2 * 4 + 2 + 2)  # VLMEvalKit's Overall
 
 
 @pytest.fixture(scope="module")
-def lmu_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("LMUData")
-    old = os.environ.get("LMUData")
-    os.environ["LMUData"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("LMUData", None)
-    else:
-        os.environ["LMUData"] = old
-
-
-@pytest.fixture(scope="module")
 def work(lmu_root, tmp_path_factory):
     """A VLMEvalKit work dir written by run.py: DOP_Demo inferred, the other datasets evaluated."""
     import hashlib

@@ -131,6 +131,16 @@ def check_selection(reducer: VisualTokenReducer, ctx: ReductionContext, n_keep: 
             raise ReducerError(f"reducer {reducer.name!r} must return sorted unique indices in [0, {span.num_tokens})")
 
 
+def check_n_keep(label: str, ctx: ReductionContext, n_keep: int) -> None:
+    """Raise ReducerError naming the valid range if an image of `ctx` has fewer than `n_keep` tokens."""
+    for span in ctx.images:
+        if not 0 <= n_keep <= span.num_tokens:
+            raise ReducerError(
+                f"{label} cannot keep {n_keep} of the {span.num_tokens} visual tokens of image "
+                f"{span.image_index} in sample {span.batch_index}; valid: 0..{span.num_tokens}"
+            )
+
+
 def check_family(reducer: VisualTokenReducer, family: str) -> None:
     """Raise ReducerError if `reducer` does not support `family`."""
     if reducer.families is not None and family not in reducer.families:

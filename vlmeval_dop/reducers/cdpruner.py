@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from .base import ImageSpan, ReducerError, ReductionContext
+from .base import ImageSpan, ReducerError, ReductionContext, check_n_keep
 from .dpp import dpp_greedy_map
 from .instruction import InstructionText, instruction_ids
 
@@ -217,12 +217,7 @@ class CDPruner:
     def select(self, ctx: ReductionContext, n_keep: int) -> list[torch.Tensor]:
         if ctx.family not in self.families:
             raise ReducerError(f"reducer 'cdpruner' does not support model family {ctx.family!r}; supported: {', '.join(self.families)}")
-        for span in ctx.images:
-            if not 0 <= n_keep <= span.num_tokens:
-                raise ReducerError(
-                    f"CDPruner cannot keep {n_keep} of the {span.num_tokens} visual tokens of image "
-                    f"{span.image_index} in sample {span.batch_index}; valid: 0..{span.num_tokens}"
-                )
+        check_n_keep("CDPruner", ctx, n_keep)
         if ctx.family in ("qwen2_5_vl", "internvl"):  # no CLIP: LLM-space port (module docstring)
             return [self._select_qwen(ctx, span, n_keep) for span in ctx.images]
         rel = self.clip_relevance(ctx)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import ImageSpan, KeptTokens, ReducerError, ReductionContext
+from .base import ImageSpan, KeptTokens, ReducerError, ReductionContext, check_n_keep
 from .cdpruner import crop_quotas
 from .instruction import InstructionText
 from .vision import CLIP_FAMILIES, vision_capture, vision_tower
@@ -108,12 +108,7 @@ class TRIM:
     def select(self, ctx: ReductionContext, n_keep: int) -> list[KeptTokens]:
         if ctx.family not in self.families:
             raise ReducerError(f"reducer 'trim' does not support model family {ctx.family!r}; supported: {', '.join(self.families)}")
-        for span in ctx.images:
-            if not 0 <= n_keep <= span.num_tokens:
-                raise ReducerError(
-                    f"TRIM cannot keep {n_keep} of the {span.num_tokens} visual tokens of image "
-                    f"{span.image_index} in sample {span.batch_index}; valid: 0..{span.num_tokens}"
-                )
+        check_n_keep("TRIM", ctx, n_keep)
         from .clip_text import default_clip_source, load_clip_text
 
         cap = vision_capture(ctx)

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ReducerError, ReductionContext, check_family
+from .base import ReducerError, ReductionContext, check_family, check_n_keep
 from .llava_next_layout import llava_next_layout
 from .uniform import uniform_indices
 from .vision import vision_capture
@@ -171,12 +171,7 @@ class VisPruner:
 
     def select(self, ctx: ReductionContext, n_keep: int) -> list[torch.Tensor]:
         check_family(self, ctx.family)
-        for span in ctx.images:
-            if not 0 <= n_keep <= span.num_tokens:
-                raise ReducerError(
-                    f"VisPruner cannot keep {n_keep} of the {span.num_tokens} visual tokens of image "
-                    f"{span.image_index} in sample {span.batch_index}; valid: 0..{span.num_tokens}"
-                )
+        check_n_keep("VisPruner", ctx, n_keep)
         cap = vision_capture(ctx)
         if len(cap.crops_per_image) != len(ctx.images):
             raise ReducerError(
