@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             runnable_entry(name)
         except EntryError as exc:
             raise _fail(str(exc)) from None
+        # `{entry}__mha4-6` names (single operations pruned, Tables 26-28) are made on demand
+        supported_VLM.setdefault(name, partial(_build_model, name))
 
     def resolve(name: str) -> str:
         try:

@@ -67,6 +67,8 @@ def plan_table(number: int, work_dir: Path) -> list[Cell]:
     from vlmeval_dop.registry import EntryError, get_entry
 
     spec = get_table(number)
+    if spec.kind == "depth_redundancy":
+        return _plan_operation_table(spec, work_dir)
     if spec.kind != "accuracy" and not spec.benchmarks:
         raise ValueError(
             f"table {number} ({spec.kind}) is not made of VLMEvalKit accuracy cells; "
@@ -92,6 +94,31 @@ def plan_table(number: int, work_dir: Path) -> list[Cell]:
             else:
                 status = "done" if is_finished(work_dir, ref.entry, dataset) else "todo"
                 cells.append(Cell(row, ref.entry, bench, dataset, status))
+    return cells
+
+
+def _plan_operation_table(spec, work_dir: Path) -> list[Cell]:
+    """Tables 26-28: row `model[prune=MHA;eval=TextVQA]` x column `l4` / `l4-6` -> entry `model__mha4` /
+    `model__mha4-6` (that single operation of the visual tokens pruned, 1-based layers) on that benchmark."""
+    from vlmeval_dop.registry import EntryError, get_entry
+
+    datasets = benchmark_datasets()
+    cells = []
+    for row in spec.rows:
+        ref = parse_row(row)
+        op, bench = ref.config["prune"].lower(), ref.config["eval"]
+        for column in spec.columns:
+            entry = f"{ref.entry}__{op}{column[1:]}"
+            try:
+                reason = get_entry(entry).unavailable_reason() or ""
+            except EntryError as exc:
+                reason = str(exc)
+            dataset = datasets[bench]
+            if reason:
+                cells.append(Cell(row, entry, column, dataset, "blocked", reason))
+            else:
+                status = "done" if is_finished(work_dir, entry, dataset) else "todo"
+                cells.append(Cell(row, entry, column, dataset, status))
     return cells
 
 

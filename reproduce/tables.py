@@ -436,9 +436,10 @@ _add(TableSpec(
     budgets=(0.28, 0.23),
 ))
 _DEPTH_NOTE = (
-    "Layers are 1-based as in the paper (l1 = first decoder layer). Pruning the visual-token operations of "
-    "a chosen layer set that is not a suffix cannot be expressed by DOPPolicy (d_A, d_P, n_v); these rows "
-    "need a per-layer operation mask in the executor, which DESIGN.md does not provide."
+    "Layers are 1-based as in the paper (l1 = first decoder layer). A layer set that is not a suffix is not a "
+    "DOPPolicy (d_A, d_P, n_v): each cell runs the entry `{model}__mha<l>` / `__mlp<a-b>` (an OperationMask "
+    "in the executor: visual tokens skip exactly those operations), e.g. `python run.py --model "
+    "llava15_7b__mha4-6 --data TextVQA`; `reproduce/run.py --table N` plans and runs them."
 )
 _add(TableSpec(
     26, "Pruning a single visual MHA/MLP operation at layer l (LLaVA-1.5-7B)", "depth_redundancy",
@@ -446,18 +447,12 @@ _add(TableSpec(
     tuple(f"llava15_7b[prune={m};eval={b}]" for m in ("MHA", "MLP") for b in ("TextVQA", "SEED")),
     ("l1", "l4", "l8", "l12", "l16", "l20", "l24", "l28", "l32"),
     _DEPTH_NOTE + " All 576 visual tokens are kept.",
-    missing=("evaluation entries for single-layer operation masks: the executor runs them "
-             "(apply_dop(model, policy, op_mask=OperationMask(attn={l})), tested against masking), but the "
-             "wrapper/registry/runner wiring of these configurations is not done",),
 ))
 _add(TableSpec(
     27, "Pruning 3 consecutive visual MHA/MLP operations (LLaVA-1.5-7B)", "depth_redundancy", ("llava15_7b",),
     tuple(f"llava15_7b[prune={m};eval={b}]" for m in ("MHA", "MLP") for b in ("TextVQA", "SEED")),
     ("l1-3", "l4-6", "l8-10", "l12-14", "l16-18", "l20-22", "l24-26", "l28-30"),
     _DEPTH_NOTE + " Column lA-B prunes layers A..B.",
-    missing=("evaluation entries for single-layer operation masks: the executor runs them "
-             "(apply_dop(model, policy, op_mask=OperationMask(attn={l})), tested against masking), but the "
-             "wrapper/registry/runner wiring of these configurations is not done",),
 ))
 _add(TableSpec(
     28, "MME after pruning 3 consecutive visual MHA/MLP operations (Qwen2.5-VL-7B)", "depth_redundancy",
@@ -467,9 +462,6 @@ _add(TableSpec(
     _DEPTH_NOTE + " MME here is perception + reasoning (full model: 2286, Table 12).",
     units={c: "MME perception + reasoning (0-2800)" for c in
            ("l1-3", "l4-6", "l8-10", "l12-14", "l16-18", "l20-22", "l24-26")},
-    missing=("evaluation entries for single-layer operation masks: the executor runs them "
-             "(apply_dop(model, policy, op_mask=OperationMask(attn={l})), tested against masking), but the "
-             "wrapper/registry/runner wiring of these configurations is not done",),
 ))
 _add(TableSpec(
     29, "Policy perturbation on LLaVA-1.5-7B at 28% (10 random swaps each)", "perturbation", ("llava15_7b",),
@@ -480,9 +472,9 @@ _add(TableSpec(
     "per-layer operation masks (not a DOPPolicy); the 10 random draws are not published, so only "
     "statistics are comparable. The original row equals Table 8's DOP_CD 28% row.",
     budgets=(0.28,),
-    missing=("evaluation entries for single-layer operation masks: the executor runs them "
-             "(apply_dop(model, policy, op_mask=OperationMask(attn={l})), tested against masking), but the "
-             "wrapper/registry/runner wiring of these configurations is not done",),
+    missing=("the random swap sampler and its best/mean statistics over 10 draws: each swapped policy is an "
+             "operation mask the executor runs (entries `{entry}__mha3.27__mlp5`), but drawing the swaps and "
+             "aggregating the statistics is not implemented",),
 ))
 _add(TableSpec(
     30, "Policy perturbation on Qwen2.5-VL-7B at 26% (10 random swaps each)", "perturbation", ("qwen25vl_7b",),
@@ -492,9 +484,9 @@ _add(TableSpec(
     "Only MLP swaps: the policy keeps every MHA operation (d_A = L = 28). Same limitation as Table 29. The "
     "original row equals Table 12's DOP_R 26% row; MME is perception + reasoning.",
     budgets=(0.26,), units=_QI_UNITS,
-    missing=("evaluation entries for single-layer operation masks: the executor runs them "
-             "(apply_dop(model, policy, op_mask=OperationMask(attn={l})), tested against masking), but the "
-             "wrapper/registry/runner wiring of these configurations is not done",),
+    missing=("the random swap sampler and its best/mean statistics over 10 draws: each swapped policy is an "
+             "operation mask the executor runs (entries `{entry}__mha3.27__mlp5`), but drawing the swaps and "
+             "aggregating the statistics is not implemented",),
 ))
 
 assert sorted(TABLES) == list(range(1, 31))

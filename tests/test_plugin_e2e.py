@@ -277,3 +277,15 @@ def test_every_tiny_method_entry_generates_pruned(entry, lmu_root):
         # the first layer sees the kept visual tokens plus the text: fewer than the unpruned count
         assert counts[0][0] <= sum(counts[0]) and counts[0][0] < wrapper.last_visual_tokens + 200
     assert counts[-1][0] < counts[0][0] or e.baseline is None  # decoder-side methods drop tokens in the decoder
+
+
+def test_operation_mask_entry_end_to_end(built, tmp_path):
+    """`{entry}__mha2`: VLMEvalKit runs the model with the visual tokens skipping only layer 2's MHA
+    (1-based), the name made on demand (paper Tables 26-28)."""
+    entry = "tiny_llava15__mha2"
+    models = built("--model", entry, "--data", "DOP_Demo", "--work-dir", str(tmp_path))
+    assert all(p.exists() for p in _outputs(tmp_path, entry))
+    counts = models[entry][0].last_layer_tokens
+    n_vis = VISUAL_TOKENS["llava15"]
+    assert counts[0] == counts[2] == counts[3] == (counts[0][0], counts[0][0])
+    assert counts[1] == (counts[0][0] - n_vis, counts[0][0])  # MHA without the image, MLP with it

@@ -217,3 +217,16 @@ def test_paper_baselines_are_matched_in_tflops():
     # two full layers of 576 tokens already cost more than 32 tokens everywhere: no FastV cell at 23 %
     with pytest.raises(EntryError, match="cannot meet the TFLOPs of 32 visual tokens"):
         get_entry("llava15_7b_fastv23")
+
+
+def test_operation_mask_entries_on_demand():
+    e = get_entry("llava15_7b__mha4-6__mlp32")
+    assert e.op_mask.attn == {3, 4, 5} and e.op_mask.mlp == {31} and e.policy is None and e.runnable
+    assert get_entry("llava15_7b_dopcd28__mlp2").policy == get_entry("llava15_7b_dopcd28").policy
+    assert "llava15_7b__mha4" not in load_entries()  # made on demand, not listed
+    with pytest.raises(EntryError, match=r"layers 1..32, not \[33\]"):
+        get_entry("llava15_7b__mha33")
+    with pytest.raises(EntryError, match="not the baseline"):
+        get_entry("llava15_7b_fastv28__mha2")
+    with pytest.raises(EntryError, match="mha<layers> or mlp<layers>"):
+        get_entry("llava15_7b__attn2")

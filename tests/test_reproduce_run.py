@@ -56,3 +56,21 @@ def test_bad_tables(capsys):
     assert "numbered 1-30" in capsys.readouterr().err
     assert rrun.main(["--table", "3", "--dry-run"]) == 2
     assert "efficiency" in capsys.readouterr().err
+
+
+def test_operation_tables_plan_masked_entries(tmp_path):
+    """Tables 26-28: every (row, column) cell is the entry with that single operation pruned."""
+    cells = rrun.plan_table(27, tmp_path)
+    spec = get_table(27)
+    assert len(cells) == len(spec.rows) * len(spec.columns)
+    c = next(c for c in cells if c.row == "llava15_7b[prune=MLP;eval=SEED]" and c.benchmark == "l4-6")
+    assert (c.entry, c.dataset, c.status) == ("llava15_7b__mlp4-6", "SEEDBench_IMG", "todo")
+    from vlmeval_dop.registry import get_entry
+
+    mask = get_entry(c.entry).op_mask
+    assert mask.mlp == {3, 4, 5} and not mask.attn  # 1-based columns -> 0-based layers
+    (tmp_path / "llava15_7b__mlp4-6").mkdir()
+    (tmp_path / "llava15_7b__mlp4-6" / "llava15_7b__mlp4-6_SEEDBench_IMG_acc.csv").write_text("Overall\n0.6\n")
+    again = {(c.row, c.benchmark): c.status for c in rrun.plan_table(27, tmp_path)}
+    assert again[("llava15_7b[prune=MLP;eval=SEED]", "l4-6")] == "done"
+    assert rrun.main(["--table", "28", "--dry-run", "--work-dir", str(tmp_path)]) == 0

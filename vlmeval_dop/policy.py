@@ -7,6 +7,7 @@ which is the same set). `n_v` is the number of visual tokens the reducer keeps (
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -147,6 +148,9 @@ class DOPPolicy:
         return self
 
 
+_OP_RE = re.compile(r"^(mha|mlp)(\d+(?:-\d+)?(?:\.\d+(?:-\d+)?)*)$")
+
+
 @dataclass(frozen=True)
 class OperationMask:
     """Visual-token operations pruned at individual layers, on top of a depth policy (paper App. G).
@@ -178,3 +182,29 @@ class OperationMask:
 
     def __bool__(self) -> bool:
         return bool(self.attn or self.mlp)
+
+    @classmethod
+    def parse(cls, text: str) -> "OperationMask":
+        """Parse the entry-name suffix form: `mha4-6`, `mlp12`, `mha3.27` (1-based layers as in the paper's
+        tables: l1 is the first layer; `a-b` a range, `.` separates items), several joined by `__`.
+
+        Raises:
+            PolicyError: a malformed item (the message shows the valid forms).
+        """
+        attn: set[int] = set()
+        mlp: set[int] = set()
+        for part in text.split("__"):
+            m = _OP_RE.match(part)
+            if not m:
+                raise PolicyError(
+                    f"operation mask {part!r} is not of the form mha<layers> or mlp<layers> with 1-based layers "
+                    "like 4, 4-6 or 3.27 (e.g. llava15_7b__mha4-6)"
+                )
+            target = attn if m.group(1) == "mha" else mlp
+            for item in m.group(2).split("."):
+                a, _, b = item.partition("-")
+                lo, hi = int(a), int(b or a)
+                if lo < 1 or hi < lo:
+                    raise PolicyError(f"operation mask {part!r}: layers are 1-based and ranges increasing")
+                target.update(range(lo - 1, hi))
+        return cls(frozenset(attn), frozenset(mlp))

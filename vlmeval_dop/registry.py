@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from .models_config import CONFIG_DIR, load_models, load_paper_policies
-from .policy import DOPPolicy
+from .policy import DOPPolicy, OperationMask, PolicyError
 
 ENTRIES_FILE = "entries.yaml"
 BASELINES_FILE = "baselines.yaml"
@@ -93,6 +93,7 @@ class Entry:
     args: dict[str, Any] = field(default_factory=dict)
     source: str = "entries.yaml"
     required_file: str | None = None  # a file fitted offline that the entry needs (FitPrune's schedule)
+    op_mask: OperationMask | None = None  # single visual operations pruned on top (`{entry}__mha4-6` names)
 
     # ------------------------------------------------------------------ availability
     def missing(self) -> tuple[str, str] | None:
@@ -401,11 +402,36 @@ def _unknown(name: str, valid: list[str], what: str = "entry") -> EntryError:
 def get_entry(name: str, config_dir: Path | None = None) -> Entry:
     """The entry called `name`; unknown names raise EntryError naming the closest entries."""
     entries = load_entries(config_dir)
+    if OP_SEPARATOR in name and name not in entries:
+        return _masked_entry(name, entries)
     if name not in entries:
         if name in INFEASIBLE_BASELINES:
             raise EntryError(f"entry {name!r} does not exist: {INFEASIBLE_BASELINES[name]}")
         raise _unknown(name, list(entries))
     return entries[name]
+
+
+OP_SEPARATOR = "__"
+
+
+def _masked_entry(name: str, entries: dict[str, Entry]) -> Entry:
+    """`{entry}__mha4-6[__mlp12]`: an entry with single visual operations pruned on top of its policy
+    (the paper's redundancy analysis, Tables 26-28); layers are 1-based as in the paper's columns."""
+    base_name, _, suffix = name.partition(OP_SEPARATOR)
+    if base_name not in entries:
+        raise _unknown(base_name, list(entries))
+    base = entries[base_name]
+    if base.baseline is not None:
+        raise EntryError(f"{name!r}: operation masks apply to DOP or unpruned entries, not the baseline {base_name!r}")
+    L = (load_models()[base.model.name].arch if base.model.paper else _tiny_arch(base.model.tiny)).num_layers
+    try:
+        mask = OperationMask.parse(suffix)
+    except PolicyError as exc:
+        raise EntryError(f"{name!r}: {exc}") from None
+    bad = sorted(i + 1 for i in mask.attn | mask.mlp if i >= L)
+    if bad:
+        raise EntryError(f"{name!r}: {base.model.name} has layers 1..{L}, not {bad}")
+    return replace(base, name=name, op_mask=mask, source="operation mask")
 
 
 def runnable_entry(name: str, config_dir: Path | None = None) -> Entry:
@@ -455,6 +481,8 @@ def load_entry(name: str, **overrides: Any):
         model_path=entry.model.hf_id, tiny=entry.model.tiny, entry=entry.name, policy=entry.policy,
         reducer=entry.reducer, baseline=entry.baseline, baseline_args=entry.baseline_args,
     )
+    if entry.op_mask:
+        kwargs["op_mask"] = entry.op_mask
     kwargs.update(entry.model.args)
     kwargs.update(entry.args)
     if "model_path" in overrides:  # a local checkpoint directory replaces the Hub id (or the tiny build)

@@ -29,7 +29,7 @@ from vlmeval.smp import get_logger
 from vlmeval.vlm.base import BaseModel
 
 from ..executor import apply_dop
-from ..policy import DOPPolicy, PolicyError
+from ..policy import DOPPolicy, OperationMask, PolicyError
 from .weights import WeightsUnavailableError, resolve_weights, weights_unavailable
 
 # a child of VLMEvalKit's root logger "vlmeval": same console and run log file as VLMEvalKit's messages
@@ -49,6 +49,7 @@ class DOPWrapper(BaseModel):
         policy: DOP policy; None = the unpruned model.
         reducer: visual token reducer for `policy.n_v` (a `vlmeval_dop.reducers` name or `resize`).
         baseline, baseline_args: a decoder-side baseline (`vlmeval_dop.baselines.BASELINES`) instead of DOP.
+        op_mask: visual MHA/MLP operations pruned at single layers on top of `policy` (`OperationMask`).
         max_new_tokens: generation length (default: that of VLMEvalKit's wrapper of this model).
         device: torch device (default: cuda if available, else cpu).
         dtype: `float16`, `bfloat16`, `float32` (default: the family's GPU dtype on cuda, float32 on cpu).
@@ -72,6 +73,7 @@ class DOPWrapper(BaseModel):
         reducer: str | None = None,
         baseline: str | None = None,
         baseline_args: dict[str, Any] | None = None,
+        op_mask: OperationMask | None = None,
         max_new_tokens: int | None = None,
         device: str | None = None,
         dtype: str | None = None,
@@ -91,6 +93,7 @@ class DOPWrapper(BaseModel):
         self.reducer = reducer
         self.baseline = baseline
         self.baseline_args = dict(baseline_args or {})
+        self.op_mask = op_mask
         self.max_new_tokens = int(max_new_tokens or self.DEFAULT_MAX_NEW_TOKENS)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _DTYPES[dtype] if dtype else (self.CUDA_DTYPE if self.device.type == "cuda" else torch.float32)
@@ -203,14 +206,14 @@ class DOPWrapper(BaseModel):
                     f"baseline {self.baseline!r} is not registered; available: {', '.join(sorted(available)) or 'none'}"
                 )
             return available[self.baseline](self.model, **self.baseline_args)
-        if self.policy is None:
+        if self.policy is None and not self.op_mask:
             return nullcontext(None)
-        policy, reducer = self.policy, self.reducer
+        policy, reducer = self.policy or DOPPolicy.full(self._num_layers), self.reducer
         if reducer == "resize":  # the image already has ~n_v tokens; the executor prunes depths only
             policy, reducer = replace(policy, n_v=None), None
-        if policy.is_full(self._num_layers):
+        if policy.is_full(self._num_layers) and not self.op_mask:
             return nullcontext(None)
-        return apply_dop(self.model, policy, reducer=reducer)
+        return apply_dop(self.model, policy, reducer=reducer, op_mask=self.op_mask)
 
     def generate_inner(self, message, dataset=None):
         inputs = self.build_inputs(message, dataset).to(self.device)
