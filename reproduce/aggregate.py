@@ -463,6 +463,31 @@ def _outputs(table: pd.DataFrame, prefix: Path) -> dict[Path, bytes]:
     }
 
 
+_SWAP_METHOD = re.compile(r"^(?P<entry>.+)__swap(?P<k>\d+)(?P<module>mha|mlp)\.s(?P<seed>\d+)$")
+
+
+def swap_statistics(scores: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Tables 29-30: replace the per-draw rows `{entry}__swap{k}{mod}.s{seed}` by the paper's statistics.
+
+    Each (entry, k, module, benchmark) becomes `{entry}[swap={k}{MOD};stat=best]` (the maximum over the draws,
+    per benchmark) and `...;stat=mean]` (the mean). Returns the new long table and notes (draw counts other
+    than reproduce/run.py's SWAP_DRAWS).
+    """
+    m = scores["method"].astype(str).str.extract(_SWAP_METHOD)
+    is_swap = m["entry"].notna()
+    if not bool(is_swap.any()):
+        return scores, []
+    draws = scores[is_swap].assign(row=[f"{e}[swap={k}{mod.upper()};stat=" for e, k, mod in
+                                        zip(m["entry"][is_swap], m["k"][is_swap], m["module"][is_swap])])
+    out, notes = [scores[~is_swap]], []
+    for (row, bench), g in draws.groupby(["row", "benchmark"], sort=True):
+        if len(g) != 10:
+            notes.append(f"{row[:-6]}]: {len(g)} draws on {bench} (the paper uses 10)")
+        out.append(pd.DataFrame({"method": [row + "best]", row + "mean]"], "benchmark": bench,
+                                 "score": [float(g["score"].max()), float(g["score"].mean())]}))
+    return pd.concat(out, ignore_index=True), notes
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit code (0 ok, 2 bad input)."""
     parser = argparse.ArgumentParser(
@@ -499,7 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         if not dup.empty:  # a cell both in the work dir and in --scores
             cells = sorted({f"{m}/{b}" for m, b in zip(dup["method"], dup["benchmark"])})
             raise InputError(f"--scores repeats cell(s) read from --work-dir: {', '.join(cells)}")
+        scores, swap_notes = swap_statistics(scores)
         table, notes = aggregate(scores, args.base, args.paper_table)
+        notes = swap_notes + notes
         files: dict[Path, bytes] = {}
         if args.out:
             prefix = Path(args.out)

@@ -79,6 +79,9 @@ def plan_table(number: int, work_dir: Path) -> list[Cell]:
     for row in spec.rows:
         ref = parse_row(row)
         blocked = ""
+        if "swap" in ref.config:  # Tables 29-30: the row's statistic over SWAP_DRAWS seeded perturbations
+            cells += _plan_swap_row(row, ref, spec, work_dir, datasets)
+            continue
         if ref.config:
             blocked = f"needs a search/evaluation ablation ({', '.join(f'{k}={v}' for k, v in ref.config.items())})"
         else:
@@ -94,6 +97,35 @@ def plan_table(number: int, work_dir: Path) -> list[Cell]:
             else:
                 status = "done" if is_finished(work_dir, ref.entry, dataset) else "todo"
                 cells.append(Cell(row, ref.entry, bench, dataset, status))
+    return cells
+
+
+SWAP_DRAWS = 10  # the paper's repetitions per perturbation (App. F.7.2)
+
+
+def swap_entry(entry: str, swap: str, seed: int) -> str:
+    """`llava15_7b_dopcd28`, `3MHA`, 7 -> `llava15_7b_dopcd28__swap3mha.s7` (vlmeval_dop.perturbation)."""
+    return f"{entry}__swap{swap.lower()}.s{seed}"
+
+
+def _plan_swap_row(row: str, ref, spec, work_dir: Path, datasets: dict[str, str]) -> list[Cell]:
+    """One cell per benchmark and draw; the `best` and `mean` rows of a swap share the same runs."""
+    from vlmeval_dop.registry import EntryError, get_entry
+
+    cells = []
+    for seed in range(SWAP_DRAWS):
+        entry = swap_entry(ref.entry, ref.config["swap"], seed)
+        try:
+            reason = get_entry(entry).unavailable_reason() or ""
+        except EntryError as exc:
+            reason = str(exc)
+        for bench in spec.benchmarks:
+            dataset = datasets[bench]
+            if reason:
+                cells.append(Cell(row, entry, bench, dataset, "blocked", reason))
+            else:
+                status = "done" if is_finished(work_dir, entry, dataset) else "todo"
+                cells.append(Cell(row, entry, bench, dataset, status))
     return cells
 
 
@@ -130,7 +162,9 @@ def format_plan(number: int, cells: list[Cell]) -> str:
     lines = [f"table {number}: {len(cells)} cells: {len(done)} done, {len(todo)} to run, {len(blocked)} blocked"]
     by_entry: dict[str, list[str]] = {}
     for c in todo:
-        by_entry.setdefault(c.entry, []).append(c.dataset)
+        datasets = by_entry.setdefault(c.entry, [])
+        if c.dataset not in datasets:  # the best/mean rows of a swap share their runs
+            datasets.append(c.dataset)
     for entry, ds in by_entry.items():
         lines.append(f"  run   {entry}: {' '.join(ds)}")
     reasons: dict[tuple[str, str], int] = {}
@@ -146,7 +180,9 @@ def run_cells(cells: list[Cell], work_dir: Path, limit: int | None, gpus: int, e
     todo = [c for c in cells if c.status == "todo"][: limit if limit is not None else None]
     by_entry: dict[str, list[str]] = {}
     for c in todo:
-        by_entry.setdefault(c.entry, []).append(c.dataset)
+        datasets = by_entry.setdefault(c.entry, [])
+        if c.dataset not in datasets:  # the best/mean rows of a swap share their runs
+            datasets.append(c.dataset)
     launcher = [sys.executable] if gpus <= 1 else ["torchrun", f"--nproc-per-node={gpus}"]
     for entry, datasets in by_entry.items():
         cmd = launcher + [str(HERE.parent / "run.py"), "--model", entry, "--data", *datasets,

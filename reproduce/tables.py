@@ -468,25 +468,21 @@ _add(TableSpec(
     ("llava15_7b_dopcd28",) + tuple(f"llava15_7b_dopcd28[swap={k}{m};stat={s}]"
                                     for m in ("MHA", "MLP") for k in (1, 3) for s in ("best", "mean")),
     ("TextVQA", "GQA", "SEED"),
-    "Swapping k kept and k pruned operations of one module type breaks the depth-wise constraint: needs "
-    "per-layer operation masks (not a DOPPolicy); the 10 random draws are not published, so only "
-    "statistics are comparable. The original row equals Table 8's DOP_CD 28% row.",
+    "Swapping k kept and k pruned operations of one module type breaks the depth-wise constraint: each draw "
+    "is the entry `{entry}__swap{k}{mha|mlp}.s{seed}` (vlmeval_dop/perturbation.py; seeds 0-9, the paper's "
+    "10 repetitions); `reproduce/aggregate.py` reports best and mean per benchmark over the draws. The "
+    "paper's draws are not published, so only the statistics are comparable. The original row equals Table "
+    "8's DOP_CD 28% row.",
     budgets=(0.28,),
-    missing=("the random swap sampler and its best/mean statistics over 10 draws: each swapped policy is an "
-             "operation mask the executor runs (entries `{entry}__mha3.27__mlp5`), but drawing the swaps and "
-             "aggregating the statistics is not implemented",),
 ))
 _add(TableSpec(
     30, "Policy perturbation on Qwen2.5-VL-7B at 26% (10 random swaps each)", "perturbation", ("qwen25vl_7b",),
     ("qwen25vl_7b_dopr26",) + tuple(f"qwen25vl_7b_dopr26[swap={k}MLP;stat={s}]" for k in (1, 3)
                                     for s in ("best", "mean")),
     ("TextVQA", "ChartQA", "MME"),
-    "Only MLP swaps: the policy keeps every MHA operation (d_A = L = 28). Same limitation as Table 29. The "
+    "Only MLP swaps: the policy keeps every MHA operation (d_A = L = 28). Draws as in Table 29. The "
     "original row equals Table 12's DOP_R 26% row; MME is perception + reasoning.",
     budgets=(0.26,), units=_QI_UNITS,
-    missing=("the random swap sampler and its best/mean statistics over 10 draws: each swapped policy is an "
-             "operation mask the executor runs (entries `{entry}__mha3.27__mlp5`), but drawing the swaps and "
-             "aggregating the statistics is not implemented",),
 ))
 
 assert sorted(TABLES) == list(range(1, 31))

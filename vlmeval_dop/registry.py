@@ -412,11 +412,13 @@ def get_entry(name: str, config_dir: Path | None = None) -> Entry:
 
 
 OP_SEPARATOR = "__"
+_SWAP_RE = re.compile(r"^swap(\d+)(mha|mlp)\.s(\d+)$")
 
 
 def _masked_entry(name: str, entries: dict[str, Entry]) -> Entry:
     """`{entry}__mha4-6[__mlp12]`: an entry with single visual operations pruned on top of its policy
-    (the paper's redundancy analysis, Tables 26-28); layers are 1-based as in the paper's columns."""
+    (the paper's redundancy analysis, Tables 26-28; layers 1-based as in the paper's columns), or
+    `{entry}__swap{k}{mha|mlp}.s{seed}`: its DOP policy randomly perturbed (Tables 29-30)."""
     base_name, _, suffix = name.partition(OP_SEPARATOR)
     if base_name not in entries:
         raise _unknown(base_name, list(entries))
@@ -424,6 +426,17 @@ def _masked_entry(name: str, entries: dict[str, Entry]) -> Entry:
     if base.baseline is not None:
         raise EntryError(f"{name!r}: operation masks apply to DOP or unpruned entries, not the baseline {base_name!r}")
     L = (load_models()[base.model.name].arch if base.model.paper else _tiny_arch(base.model.tiny)).num_layers
+    swap = _SWAP_RE.match(suffix)
+    if swap:  # `__swap3mha.s7`: a random perturbation of the entry's DOP policy (Tables 29-30)
+        from .perturbation import swap_operations
+
+        if base.policy is None:
+            raise EntryError(f"{name!r}: swaps perturb a DOP policy; {base_name!r} has none")
+        try:
+            policy, mask = swap_operations(base.policy, L, swap.group(2), int(swap.group(1)), int(swap.group(3)))
+        except PolicyError as exc:
+            raise EntryError(f"{name!r}: {exc}") from None
+        return replace(base, name=name, policy=policy, op_mask=mask, source="policy perturbation")
     try:
         mask = OperationMask.parse(suffix)
     except PolicyError as exc:
