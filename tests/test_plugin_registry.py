@@ -230,3 +230,26 @@ def test_operation_mask_entries_on_demand():
         get_entry("llava15_7b_fastv28__mha2")
     with pytest.raises(EntryError, match="mha<layers> or mlp<layers>"):
         get_entry("llava15_7b__attn2")
+
+
+def test_every_paper_baseline_is_within_its_budget():
+    """Decoder-side entries report their analytic TFLOPs (per-layer counts of their own class), never above
+    the uniform n_e tokens their budget label stands for; reducer entries are exactly (L, L, n_e)."""
+    from vlmeval_dop.flops import policy_tflops
+    from vlmeval_dop.models_config import load_models
+
+    models = load_models()
+    seen = 0
+    for e in load_entries().values():
+        if e.source != "paper" or e.budget is None or e.method.startswith("dop"):
+            continue
+        pm = models[e.model.name]
+        n_e = pm.budgets[e.budget]
+        L = pm.arch.num_layers
+        ref = policy_tflops(pm.arch, DOPPolicy(L, L, n_e), pm.text_tokens)["ratio"]
+        tf = e.tflops()
+        if e.baseline == "fitprune":  # needs its fitted schedule first
+            continue
+        assert tf is not None and tf["ratio"] <= ref + 1e-12, e.name
+        seen += 1
+    assert seen > 60

@@ -134,8 +134,6 @@ class Entry:
         checkpoint's config (built offline on first use), the visual tokens of a 224x224 image
         (`tiny.TINY_VISUAL_TOKENS`, the DOP_Demo image size) and `text_tokens` from entries.yaml.
         """
-        if self.baseline is not None:
-            return None  # a baseline's schedule is not a DOP policy; its module reports its own FLOPs
         from .flops import policy_tflops
 
         if self.model.paper:
@@ -145,11 +143,36 @@ class Entry:
             spec, text = _tiny_arch(self.model.tiny), self.model.text_tokens
             if text is None:
                 return None
+        if self.baseline is not None:
+            return self._baseline_tflops(spec, text)
         policy = self.policy or DOPPolicy.full(spec.num_layers)
         return policy_tflops(spec, policy, text)
+
+    def _baseline_tflops(self, spec, text: int) -> dict[str, float] | None:
+        """A decoder-side baseline's TFLOPs from its class's per-layer token counts (None if it has none)."""
+        from .flops import full_flops, schedule_flops
+
+        cls = getattr(importlib.import_module("vlmeval_dop.baselines"), "DECODER_PRUNERS", {}).get(self.baseline)
+        args = {k: v for k, v in self.baseline_args.items() if k not in ("n_visual", "budget")}
+        try:
+            if self.baseline == "fitprune":
+                from .baselines.fitprune import as_schedule
+
+                counts = as_schedule(args["schedule"]).layer_tokens(text, spec.visual_tokens)
+            elif cls is not None and hasattr(cls, "layer_tokens"):
+                counts = cls.layer_tokens(spec.num_layers, spec.visual_tokens, text, **args)
+            else:
+                return None
+        except (ValueError, KeyError, TypeError):  # e.g. a FitPrune schedule not fitted yet
+            return None
+        tf, full = schedule_flops(spec, counts), full_flops(spec, text)
+        return {"tflops": tf / 1e12, "full_tflops": full / 1e12, "ratio": tf / full,
+                "executed_tflops": tf / 1e12, "executed_ratio": tf / full}
+
     def describe_policy(self) -> str:
         if self.baseline is not None:
-            args = ",".join(f"{k}={v}" for k, v in self.baseline_args.items())
+            args = ",".join(f"{k}={Path(v).name if k == 'schedule' and isinstance(v, str) else v}"
+                            for k, v in self.baseline_args.items() if k != "n_visual")
             return f"{self.baseline}({args})"
         if self.policy is None:
             return "full"
