@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -406,7 +407,8 @@ def _solve_baseline_args(baseline: str, pm, n_e: int, args: dict, solve: str, bo
         lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid)
     best = hi if cost(hi) <= target else lo
     extra = {"n_visual": N} if "n_visual" in _init_params(cls) else {}
-    return {**args, **extra, solve: best if integer else round(best, 4)}
+    # ratios rounded *down* to 4 decimals: still within the budget (cost grows with the kept amount)
+    return {**args, **extra, solve: best if integer else math.floor(best * 1e4) / 1e4}
 
 
 def _init_params(cls) -> set[str]:
