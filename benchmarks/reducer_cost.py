@@ -8,7 +8,9 @@ layers on the pruned sequence (n_v + `--text-tokens` tokens), timed and scaled t
 
 Timed per reducer (selection only, features given): cdpruner (relevance + kernel + DPP; LLaVA-NeXT per crop
 as the official code, and a single 2880 -> 320 DPP for reference), its CLIP text tower (random weights of
-CLIP ViT-L/14's text tower on one 77-token segment), vispruner and divprune when registered, uniform.
+CLIP ViT-L/14's text tower on one 77-token segment), vispruner, visionzip, prumergeplus and trim (selection and
+merging per crop, plus the projector on the merged tokens), divprune, uniform. TRIM also needs the CLIP
+text tower (the cdpruner row).
 Not timed: the extra vision-tower pass CDPruner(capture=False) makes for LLaVA (see cdpruner.py).
 
     python benchmarks/reducer_cost.py                 # ~1-2 min on 2 cores
@@ -99,6 +101,36 @@ def main() -> None:
 
             rows.append(("vispruner (per crop)",
                          lambda: [vispruner_select(cls_attn[c], clip_feats[c], q) for c, q in enumerate(quotas)]))
+        from vlmeval_dop.reducers.prumerge import prumerge_plus_select
+        from vlmeval_dop.reducers.trim import trim_scores, trim_select
+        from vlmeval_dop.reducers.visionzip import visionzip_select, visionzip_split
+
+        keys = torch.randn(crops, P, 64)  # head-averaged keys (VisionZip); PruMerge+ uses full-width keys
+        full_keys = torch.randn(crops, P, 1024)
+        proj = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 4096))
+
+        def visionzip():  # selection + merging per crop, then the projector on the merged tokens
+            out = []
+            for c, q in enumerate(quotas):
+                dom, ctx_n = visionzip_split(q)
+                out.append(visionzip_select(cls_attn[c], keys[c], clip_feats[c], dom, ctx_n))
+            with torch.no_grad():
+                proj(clip_feats[0, : n_keep // crops])
+            return out
+
+        def prumerge():
+            out = [prumerge_plus_select(cls_attn[c], full_keys[c], clip_feats[c], q) for c, q in enumerate(quotas)]
+            with torch.no_grad():
+                proj(clip_feats[0, : n_keep // crops])
+            return out
+
+        def trim():  # scores + selection + one mean token per crop through the projector
+            out = [trim_select(trim_scores(img_emb[c], txt_emb[0]), q) for c, q in enumerate(quotas)]
+            with torch.no_grad():
+                proj(clip_feats[:, :1].mean(1))
+            return out
+
+        rows += [("visionzip (per crop)", visionzip), ("prumergeplus (per crop)", prumerge), ("trim (per crop)", trim)]
         span = torch.cat([feats.reshape(-1, 4096), torch.randn(newlines, 4096)])
         rows.append(("divprune (whole span)", lambda: divprune_select(span, n_keep)))
         rows.append(("uniform", lambda: uniform_indices(span.shape[0], n_keep)))
