@@ -10,7 +10,9 @@ What it adds before handing the (unchanged) flags to `vlmeval.run.main()`:
 - the plugin datasets (VQAv2_VAL, VQAv2_TestDev, DOP_Demo) join VLMEvalKit's dataset registry;
 - the paper's short benchmark names in `--data` (TextVQA, GQA, MMB, ...) are rewritten to VLMEvalKit's
   names, so result files and VLMEvalKit's name-based evaluation logic are those of the real dataset;
-- `--model` must be a listed, runnable entry and `--data` a known dataset: otherwise one clear error
+- `--model` must be a listed, runnable entry (or one made on demand from it: `llava15_7b__mha4-6` prunes
+  single visual operations, `llava15_7b_dopcd28__swap1mlp.s3` is a random policy perturbation; paper
+  Tables 26-30) and `--data` a known dataset: otherwise one clear error
   naming the closest valid names, before anything runs. An entry whose weights are neither cached nor
   downloadable stops with a message saying so (not a traceback from inside transformers).
 Everything else (`--work-dir`, `--mode`, `--reuse`, `--judge`, `--verbose`, `--config`, torchrun, outputs
