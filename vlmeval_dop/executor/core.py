@@ -32,7 +32,7 @@ from ..reducers.base import KeptTokens, ReducerError, selection_indices
 from ..reducers.vision import CLIP_FAMILIES, VISION_CAPTURE_KEY, VisionRecorder
 from .cache import DOPCache
 from .families import FamilyAdapter, adapter_for
-from .token_pruner import DecoderPruneContext, DecoderTokenPruner
+from .token_pruner import DecoderPruneContext, DecoderTokenPruner, PruneDecision
 
 check_transformers_version()
 
@@ -470,8 +470,6 @@ class DOPHandle:
         A `PruneDecision` may also overwrite surviving tokens' hidden states: written in place into
         `hidden_out`, the tensor layer i returns (a fresh tensor of this call), so layer i+1 reads them.
         """
-        from .token_pruner import PruneDecision  # local: the module-level imports belong to others
-
         attn = plan.attn[i]
         took_part = torch.zeros_like(plan.alive)
         took_part.scatter_(1, attn.index, attn.valid)
