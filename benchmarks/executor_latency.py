@@ -26,9 +26,10 @@ from vlmeval_dop.flops import policy_tflops
 from vlmeval_dop.models_config import get_model
 
 
-def build(args) -> tuple[LlavaForConditionalGeneration, dict]:
+def build(args, arch=None) -> tuple[LlavaForConditionalGeneration, dict]:
+    """Stand-in LLaVA with the decoder shapes of `arch` (default: the paper model's) and `args.layers` layers."""
     paper = get_model(args.model)
-    a = paper.arch
+    a = arch or paper.arch
     side = int(round(args.visual_tokens**0.5))
     if side * side != args.visual_tokens:
         raise SystemExit("--visual-tokens must be a square number for the single-tile stand-in tower")

@@ -45,9 +45,11 @@ class ProfileCounter:
     layer_forwards: int = 0
     layer_equivalents: float = 0.0  # sum over computed layers of FLOPs / FLOPs of an unpruned layer
     model_runs: int = 0  # per sample: a batch of B counts B runs
+    flops_spec: ArchSpec | None = None  # weigh by these layer shapes instead of the model's (narrow stand-ins)
 
     def add(self, spec: ArchSpec, sample_layer_tokens: Sequence[Sequence[tuple[int, int]]], full_tokens: int) -> None:
         """Count one batched run from per-layer, per-sample `(n_attn, n_mlp)` (a sample-layer = one forward)."""
+        spec = self.flops_spec or spec
         full = layer_flops(spec, full_tokens, full_tokens)
         for layer in sample_layer_tokens:
             for n_a, n_m in layer:
