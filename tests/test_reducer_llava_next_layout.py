@@ -41,3 +41,18 @@ def test_wrong_span_length_is_refused():
     model, _ = load_tiny("llavanext")
     with pytest.raises(ReducerError, match="placeholders"):
         llava_next_layout(model, (224, 224), num_tokens=5)
+
+
+def test_real_llava_next_672_accounting():
+    """llava-v1.6 config at the paper's 672x672: 5 crops x 576 = 2880 tower tokens + 48 row newlines = 2928
+    placeholders (README, Notes on the paper); a 640x480 image loses padded grid rows (2304 + 36)."""
+    from types import SimpleNamespace
+
+    from transformers import LlavaNextConfig
+
+    cfg = LlavaNextConfig(image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    lay = llava_next_layout(SimpleNamespace(config=cfg), (672, 672))
+    assert (lay.crop.numel(), int(lay.newline.sum()), lay.num_crops, lay.side) == (2928, 48, 5, 24)
+    assert int((lay.crop >= 0).sum()) == 2880
+    lay = llava_next_layout(SimpleNamespace(config=cfg), (480, 640))  # (height, width)
+    assert (lay.crop.numel(), int(lay.newline.sum())) == (2340, 36)
