@@ -21,6 +21,16 @@ def test_efficiency_smoke(tmp_path, capsys):
     assert "SMOKE TEST" in capsys.readouterr().out
 
 
+def test_efficiency_with_cdpruner_offline(tmp_path):
+    """The paper's setting (CDPruner rows) runs offline on random weights: random CLIP text tower, fixed text."""
+    out = tmp_path / "rows.json"
+    assert efficiency.main(["--model", "llava15_7b", "--budget", "0.28", "--shrink", "32", "--reps", "1",
+                            "--new-tokens", "2", "--attn", "sdpa", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"].split(" ")[0] for r in rows] == ["unpruned", "cdpruner", "DOP"]
+    assert all(r["prefill_ms"] > 0 for r in rows)
+
+
 def test_efficiency_bad_input(capsys):
     assert efficiency.main(["--model", "llava15_7b", "--budget", "0.5", "--shrink", "32"]) == 2
     assert "valid: [0.23, 0.28, 0.37]" in capsys.readouterr().err

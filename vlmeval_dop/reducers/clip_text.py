@@ -122,6 +122,30 @@ def load_clip_text(source: str | os.PathLike = DEFAULT_CLIP) -> ClipText:
         return enc
 
 
+def random_clip_text(vision_width: int = 1024, shrink: int = 1, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> str:
+    """Register random weights of CLIP ViT-L/14-336's text tower and projections (widths / `shrink`) and
+    return the source name to pass as `clip_model=`: for timing runs on random weights of the real shapes
+    (reproduce/efficiency.py), where no checkpoint is downloaded. Uses the character-level tiny tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    key = f"random:clip-text-l14-336/{shrink}/{vision_width}/{torch.device(device)}/{dtype}"
+    with _LOCK:
+        if key not in _LOADED:
+            tok = _tiny_clip_tokenizer()
+            s = max(1, shrink)
+            cfg = CLIPTextConfig(
+                vocab_size=len(tok), hidden_size=768 // s, intermediate_size=3072 // s,
+                num_hidden_layers=12 if s == 1 else 2, num_attention_heads=12 if s == 1 else 2,
+                projection_dim=768 // s, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+            )  # fmt: skip
+            with torch.device(device):
+                text = CLIPTextModelWithProjection(cfg).to(dtype).eval()
+                visual = nn.Linear(vision_width, 768 // s, bias=False).to(dtype)
+            _LOADED[key] = ClipText(tok, text.text_model, text.text_projection, visual, 77)
+    return key
+
+
 def default_clip_source(model: nn.Module) -> str:
     """The CLIP checkpoint for `model`: the tiny CLIP next to a tiny checkpoint, else DEFAULT_CLIP."""
     path = pathlib.Path(str(getattr(model, "name_or_path", "") or ""))
