@@ -5,7 +5,8 @@ it prints the schedule's decoder prefill TFLOPs, the TFLOPs it saves against the
 FLOPs of our selection work (attention rows recomputed from q/k, pivot similarities, rater scores,
 clustering): the same per-method counts the tests check against FlopCounterMode on the tiny models
 (`*_selection_flops`). Analytic at the real shapes, so it runs anywhere in a second. Vision-side methods
-(reducers) are timed by benchmarks/reducer_cost.py.
+(reducers) are timed by benchmarks/reducer_cost.py; `--with-reducers` runs that too, so one command prints
+every baseline's overhead.
 
 Assumptions stated in the output: SparseVLM's raters are data-dependent; we count every instruction token
 as a rater (an upper bound). FitPrune rows need a fitted schedule (`vlmeval-dop fitprune`), else skipped.
@@ -13,7 +14,7 @@ as a rater (an upper bound). FitPrune rows need a fitted schedule (`vlmeval-dop 
 No baseline here forces eager attention on the model: the official FastV/PDrop/FitPrune/SparseVLM code reads
 attention maps from eager attention layers; ours recomputes the few rows it needs from the layer's q/k.
 
-    python benchmarks/baseline_overhead.py [--model llava15_7b --model llavanext_7b]
+    python benchmarks/baseline_overhead.py [--model llava15_7b --model llavanext_7b] [--with-reducers]
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def layer_tokens(entry, spec, n_vis: int, text: int):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="paper model (repeatable); default llava15_7b, llavanext_7b")
+    ap.add_argument("--with-reducers", action="store_true", help="also time the vision-side methods (reducer_cost.py)")
     args = ap.parse_args(argv)
     models = load_models()
     print(f"{'entry':<26}{'arguments':<44}{'TFLOPs':>8}{'saved':>8}{'select GFLOPs':>15}{'select/saved':>14}")
@@ -86,6 +88,14 @@ def main(argv=None) -> None:
                   f"{sel / 1e9:>15.2f}{sel / (full - tf):>14.3%}")
         print(f"{model}: unpruned {full / 1e12:.2f} TFLOPs ({n_vis} visual + {text} text tokens); "
               "SparseVLM raters counted as all text tokens (upper bound)")
+    if args.with_reducers:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import reducer_cost
+
+        print("\n# vision-side methods (measured on this machine):")
+        reducer_cost.main([])
 
 
 if __name__ == "__main__":

@@ -52,12 +52,12 @@ def prefill_seconds(tokens: int, layers: int, repeats: int) -> float:
     return t * 32 / layers
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2, help="decoder layers timed (scaled to 32)")
     ap.add_argument("--text-tokens", type=int, default=135, help="non-visual tokens of the prompt")
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
 
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
