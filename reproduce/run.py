@@ -90,14 +90,25 @@ def plan_table(number: int, work_dir: Path) -> list[Cell]:
                 blocked = reason or ""
             except EntryError:
                 blocked = f"no entry {ref.entry!r} in eval_configs/entries.yaml yet"
-        for bench in spec.benchmarks:
-            dataset = datasets[bench]
-            if blocked:
-                cells.append(Cell(row, ref.entry, bench, dataset, "blocked", blocked))
-            else:
-                status = "done" if is_finished(work_dir, ref.entry, dataset) else "todo"
-                cells.append(Cell(row, ref.entry, bench, dataset, status))
+        cells += [_cell(row, ref.entry, bench, datasets[bench], blocked, work_dir) for bench in spec.benchmarks]
     return cells
+
+
+def _cell(row: str, entry: str, column: str, dataset: str, blocked: str, work_dir: Path) -> Cell:
+    """One cell: blocked with the reason, else done / todo by VLMEvalKit's score file."""
+    if blocked:
+        return Cell(row, entry, column, dataset, "blocked", blocked)
+    return Cell(row, entry, column, dataset, "done" if is_finished(work_dir, entry, dataset) else "todo")
+
+
+def _unavailable(entry: str) -> str:
+    """Why an on-demand entry (`__mha4`, `__swap1mlp.s3`) cannot run, or "" if it can."""
+    from vlmeval_dop.registry import EntryError, get_entry
+
+    try:
+        return get_entry(entry).unavailable_reason() or ""
+    except EntryError as exc:
+        return str(exc)
 
 
 SWAP_DRAWS = 10  # the paper's repetitions per perturbation (App. F.7.2)
@@ -110,47 +121,25 @@ def swap_entry(entry: str, swap: str, seed: int) -> str:
 
 def _plan_swap_row(row: str, ref, spec, work_dir: Path, datasets: dict[str, str]) -> list[Cell]:
     """One cell per benchmark and draw; the `best` and `mean` rows of a swap share the same runs."""
-    from vlmeval_dop.registry import EntryError, get_entry
-
     cells = []
     for seed in range(SWAP_DRAWS):
         entry = swap_entry(ref.entry, ref.config["swap"], seed)
-        try:
-            reason = get_entry(entry).unavailable_reason() or ""
-        except EntryError as exc:
-            reason = str(exc)
-        for bench in spec.benchmarks:
-            dataset = datasets[bench]
-            if reason:
-                cells.append(Cell(row, entry, bench, dataset, "blocked", reason))
-            else:
-                status = "done" if is_finished(work_dir, entry, dataset) else "todo"
-                cells.append(Cell(row, entry, bench, dataset, status))
+        reason = _unavailable(entry)
+        cells += [_cell(row, entry, bench, datasets[bench], reason, work_dir) for bench in spec.benchmarks]
     return cells
 
 
 def _plan_operation_table(spec, work_dir: Path) -> list[Cell]:
     """Tables 26-28: row `model[prune=MHA;eval=TextVQA]` x column `l4` / `l4-6` -> entry `model__mha4` /
     `model__mha4-6` (that single operation of the visual tokens pruned, 1-based layers) on that benchmark."""
-    from vlmeval_dop.registry import EntryError, get_entry
-
     datasets = benchmark_datasets()
     cells = []
     for row in spec.rows:
         ref = parse_row(row)
-        op, bench = ref.config["prune"].lower(), ref.config["eval"]
+        op, dataset = ref.config["prune"].lower(), datasets[ref.config["eval"]]
         for column in spec.columns:
             entry = f"{ref.entry}__{op}{column[1:]}"
-            try:
-                reason = get_entry(entry).unavailable_reason() or ""
-            except EntryError as exc:
-                reason = str(exc)
-            dataset = datasets[bench]
-            if reason:
-                cells.append(Cell(row, entry, column, dataset, "blocked", reason))
-            else:
-                status = "done" if is_finished(work_dir, entry, dataset) else "todo"
-                cells.append(Cell(row, entry, column, dataset, status))
+            cells.append(_cell(row, entry, column, dataset, _unavailable(entry), work_dir))
     return cells
 
 
