@@ -1,5 +1,6 @@
 """Shared test setup: the repository root on sys.path (reproduce/ and benchmarks/ are script folders, not
 installed) and VLMEvalKit's data root redirected to a temporary folder."""
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -22,3 +23,12 @@ def lmu_root(tmp_path_factory):
         os.environ.pop("LMUData", None)
     else:
         os.environ["LMUData"] = old
+
+
+@pytest.fixture(scope="module")
+def run_py(lmu_root):
+    """The repository's run.py as a module (its main(argv) is what `python run.py` calls), one per test module."""
+    spec = importlib.util.spec_from_file_location("dop_run", ROOT / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,19 +2,16 @@
 tokeniser approximation, the NoCaps / TextCaps builders, and NoCaps_VAL end to end through run.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from vlmeval_dop.captioning import CAPTION_PROMPT, CaptionError, cider_d, ptb_tokenize
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------ CIDEr-D
@@ -230,14 +227,6 @@ def test_prepare_errors_are_clear(lmu_root, tmp_path, nocaps_files, monkeypatch)
         build_dataset("NoCaps_VAL")
     with pytest.raises(FileNotFoundError, match="prepare-captions --dataset textcaps"):
         build_dataset("TextCaps_VAL")
-
-
-@pytest.fixture(scope="module")
-def run_py(lmu_root):
-    spec = importlib.util.spec_from_file_location("dop_run_captioning", REPO / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run(run_py, *argv):

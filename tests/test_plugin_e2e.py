@@ -5,26 +5,15 @@ through its own `LMUData` variable (VLMEvalKit's configuration, not ours), so no
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("llava15", "llavanext", "qwen25vl", "internvl3")
 VISUAL_TOKENS = {"llava15": 64, "llavanext": 336, "qwen25vl": 64, "internvl3": 80}  # 224x224 demo images
 N_DEMO = 8
-
-
-@pytest.fixture(scope="module")
-def run_py(lmu_root):
-    """The repository's run.py as a module (its main(argv) is what `python run.py` calls)."""
-    spec = importlib.util.spec_from_file_location("dop_run", REPO / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture()

@@ -13,6 +13,8 @@ from vlmeval_dop.reducers.prumerge import iqr_outliers, prumerge_plus_choose, pr
 from vlmeval_dop.reducers.vision import encoder_layers, vision_tower
 from vlmeval_dop.tiny import load_tiny, tiny_image, tiny_inputs
 
+from merge_reference import rebuilt_logits, stock_embeds  # tests/merge_reference.py
+
 
 def test_by_hand():
     # attn sorted = [.1]*6 + [.5, .9]: Q1 = .1, Q3 at rank 5.25 = .1 + .25 * (.5 - .1) = .2, IQR = .1,
@@ -71,21 +73,6 @@ def test_equals_naive_loop(seed):
 # --- through the executor ---------------------------------------------------------------------------------
 
 
-def _stock(model, inputs):
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("e", kwargs["inputs_embeds"])
-
-    h = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-    finally:
-        h.remove()
-    return seen["e"], logits
-
-
 def _reference(family, model, inputs, budgets):
     """Kept indices and decoder inputs from the tower's hidden states and the last layer's weights,
     written out as the official single-head formula softmax((W_q x_cls + b_q)(W_k x + b_k)^T / sqrt(D))."""
@@ -125,21 +112,14 @@ def _reference(family, model, inputs, budgets):
 def test_through_the_executor_equals_rebuilt_sequence(family, size, n_keep, budgets):
     model, processor = load_tiny(family)
     inputs = tiny_inputs(family, processor, ["What is shown?"], [tiny_image(5, size)])
-    emb, stock = _stock(model, inputs)
+    emb, stock = stock_embeds(model, inputs)
     with apply_dop(model, DOPPolicy(4, 4, n_keep), reducer="prumergeplus") as handle, torch.no_grad():
         got = model(**inputs).logits[0, -1]
     kept, rows = _reference(family, model, inputs, budgets)
     assert handle.last_kept[0].tolist() == kept.tolist()
     assert torch.isfinite(got).all()
     vis = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
-    emb = emb.clone()
-    emb[0, vis[kept]] = rows
-    keep = torch.ones(emb.shape[1], dtype=torch.bool)
-    keep[vis] = False
-    keep[vis[kept]] = True
-    with torch.no_grad():
-        ref = model(inputs_embeds=emb[:, keep]).logits[0, -1]
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, rebuilt_logits(model, emb, vis, kept, rows), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, stock[0, -1], atol=1e-4)
 
 
@@ -147,7 +127,7 @@ def test_through_the_executor_equals_rebuilt_sequence(family, size, n_keep, budg
 def test_all_tokens_is_the_stock_model(family):
     model, processor = load_tiny(family)
     inputs = tiny_inputs(family, processor, ["Which colour?"], [tiny_image(2, (224, 160))])
-    _, stock = _stock(model, inputs)
+    _, stock = stock_embeds(model, inputs)
     n_all = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     with apply_dop(model, DOPPolicy(4, 4, n_all), reducer="prumergeplus") as handle, torch.no_grad():
         got = model(**inputs).logits
@@ -158,7 +138,7 @@ def test_all_tokens_is_the_stock_model(family):
 def test_bad_input():
     model, processor = load_tiny("llava15")
     inputs = tiny_inputs("llava15", processor, ["What?"])
-    emb, _ = _stock(model, inputs)
+    emb, _ = stock_embeds(model, inputs)
     vis = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
     ctx = ReductionContext(family="llava", model=model, input_ids=inputs["input_ids"], inputs_embeds=emb,
                            attention_mask=None, images=[ImageSpan(0, 0, vis)], model_inputs=dict(inputs))  # fmt: skip

@@ -12,6 +12,8 @@ from vlmeval_dop.reducers.visionzip import split_budget, visionzip_select, visio
 from vlmeval_dop.reducers.vision import encoder_layers, feature_layer_index, vision_tower
 from vlmeval_dop.tiny import load_tiny, tiny_image, tiny_inputs
 
+from merge_reference import rebuilt_logits, stock_embeds  # tests/merge_reference.py
+
 FAMILY = {"llava15": "llava", "llavanext": "llava_next"}
 
 
@@ -97,33 +99,6 @@ def test_split_and_budget():
 # --- through the executor ---------------------------------------------------------------------------------
 
 
-def _stock_embeds(model, inputs):
-    """The decoder inputs (image features in place) and logits of the stock model."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("e", kwargs["inputs_embeds"])
-
-    h = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-    finally:
-        h.remove()
-    return seen["e"], logits
-
-
-def _rebuilt_logits(model, emb, vis, kept, new_rows):
-    """Stock model on inputs_embeds with the kept rows replaced and the dropped placeholders removed."""
-    emb = emb.clone()
-    emb[0, vis[kept]] = new_rows.to(emb)
-    keep = torch.ones(emb.shape[1], dtype=torch.bool)
-    keep[vis] = False
-    keep[vis[kept]] = True
-    with torch.no_grad():
-        return model(inputs_embeds=emb[:, keep]).logits[0, -1]
-
-
 def _reference(family, model, inputs, n_keep, budgets=None):
     """Kept indices and their decoder inputs, from the eager tower's attentions/hidden states."""
     idx = feature_layer_index(model)
@@ -163,14 +138,14 @@ def _reference(family, model, inputs, n_keep, budgets=None):
 def test_through_the_executor_equals_rebuilt_sequence(family, size, n_keep, budgets):
     model, processor = load_tiny(family, attn_implementation="eager")
     inputs = tiny_inputs(family, processor, ["What is shown?"], [tiny_image(7, size)])
-    emb, stock = _stock_embeds(model, inputs)
+    emb, stock = stock_embeds(model, inputs)
     vis = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
     with apply_dop(model, DOPPolicy(4, 4, n_keep), reducer="visionzip") as handle, torch.no_grad():
         got = model(**inputs).logits[0, -1]
     kept, rows = _reference(family, model, inputs, n_keep, budgets)
     assert handle.last_kept[0].tolist() == kept.tolist()
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, _rebuilt_logits(model, emb, vis, kept, rows), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, rebuilt_logits(model, emb, vis, kept, rows), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, stock[0, -1], atol=1e-4)  # the reduction did change something
 
 
@@ -178,7 +153,7 @@ def test_through_the_executor_equals_rebuilt_sequence(family, size, n_keep, budg
 def test_all_tokens_is_the_stock_model(family):
     model, processor = load_tiny(family)
     inputs = tiny_inputs(family, processor, ["Which colour?"], [tiny_image(2, (224, 160))])
-    _, stock = _stock_embeds(model, inputs)
+    _, stock = stock_embeds(model, inputs)
     n_all = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     with apply_dop(model, DOPPolicy(4, 4, n_all), reducer="visionzip") as handle, torch.no_grad():
         got = model(**inputs).logits
@@ -187,7 +162,7 @@ def test_all_tokens_is_the_stock_model(family):
 
 
 def _ctx(family, model, inputs):
-    emb, _ = _stock_embeds(model, inputs)
+    emb, _ = stock_embeds(model, inputs)
     vis = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
     return ReductionContext(family=family, model=model, input_ids=inputs["input_ids"], inputs_embeds=emb,
                             attention_mask=None, images=[ImageSpan(0, 0, vis)], model_inputs=dict(inputs))  # fmt: skip

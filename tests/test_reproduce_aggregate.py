@@ -20,7 +20,6 @@ accuracy, per-split F1, MME acc + acc+, circular MMBench), never collect_scores'
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -125,7 +124,7 @@ VLMEVAL_POOLED_POPE_BASE = 100 * 2 * 4 / (2 * 4 + 2 + 2)  # VLMEvalKit's Overall
 
 
 @pytest.fixture(scope="module")
-def work(lmu_root, tmp_path_factory):
+def work(lmu_root, run_py, tmp_path_factory):
     """A VLMEvalKit work dir written by run.py: DOP_Demo inferred, the other datasets evaluated."""
     import hashlib
 
@@ -135,9 +134,6 @@ def work(lmu_root, tmp_path_factory):
 
     from vlmeval_dop.datasets import demo_samples
 
-    spec = importlib.util.spec_from_file_location("dop_run_aggregate", REPO / "run.py")
-    run_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_py)
     work = tmp_path_factory.mktemp("work")
     md5_tables = {"TextVQA_VAL": ImageVQADataset.DATASET_MD5, "POPE": ImageYORNDataset.DATASET_MD5,
                   "MME": ImageYORNDataset.DATASET_MD5, "OCRBench": OCRBench.DATASET_MD5,
