@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -42,6 +45,63 @@ def test_search_cli_tiny(tmp_path, lmu, capsys):
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["newly_profiled"] == 0 and again["results"] == summary["results"]
+
+
+def _curves(run_dir):
+    return {c: v["values"] for c, v in json.loads((run_dir / "profile.json").read_text())["curves"].items()}
+
+
+def _assert_same_curves(a, b):
+    assert a.keys() == b.keys()
+    for c in a:
+        assert max(abs(x - y) for x, y in zip(a[c], b[c])) < 1e-6, c
+
+
+def test_search_cli_batching_and_recompute(tmp_path, lmu, capsys):
+    """--batch-size changes how samples are grouped, not the profile; --recompute redoes finished samples."""
+    from vlmeval_dop.cli import main
+
+    base = ["search", "--model", "tiny_llava15", "--data", "DOP_Demo", "--samples", "4", "--seed", "1",
+            "--budget", "0.6", "--json"]
+    assert main(base + ["--out-dir", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main(base + ["--out-dir", str(tmp_path / "three"), "--batch-size", "3"]) == 0
+    three = json.loads(capsys.readouterr().out)
+    assert three["batch_size"] == 3 and three["newly_profiled"] == 4
+    assert three["layer_forwards"] == one["layer_forwards"]  # same work, fewer (batched) forwards
+    _assert_same_curves(_curves(Path(one["dir"])), _curves(Path(three["dir"])))
+    assert three["results"]["0.6"]["policy"] == one["results"]["0.6"]["policy"]
+    assert main(base + ["--out-dir", str(tmp_path / "one"), "--recompute"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["newly_profiled"] == 4 and again["results"] == one["results"]  # same batch size: identical
+    assert len((Path(one["dir"]) / "samples.rank0.jsonl").read_text().splitlines()) == 4
+    assert main(base + ["--out-dir", str(tmp_path / "x"), "--batch-size", "0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err
+
+
+def test_search_under_torchrun_merges_the_ranks(tmp_path, lmu, capsys):
+    """Two CPU ranks (gloo) profile half the samples each; rank 0 merges: same profile as one process."""
+    from vlmeval_dop.cli import main
+
+    args = ["search", "--model", "tiny_llava15", "--data", "DOP_Demo", "--samples", "3", "--seed", "1",
+            "--budget", "0.6", "--batch-size", "2", "--device", "cpu"]
+    assert main(args + ["--out-dir", str(tmp_path / "one"), "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "vlmeval_dop.cli", *args, "--out-dir", str(tmp_path / "two"), "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout)  # only rank 0 prints
+    run_dir = Path(two["dir"])
+    assert two["world_size"] == 2 and two["newly_profiled"] == 3
+    assert len((run_dir / "samples.rank0.jsonl").read_text().splitlines()) == 2
+    assert len((run_dir / "samples.rank1.jsonl").read_text().splitlines()) == 1
+    assert two["layer_forwards"] == one["layer_forwards"]
+    _assert_same_curves(_curves(Path(one["dir"])), _curves(run_dir))
+    assert two["results"]["0.6"]["policy"] == one["results"]["0.6"]["policy"]
 
 
 def test_search_cli_refuses_pruned_entry(tmp_path, lmu, capsys):

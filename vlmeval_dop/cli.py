@@ -103,14 +103,42 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _torchrun_device(device: str | None) -> tuple[str | None, bool]:
+    """Join torchrun's process group when launched by it (its WORLD_SIZE/LOCAL_RANK launcher protocol);
+    each rank takes its own GPU. Returns (device, whether a group was created here)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device, False
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{local}"
+    if device is not None and device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if device is not None and device.startswith("cuda") else "gloo")
+    return device, True
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from .search.run import run_search
 
-    summary = run_search(
-        args.model, args.data, args.reducer, args.budget, args.samples, args.seed, args.out_dir,
-        alpha=args.alpha, text_tokens=args.text_tokens, depths=args.depths, visual=args.visual,
-        device=args.device,
-    )
+    device, created = _torchrun_device(args.device)
+    try:
+        summary = run_search(
+            args.model, args.data, args.reducer, args.budget, args.samples, args.seed, args.out_dir,
+            alpha=args.alpha, text_tokens=args.text_tokens, depths=args.depths, visual=args.visual,
+            device=device, batch_size=args.batch_size, recompute=args.recompute,
+        )
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
@@ -167,7 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=None, help="non-visual tokens for the FLOPs model")
     p.add_argument("--depths", type=int, nargs="+", default=None, help="sampling depths (default: Table 6)")
     p.add_argument("--visual", type=int, nargs="+", default=None, help="sampling n_v values (default: Table 6)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="samples per forward where their image tensors can be concatenated (left padding); "
+                        "results do not depend on it")
+    p.add_argument("--recompute", action="store_true",
+                   help="profile every sample again (default: finished samples in the output dir are reused)")
+    p.add_argument("--device", default=None,
+                   help="default: cuda if available (under torchrun: cuda:LOCAL_RANK), else cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_search)
 

@@ -228,10 +228,11 @@ class ProfileRun:
         return iter(items[self.rank :: self.world_size])
 
 
-def merge_samples(out_dir: Path) -> dict[str, Any]:
-    """Average every rank's per-sample divergences; sample order does not matter (sorted by id)."""
+def merge_samples(out_dir: Path, pattern: str = "samples.rank*.jsonl") -> dict[str, Any]:
+    """Average every rank's per-sample results (files `pattern` under `out_dir`); sample order does not
+    matter (sorted by id)."""
     records: dict[str, dict[str, Any]] = {}
-    for path in sorted(Path(out_dir).glob("samples.rank*.jsonl")):
+    for path in sorted(Path(out_dir).glob(pattern)):
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)

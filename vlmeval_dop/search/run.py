@@ -40,12 +40,35 @@ def _scaled_points(L: int, n_v: int) -> tuple[list[int], list[int]]:
     return [d for d in depths if d < L], [n for n in visual if n < n_v]
 
 
-def validation_items(entry: str, data: str, samples: int, seed: int, device: str | None = None):
+@dataclass
+class ValidationSet:
+    """Validation samples as model inputs, built by an unpruned entry's VLMEvalKit wrapper.
+
+    Attributes:
+        entry: the registry entry; model: the loaded model; dataset: the built VLMEvalKit dataset.
+        items: `[([row index], single-sample processor inputs), ...]` in draw order.
+        rows: the drawn dataset rows (pandas DataFrame, same order: answers for scoring).
+        pad_token_id: the tokenizer's padding id, for batching (never the image token).
+    """
+
+    entry: Any
+    model: Any
+    dataset: Any
+    items: list[tuple[list[str], dict[str, Any]]]
+    rows: Any
+    pad_token_id: int
+    processor: Any = None
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset.dataset_name
+
+
+def validation_items(entry: str, data: str, samples: int, seed: int, device: str | None = None) -> ValidationSet:
     """`samples` random rows (seed) of dataset `data` as model inputs built by `entry`'s wrapper.
 
     The unpruned entry's VLMEvalKit wrapper builds each prompt (its own custom prompt where it has one,
-    else the dataset's) and processor inputs exactly as evaluation does. Returns (entry, loaded model,
-    VLMEvalKit dataset name, [([row index], inputs), ...]).
+    else the dataset's) and processor inputs exactly as evaluation does.
     """
     from ..registry import get_entry, load_entry
 
@@ -69,7 +92,17 @@ def validation_items(entry: str, data: str, samples: int, seed: int, device: str
 
     items = [([str(row["index"])], wrapper.build_inputs(message_of(row), dataset.dataset_name).to(wrapper.device))
              for _, row in rows.iterrows()]
-    return e, wrapper.model, dataset.dataset_name, items
+    return ValidationSet(e, wrapper.model, dataset, items, rows, _pad_token_id(wrapper), wrapper.processor)
+
+
+def _pad_token_id(wrapper) -> int:
+    tok = getattr(wrapper.processor, "tokenizer", wrapper.processor)
+    pad = getattr(tok, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tok, "eos_token_id", None)
+    if pad is None or pad == getattr(wrapper.model.config, "image_token_id", None):
+        raise ValueError("the tokenizer has no usable padding id; profile with --batch-size 1")
+    return int(pad)
 
 
 def run_fitprune(entry: str, data: str, budgets: list[float] | None, samples: int, seed: int, *,
@@ -92,15 +125,32 @@ def run_fitprune(entry: str, data: str, budgets: list[float] | None, samples: in
         raise ValueError(f"no FitPrune entries for model {entry!r} at budgets {budgets} (eval_configs/baselines.yaml)")
     pending = {b: p for b, p in todo.items() if force or not p.exists()}
     if pending:
-        _, model, _, items = validation_items(entry, data, samples, seed, device)
-        calibration = [inputs for _, inputs in items]
+        val = validation_items(entry, data, samples, seed, device)
+        calibration = [inputs for _, inputs in val.items]
         for budget, path in sorted(pending.items()):
-            schedule = fit_fitprune_schedule(model, calibration, budget)
+            schedule = fit_fitprune_schedule(val.model, calibration, budget)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp" + path.suffix)
             schedule.save(tmp)
             tmp.replace(path)  # atomic: an interrupted fit leaves no half-written schedule
     return {str(b): str(p) for b, p in sorted(todo.items())}
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed's when a process group is initialised
+    (`torchrun`), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def run_search(
@@ -117,20 +167,51 @@ def run_search(
     depths: list[int] | None = None,
     visual: list[int] | None = None,
     device: str | None = None,
-) -> dict[str, Any]:
+    batch_size: int = 1,
+    recompute: bool = False,
+) -> dict[str, Any] | None:
     """Profile `samples` random rows (seed) of dataset `data` on the unpruned model of `entry`, then solve
-    Eq. 7 for each budget. Returns the summary that is also written to `search.json`."""
+    Eq. 7 for each budget. Returns the summary that is also written to `search.json`.
+
+    Samples are batched `batch_size` at a time where their image tensors allow (search/batching.py).
+    Under `torchrun` (an initialised process group) every rank profiles its slice of the samples into its
+    own file; rank 0 merges them, solves and writes the outputs, the other ranks return None. Finished
+    samples are kept and skipped on a rerun unless `recompute`.
+    """
+    import torch
+
+    from .batching import batched, num_batches
     from .optimize import InfeasibleBudgetError, optimize, write_policy
     from .plot import plot_profile
     from .profile import ProfileRun, build_profile
 
-    e, model, dataset_name, items = validation_items(entry, data, samples, seed, device)
-    setup = _setup(e.model.name, model, items[0][1], alpha, text_tokens, depths, visual, budgets)
-    run_dir = Path(out_dir) / f"{e.model.name}-{reducer}-{dataset_name}-{len(items)}-{seed}"
-    run = ProfileRun(run_dir, setup.depths, setup.visual, reducer)
-    added = run.run(model, items, total=len(items))
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    rank, world = distributed_rank()
+    val = validation_items(entry, data, samples, seed, device)
+    model, items = val.model, val.items
+    setup = _setup(val.entry.model.name, model, items[0][1], alpha, text_tokens, depths, visual, budgets)
+    run_dir = Path(out_dir) / f"{val.entry.model.name}-{reducer}-{val.dataset_name}-{len(items)}-{seed}"
+    run = ProfileRun(run_dir, setup.depths, setup.visual, reducer, rank=rank, world_size=world)
+    if recompute and rank == 0:
+        for old in run_dir.glob("samples.rank*.jsonl"):
+            old.unlink()  # asked for: profile every sample again
+    _barrier(world)
+    mine = list(run.shard(items))
+    added = run.run(model, batched(mine, batch_size, val.pad_token_id), total=num_batches(mine, batch_size))
+    counts = torch.tensor([run.counter.layer_forwards, run.counter.layer_equivalents, added], dtype=torch.float64)
+    if world > 1:
+        import torch.distributed as dist
+
+        counts = counts.to(model.device)
+        dist.all_reduce(counts)  # totals over ranks for the summary
+        counts = counts.cpu()
+    _barrier(world)  # every rank's samples are on disk before rank 0 merges
+    if rank != 0:
+        _barrier(world)
+        return None
     profile = build_profile(
-        run_dir, model=setup.model_key, reducer=reducer, dataset=dataset_name, seed=seed,
+        run_dir, model=setup.model_key, reducer=reducer, dataset=val.dataset_name, seed=seed,
         num_layers=setup.spec.num_layers, num_visual=setup.spec.visual_tokens,
         depths=setup.depths, visual=setup.visual,
     )
@@ -148,13 +229,13 @@ def run_search(
         write_policy(run_dir / "policies.yaml", setup.model_key, budget, r.policy)
     plot_profile(run_dir / "profile.json", run_dir / "profile.png", policies=policies)
     summary = {
-        "entry": entry, "dataset": dataset_name, "reducer": reducer, "samples": len(items),
-        "seed": seed, "newly_profiled": added, "depths": setup.depths, "visual": setup.visual,
-        "layer_forwards": run.counter.layer_forwards,
-        "layer_equivalents": round(run.counter.layer_equivalents, 3), "results": results,
-        "dir": str(run_dir),
+        "entry": entry, "dataset": val.dataset_name, "reducer": reducer, "samples": len(items),
+        "seed": seed, "newly_profiled": int(counts[2]), "depths": setup.depths, "visual": setup.visual,
+        "layer_forwards": int(counts[0]), "layer_equivalents": round(float(counts[1]), 3),
+        "batch_size": batch_size, "world_size": world, "results": results, "dir": str(run_dir),
     }
     (run_dir / "search.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    _barrier(world)
     return summary
 
 
