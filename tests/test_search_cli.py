@@ -104,6 +104,42 @@ def test_search_under_torchrun_merges_the_ranks(tmp_path, lmu, capsys):
     assert two["results"]["0.6"]["policy"] == one["results"]["0.6"]["policy"]
 
 
+def test_search_cli_accuracy_drop_objective(tmp_path, lmu, capsys):
+    """--objective acc_drop (Eq. 13): answers are the ones evaluation produces (the VLMEvalKit wrapper's
+    generate, an independent path), scores and drops follow from them, and Eq. 7 runs on those curves."""
+    from vlmeval.dataset import build_dataset
+
+    from vlmeval_dop.cli import main
+    from vlmeval_dop.registry import load_entry
+    from vlmeval_dop.search.accuracy import sample_scorer
+
+    argv = ["search", "--model", "tiny_llava15", "--data", "DOP_Demo", "--samples", "3", "--seed", "1",
+            "--budget", "0.6", "--objective", "acc_drop", "--max-new-tokens", "4", "--batch-size", "2",
+            "--out-dir", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    run_dir = Path(summary["dir"])
+    assert run_dir.name == "tiny_llava15-uniform-DOP_Demo-3-1-acc_drop" and summary["objective"] == "acc_drop"
+    assert json.loads((run_dir / "profile.json").read_text())["objective"] == "acc_drop"
+    assert "policy" in summary["results"]["0.6"]
+    records = [json.loads(line) for line in (run_dir / "acc_samples.rank0.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+
+    wrapper = load_entry("tiny_llava15", max_new_tokens=4, device="cpu")
+    dataset = build_dataset("DOP_Demo")
+    scorer = sample_scorer(dataset)
+    rows = {str(r["index"]): r for _, r in dataset.data.iterrows()}
+    for rec in records:
+        row = rows[rec["id"]]
+        answer = wrapper.generate(dataset.build_prompt(row), dataset="DOP_Demo")
+        assert rec["answers"]["full"] == answer
+        assert rec["full"] == scorer(row, answer)
+        for curve in ("D_A", "D_P", "D_v"):
+            for drop, pruned in zip(rec[curve], rec["answers"][curve]):
+                assert drop == rec["full"] - scorer(row, pruned)
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out)["newly_profiled"] == 0  # resumed
+
+
 def test_search_cli_refuses_pruned_entry(tmp_path, lmu, capsys):
     from vlmeval_dop.cli import main
 

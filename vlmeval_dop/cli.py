@@ -130,7 +130,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         summary = run_search(
             args.model, args.data, args.reducer, args.budget, args.samples, args.seed, args.out_dir,
             alpha=args.alpha, text_tokens=args.text_tokens, depths=args.depths, visual=args.visual,
-            device=device, batch_size=args.batch_size, recompute=args.recompute,
+            device=device, batch_size=args.batch_size, recompute=args.recompute, objective=args.objective,
+            max_new_tokens=args.max_new_tokens,
         )
     finally:
         if created:
@@ -142,14 +143,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
-    print(f"profiled {summary['samples']} samples of {summary['dataset']} ({summary['newly_profiled']} new), "
-          f"{summary['layer_forwards']} decoder-layer forwards ({summary['layer_equivalents']} layer-equivalents)")
+    work = "" if summary["layer_forwards"] is None else (
+        f", {summary['layer_forwards']} decoder-layer forwards ({summary['layer_equivalents']} layer-equivalents)")
+    print(f"profiled {summary['samples']} samples of {summary['dataset']} ({summary['newly_profiled']} new){work}")
     for budget, r in summary["results"].items():
         if "error" in r:
             print(f"  budget {budget}: {r['error']}")
         else:
             p = r["policy"]
-            print(f"  budget {budget}: policy ({p['d_A']}, {p['d_P']}, {p['n_v']})  predicted divergence "
+            what = "divergence" if summary["objective"] == "kl" else "accuracy drop"
+            print(f"  budget {budget}: policy ({p['d_A']}, {p['d_P']}, {p['n_v']})  predicted {what} "
                   f"{r['objective']:.4g}  TFLOPs {100 * r['paper_ratio']:.2f} %")
     print(f"outputs: {summary['dir']} (profile.json, profile.png, policies.yaml, search.json)")
     return 0
@@ -198,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1,
                    help="samples per forward where their image tensors can be concatenated (left padding); "
                         "results do not depend on it")
+    p.add_argument("--objective", choices=["kl", "acc_drop"], default="kl",
+                   help="kl: top-k KL of the first token (Eq. 10, the paper's default); acc_drop: accuracy drop of "
+                        "whole greedy answers scored with VLMEvalKit's per-sample metric (Eq. 13, App. F.5)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="acc_drop only: answer length (default: the model wrapper's evaluation setting)")
     p.add_argument("--recompute", action="store_true",
                    help="profile every sample again (default: finished samples in the output dir are reused)")
     p.add_argument("--device", default=None,

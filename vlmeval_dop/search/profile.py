@@ -174,8 +174,38 @@ def profile_naive(
     )
 
 
+SAMPLES_PATTERN = "samples.rank*.jsonl"
+
+
+class RankFiles:
+    """Per-rank sample files of a resumable, shardable job: `<out_dir>/<FILE_PREFIX>.rank<r>.jsonl`, one JSON
+    record with an "id" per finished sample. Subclasses are dataclasses with `out_dir`, `rank`, `world_size`."""
+
+    FILE_PREFIX = "samples"
+    out_dir: Path
+    rank: int
+    world_size: int
+
+    @property
+    def samples_file(self) -> Path:
+        return Path(self.out_dir) / f"{self.FILE_PREFIX}.rank{self.rank}.jsonl"
+
+    def finished_ids(self) -> set[str]:
+        """Sample ids already profiled by any rank (a resumed job skips them)."""
+        done: set[str] = set()
+        for path in Path(self.out_dir).glob(f"{self.FILE_PREFIX}.rank*.jsonl"):
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    done.add(json.loads(line)["id"])
+        return done
+
+    def shard(self, items: Sequence[Any]) -> Iterator[Any]:
+        """This rank's slice of `items` (every world_size-th, starting at rank)."""
+        return iter(items[self.rank :: self.world_size])
+
+
 @dataclass
-class ProfileRun:
+class ProfileRun(RankFiles):
     """A resumable profiling job writing per-sample results under `out_dir`.
 
     Attributes:
@@ -190,19 +220,6 @@ class ProfileRun:
     rank: int = 0
     world_size: int = 1
     counter: ProfileCounter = field(default_factory=ProfileCounter)
-
-    @property
-    def samples_file(self) -> Path:
-        return Path(self.out_dir) / f"samples.rank{self.rank}.jsonl"
-
-    def finished_ids(self) -> set[str]:
-        """Sample ids already profiled by any rank (a resumed job skips them)."""
-        done: set[str] = set()
-        for path in Path(self.out_dir).glob("samples.rank*.jsonl"):
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    done.add(json.loads(line)["id"])
-        return done
 
     def run(self, model, batches: Iterable[tuple[list[str], dict[str, Any]]], total: int | None = None) -> int:
         """Profile every batch `(sample_ids, inputs)` of this rank's shard not yet done; returns samples added."""
@@ -223,12 +240,8 @@ class ProfileRun:
                 fh.flush()  # a finished sample survives an interruption
         return added
 
-    def shard(self, items: Sequence[Any]) -> Iterator[Any]:
-        """This rank's slice of `items` (every world_size-th, starting at rank)."""
-        return iter(items[self.rank :: self.world_size])
 
-
-def merge_samples(out_dir: Path, pattern: str = "samples.rank*.jsonl") -> dict[str, Any]:
+def merge_samples(out_dir: Path, pattern: str = SAMPLES_PATTERN) -> dict[str, Any]:
     """Average every rank's per-sample results (files `pattern` under `out_dir`); sample order does not
     matter (sorted by id)."""
     records: dict[str, dict[str, Any]] = {}
@@ -258,11 +271,14 @@ def build_profile(
     num_visual: int,
     depths: Sequence[int],
     visual: Sequence[int],
+    pattern: str = SAMPLES_PATTERN,
+    objective: str = "kl",
 ):
-    """Merge the per-sample results under `out_dir` into a `DivergenceProfile` (curves.py)."""
+    """Merge the per-sample results under `out_dir` (files `pattern`) into a `DivergenceProfile` (curves.py)
+    of `objective` ("kl", or "acc_drop" for accuracy.py's drops)."""
     from .curves import profile_from_measurements
 
-    merged = merge_samples(out_dir)
+    merged = merge_samples(out_dir, pattern)
     points = {"D_A": list(depths), "D_P": list(depths), "D_v": list(visual)}
     means = {c: dict(zip(points[c], merged["mean"][c])) for c in CURVES}
     per_sample = {
@@ -270,5 +286,5 @@ def build_profile(
     }
     return profile_from_measurements(
         model=model, reducer=reducer, dataset=dataset, n_samples=len(merged["ids"]), seed=seed,
-        L=num_layers, N_v=num_visual, per_sample=per_sample, **means,
+        L=num_layers, N_v=num_visual, per_sample=per_sample, objective=objective, **means,
     )

@@ -7,6 +7,7 @@ Outputs under `--out-dir/<model>-<reducer>-<dataset>-<samples>-<seed>/`: per-sam
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from ..arch import ArchSpec
 from ..models_config import load_models
 from ..policy import PolicyError
+from .curves import OBJECTIVES
 
 # Table 6 sampling points of LLaVA-1.5-7B, rescaled for models outside models.yaml (tiny ones)
 _REF_DEPTHS, _REF_L = (26, 20, 14, 8, 4, 0), 32
@@ -49,6 +51,7 @@ class ValidationSet:
         items: `[([row index], single-sample processor inputs), ...]` in draw order.
         rows: the drawn dataset rows (pandas DataFrame, same order: answers for scoring).
         pad_token_id: the tokenizer's padding id, for batching (never the image token).
+        wrapper: the loaded VLMEvalKit wrapper (decoding and generation settings of evaluation).
     """
 
     entry: Any
@@ -57,7 +60,7 @@ class ValidationSet:
     items: list[tuple[list[str], dict[str, Any]]]
     rows: Any
     pad_token_id: int
-    processor: Any = None
+    wrapper: Any = None
 
     @property
     def dataset_name(self) -> str:
@@ -90,9 +93,14 @@ def validation_items(entry: str, data: str, samples: int, seed: int, device: str
             return wrapper.build_prompt(row, dataset.dataset_name)
         return dataset.build_prompt(row)
 
-    items = [([str(row["index"])], wrapper.build_inputs(message_of(row), dataset.dataset_name).to(wrapper.device))
-             for _, row in rows.iterrows()]
-    return ValidationSet(e, wrapper.model, dataset, items, rows, _pad_token_id(wrapper), wrapper.processor)
+    def inputs_of(row):
+        inputs = wrapper.build_inputs(message_of(row), dataset.dataset_name).to(wrapper.device)
+        if "pixel_values" in inputs:  # as generate_inner: images in the model's dtype (bf16 on GPU)
+            inputs["pixel_values"] = inputs["pixel_values"].to(wrapper.dtype)
+        return inputs
+
+    items = [([str(row["index"])], inputs_of(row)) for _, row in rows.iterrows()]
+    return ValidationSet(e, wrapper.model, dataset, items, rows, _pad_token_id(wrapper), wrapper)
 
 
 def _pad_token_id(wrapper) -> int:
@@ -169,6 +177,8 @@ def run_search(
     device: str | None = None,
     batch_size: int = 1,
     recompute: bool = False,
+    objective: str = "kl",
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any] | None:
     """Profile `samples` random rows (seed) of dataset `data` on the unpruned model of `entry`, then solve
     Eq. 7 for each budget. Returns the summary that is also written to `search.json`.
@@ -177,6 +187,10 @@ def run_search(
     Under `torchrun` (an initialised process group) every rank profiles its slice of the samples into its
     own file; rank 0 merges them, solves and writes the outputs, the other ranks return None. Finished
     samples are kept and skipped on a rerun unless `recompute`.
+
+    `objective="acc_drop"` profiles Eq. 13's accuracy-drop curves instead (search/accuracy.py: whole greedy
+    answers with evaluation's decoding settings, `max_new_tokens` if given, scored with VLMEvalKit's
+    per-sample metric) into `<run dir>-acc_drop/`; Eq. 7 is then solved on those curves.
     """
     import torch
 
@@ -187,19 +201,40 @@ def run_search(
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     rank, world = distributed_rank()
     val = validation_items(entry, data, samples, seed, device)
     model, items = val.model, val.items
     setup = _setup(val.entry.model.name, model, items[0][1], alpha, text_tokens, depths, visual, budgets)
-    run_dir = Path(out_dir) / f"{val.entry.model.name}-{reducer}-{val.dataset_name}-{len(items)}-{seed}"
-    run = ProfileRun(run_dir, setup.depths, setup.visual, reducer, rank=rank, world_size=world)
+    suffix = "" if objective == "kl" else f"-{objective}"
+    run_dir = Path(out_dir) / f"{val.entry.model.name}-{reducer}-{val.dataset_name}-{len(items)}-{seed}{suffix}"
+    if objective == "kl":
+        run = ProfileRun(run_dir, setup.depths, setup.visual, reducer, rank=rank, world_size=world)
+    else:
+        from .accuracy import AccuracyProfileRun, sample_scorer
+
+        scorer = sample_scorer(val.dataset)  # refuses datasets without a per-sample metric, before any work
+        gen = copy.deepcopy(val.wrapper.generation_config())  # evaluation's decoding settings
+        if max_new_tokens is not None:
+            gen.max_new_tokens = max_new_tokens
+        run = AccuracyProfileRun(run_dir, setup.depths, setup.visual, reducer, gen.max_new_tokens,
+                                 rank=rank, world_size=world, generation_config=gen)
     if recompute and rank == 0:
-        for old in run_dir.glob("samples.rank*.jsonl"):
+        for old in run_dir.glob(f"{run.FILE_PREFIX}.rank*.jsonl"):
             old.unlink()  # asked for: profile every sample again
     _barrier(world)
     mine = list(run.shard(items))
-    added = run.run(model, batched(mine, batch_size, val.pad_token_id), total=num_batches(mine, batch_size))
-    counts = torch.tensor([run.counter.layer_forwards, run.counter.layer_equivalents, added], dtype=torch.float64)
+    batches, total = batched(mine, batch_size, val.pad_token_id), num_batches(mine, batch_size)
+    if objective == "kl":
+        added = run.run(model, batches, total=total)
+    else:
+        rows = {str(row["index"]): row for _, row in val.rows.iterrows()}
+        decode = lambda ids: [val.wrapper.decode(seq) for seq in ids]  # noqa: E731 - as generate_inner
+        added = run.run(model, decode, scorer, ((ids, x, [rows[i] for i in ids]) for ids, x in batches), total=total)
+    counter = getattr(run, "counter", None)  # generation has no prefix sharing to count
+    counts = torch.tensor([counter.layer_forwards if counter else 0, counter.layer_equivalents if counter else 0,
+                           added], dtype=torch.float64)
     if world > 1:
         import torch.distributed as dist
 
@@ -213,7 +248,7 @@ def run_search(
     profile = build_profile(
         run_dir, model=setup.model_key, reducer=reducer, dataset=val.dataset_name, seed=seed,
         num_layers=setup.spec.num_layers, num_visual=setup.spec.visual_tokens,
-        depths=setup.depths, visual=setup.visual,
+        depths=setup.depths, visual=setup.visual, pattern=f"{run.FILE_PREFIX}.rank*.jsonl", objective=objective,
     )
     profile.save(run_dir / "profile.json")
     results, policies = {}, {}
@@ -230,8 +265,10 @@ def run_search(
     plot_profile(run_dir / "profile.json", run_dir / "profile.png", policies=policies)
     summary = {
         "entry": entry, "dataset": val.dataset_name, "reducer": reducer, "samples": len(items),
-        "seed": seed, "newly_profiled": int(counts[2]), "depths": setup.depths, "visual": setup.visual,
-        "layer_forwards": int(counts[0]), "layer_equivalents": round(float(counts[1]), 3),
+        "seed": seed, "objective": objective, "newly_profiled": int(counts[2]), "depths": setup.depths,
+        "visual": setup.visual,
+        "layer_forwards": int(counts[0]) if objective == "kl" else None,
+        "layer_equivalents": round(float(counts[1]), 3) if objective == "kl" else None,
         "batch_size": batch_size, "world_size": world, "results": results, "dir": str(run_dir),
     }
     (run_dir / "search.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
