@@ -104,39 +104,63 @@ def test_search_under_torchrun_merges_the_ranks(tmp_path, lmu, capsys):
     assert two["results"]["0.6"]["policy"] == one["results"]["0.6"]["policy"]
 
 
-def test_search_cli_accuracy_drop_objective(tmp_path, lmu, capsys):
-    """--objective acc_drop (Eq. 13): answers are the ones evaluation produces (the VLMEvalKit wrapper's
-    generate, an independent path), scores and drops follow from them, and Eq. 7 runs on those curves."""
+def _textvqa_train(tmp_path, answers_of):
+    """An official-format TextVQA train json + images -> LMUData/TextVQA_TRAIN.tsv (prepare-textvqa-train)."""
+    from vlmeval_dop.datasets import main as datasets_main
+    from vlmeval_dop.tiny import tiny_image
+
+    images = tmp_path / "train_images"
+    images.mkdir(exist_ok=True)
+    questions = ["What is written on the sign?", "What brand is shown?", "What number is on it?"]
+    data = []
+    for i, q in enumerate(questions):
+        tiny_image(i, (160, 120)).save(images / f"img{i}.jpg")
+        data.append({"question_id": 100 + i, "image_id": f"img{i}", "question": q, "answers": answers_of(100 + i)})
+    (tmp_path / "TextVQA_0.5.1_train.json").write_text(json.dumps({"data": data}))
+    assert datasets_main(["prepare-textvqa-train", "--questions", str(tmp_path / "TextVQA_0.5.1_train.json"),
+                          "--images", str(images)]) == 0
+
+
+def test_search_cli_accuracy_drop_on_textvqa_train(tmp_path, lmu, capsys):
+    """--objective acc_drop (Eq. 13) on the paper's validation split (TextVQA_TRAIN, built from the official
+    format): answers are the ones evaluation produces (the VLMEvalKit wrapper's generate, an independent
+    path), scored with TextVQA's VQA score by hand, and Eq. 7 runs on the drop curves."""
     from vlmeval.dataset import build_dataset
 
     from vlmeval_dop.cli import main
     from vlmeval_dop.registry import load_entry
-    from vlmeval_dop.search.accuracy import sample_scorer
 
-    argv = ["search", "--model", "tiny_llava15", "--data", "DOP_Demo", "--samples", "3", "--seed", "1",
+    wrapper = load_entry("tiny_llava15", max_new_tokens=4, device="cpu")  # registers the plugin datasets
+    _textvqa_train(tmp_path, lambda qid: ["x"] * 10)
+    dataset = build_dataset("TextVQA_TRAIN")
+    assert type(dataset).__name__ == "TextVQATrainDataset" and len(dataset) == 3
+    prompt = wrapper.build_prompt(dataset.data.iloc[0], "TextVQA_TRAIN") if wrapper.use_custom_prompt(
+        "TextVQA_TRAIN") else dataset.build_prompt(dataset.data.iloc[0])
+    assert "single word or phrase" in prompt[-1]["value"]
+    # ground truth: 3 of 10 annotators gave the unpruned model's own answer -> VQA score 0.9 (hand)
+    full = {int(r["index"]): wrapper.generate(dataset.build_prompt(r), dataset="TextVQA_TRAIN")
+            for _, r in dataset.data.iterrows()}
+    _textvqa_train(tmp_path, lambda qid: [full[qid]] * 3 + ["zzz"] * 7)
+    assert capsys.readouterr().out.strip().endswith("TextVQA_TRAIN.tsv")  # prepare-textvqa-train's output
+
+    argv = ["search", "--model", "tiny_llava15", "--data", "TextVQA_TRAIN", "--samples", "3", "--seed", "1",
             "--budget", "0.6", "--objective", "acc_drop", "--max-new-tokens", "4", "--batch-size", "2",
-            "--out-dir", str(tmp_path), "--json"]
+            "--out-dir", str(tmp_path / "p"), "--json"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     run_dir = Path(summary["dir"])
-    assert run_dir.name == "tiny_llava15-uniform-DOP_Demo-3-1-acc_drop" and summary["objective"] == "acc_drop"
+    assert run_dir.name == "tiny_llava15-uniform-TextVQA_TRAIN-3-1-acc_drop" and summary["objective"] == "acc_drop"
     assert json.loads((run_dir / "profile.json").read_text())["objective"] == "acc_drop"
     assert "policy" in summary["results"]["0.6"]
     records = [json.loads(line) for line in (run_dir / "acc_samples.rank0.jsonl").read_text().splitlines()]
     assert len(records) == 3
-
-    wrapper = load_entry("tiny_llava15", max_new_tokens=4, device="cpu")
-    dataset = build_dataset("DOP_Demo")
-    scorer = sample_scorer(dataset)
-    rows = {str(r["index"]): r for _, r in dataset.data.iterrows()}
     for rec in records:
-        row = rows[rec["id"]]
-        answer = wrapper.generate(dataset.build_prompt(row), dataset="DOP_Demo")
-        assert rec["answers"]["full"] == answer
-        assert rec["full"] == scorer(row, answer)
+        assert rec["answers"]["full"] == full[int(rec["id"])]
+        assert rec["full"] == pytest.approx(0.9)
         for curve in ("D_A", "D_P", "D_v"):
             for drop, pruned in zip(rec[curve], rec["answers"][curve]):
-                assert drop == rec["full"] - scorer(row, pruned)
+                same = pruned.strip().lower() == full[int(rec["id"])].strip().lower()
+                assert drop == pytest.approx(0.0 if same else 0.9), (curve, pruned)
     assert main(argv) == 0 and json.loads(capsys.readouterr().out)["newly_profiled"] == 0  # resumed
 
 

@@ -13,10 +13,12 @@
   10 human answers, acc = mean over the 10 leave-one-out subsets of min(1, #matches / 3), after the VQA
   answer normalisation (punctuation, digits, articles, contractions; VLMEvalKit's `process_answer`).
   Build either TSV from the official files with `python -m vlmeval_dop.datasets prepare-vqav2 ...`.
+- **TextVQA_TRAIN**: the TextVQA train questions (the paper's search validation data) with TextVQA_VAL's
+  prompt and metric; `python -m vlmeval_dop.datasets prepare-textvqa-train ...` builds it.
 - **DOP_Demo**: 8 generated images (coloured shapes) with questions whose exact answers are known
   (colour, count, shape), built deterministically in memory, scored by exact match; no download, no judge.
 
-`register_datasets()` adds the two plugin classes to VLMEvalKit's dataset registry
+`register_datasets()` adds the plugin classes to VLMEvalKit's dataset registry
 (`vlmeval.dataset.DATASET_CLASSES`, which `build_dataset`, `DATASET_TYPE` and the status reports iterate).
 This module imports vlmeval.
 """
@@ -35,6 +37,7 @@ import pandas as pd
 import yaml
 from PIL import Image, ImageDraw
 from vlmeval.dataset.image_base import ImageBaseDataset
+from vlmeval.dataset.image_vqa import ImageVQADataset
 from vlmeval.smp import LMUDataRoot, d2df, dump, encode_image_to_base64, get_intermediate_file_path, load
 
 from .models_config import CONFIG_DIR
@@ -218,6 +221,51 @@ def prepare_vqav2(split: str, questions: str, images: str, out: str | None = Non
     return out
 
 
+# ------------------------------------------------------------------------------- TextVQA train split
+class TextVQATrainDataset(ImageVQADataset):
+    """TextVQA *train* (`TextVQA_TRAIN`): the paper's validation data for the policy search (100 samples,
+    seed 42). VLMEvalKit ships TextVQA_VAL only; this is the same dataset class logic (prompt with the
+    short-answer suffix, VQA score of the 10 answers, chosen by the "TextVQA" name) on the train questions.
+
+    Data: `LMUData/TextVQA_TRAIN.tsv` (index = question_id, image_path, question, answer = the 10 answers),
+    built by `prepare_textvqa_train` from the official TextVQA_0.5.1_train.json and train_images/.
+    """
+
+    DATASET_URL = {"TextVQA_TRAIN": ""}  # no public TSV: built locally (prepare_textvqa_train)
+    DATASET_MD5 = {}
+
+    def load_data(self, dataset):
+        path = osp.join(LMUDataRoot(), f"{dataset}.tsv")
+        if not osp.exists(path):
+            raise FileNotFoundError(
+                f"{path} not found. {dataset} is built from the official TextVQA files: python -m "
+                "vlmeval_dop.datasets prepare-textvqa-train --questions TextVQA_0.5.1_train.json --images train_images/"
+            )
+        self.data_path = path
+        return load(path)
+
+
+def prepare_textvqa_train(questions: str, images: str, out: str | None = None) -> str:
+    """Build `LMUData/TextVQA_TRAIN.tsv` from the official TextVQA_0.5.1_train.json and its image directory.
+
+    Images are referenced by absolute path (`<images>/<image_id>.jpg`, checked to exist); the answer column
+    holds the 10 human answers as a Python list literal, as VLMEvalKit's TextVQA_VAL.tsv does.
+    """
+    data = json.loads(Path(questions).read_text())["data"]
+    rows = []
+    for q in data:
+        path = osp.abspath(osp.join(images, f"{q['image_id']}.jpg"))
+        if not osp.exists(path):
+            raise FileNotFoundError(f"image of question {q['question_id']} not found: {path}")
+        rows.append({"index": q["question_id"], "image_path": path, "question": q["question"],
+                     "answer": str([str(a) for a in q["answers"]])})
+    out = out or osp.join(LMUDataRoot(), "TextVQA_TRAIN.tsv")
+    tmp = f"{out}.tmp"
+    pd.DataFrame(rows).to_csv(tmp, sep="\t", index=False)
+    Path(tmp).replace(out)  # never a half-written TSV under the dataset's name
+    return out
+
+
 # ------------------------------------------------------------------------------------------ demo set
 _COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
 
@@ -291,7 +339,7 @@ class DOPDemoDataset(ImageBaseDataset):
 
 from .captioning import CaptioningDataset, prepare_captions  # noqa: E402  (NoCaps_VAL / TextCaps_VAL, Table 17)
 
-PLUGIN_DATASETS = (VQAv2Dataset, DOPDemoDataset, CaptioningDataset)
+PLUGIN_DATASETS = (VQAv2Dataset, DOPDemoDataset, CaptioningDataset, TextVQATrainDataset)
 
 
 def register_datasets() -> None:
@@ -316,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--annotations", help="answers (val only)")
     p.add_argument("--images", required=True, help="COCO image directory (val2014/ or test2015/)")
     p.add_argument("--out", help="output TSV (default: VLMEvalKit's data root)")
+    p = sub.add_parser("prepare-textvqa-train", help="build LMUData/TextVQA_TRAIN.tsv (the search's validation data)")
+    p.add_argument("--questions", required=True, help="TextVQA_0.5.1_train.json")
+    p.add_argument("--images", required=True, help="train_images/ directory")
+    p.add_argument("--out", help="output TSV (default: VLMEvalKit's data root)")
     p = sub.add_parser("vqav2-submission", help="EvalAI results json from a VQAv2_TestDev prediction file")
     p.add_argument("predictions")
     p.add_argument("out")
@@ -329,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "prepare-captions":
         print(prepare_captions(args.dataset, args.annotations, args.images, args.out))
+    elif args.cmd == "prepare-textvqa-train":
+        print(prepare_textvqa_train(args.questions, args.images, args.out))
     elif args.cmd == "prepare-vqav2":
         print(prepare_vqav2(args.split, args.questions, args.images, args.out, args.annotations))
     else:
