@@ -164,6 +164,23 @@ def test_search_cli_accuracy_drop_on_textvqa_train(tmp_path, lmu, capsys):
     assert main(argv) == 0 and json.loads(capsys.readouterr().out)["newly_profiled"] == 0  # resumed
 
 
+def test_search_cli_resize_reducer_internvl(tmp_path, lmu, capsys):
+    """DOP_R's D_v curve through the CLI on InternVL (whose VLMEvalKit prompt saves images: the inference
+    loop's dump_image hook must be set); a reducer name that does not exist is refused by name."""
+    from vlmeval_dop.cli import main
+
+    argv = ["search", "--model", "tiny_internvl3", "--reducer", "resize", "--data", "DOP_Demo", "--samples", "2",
+            "--seed", "3", "--budget", "0.8", "--batch-size", "2", "--out-dir", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    prof = json.loads((Path(summary["dir"]) / "profile.json").read_text())
+    assert prof["reducer"] == "resize" and sorted(prof["curves"]["D_v"]["points"]) == sorted(summary["visual"])
+    assert all(v > 0 for v in prof["curves"]["D_v"]["values"])  # smaller images change the output
+    assert main(["search", "--model", "tiny_llava15", "--reducer", "nope", "--data", "DOP_Demo",
+                 "--out-dir", str(tmp_path)]) == 2
+    assert "valid reducers: " in capsys.readouterr().err
+
+
 def test_search_cli_refuses_pruned_entry(tmp_path, lmu, capsys):
     from vlmeval_dop.cli import main
 

@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="profile divergence curves on validation samples and solve Eq. 7 per budget")
     p.add_argument("--model", required=True, help="unpruned model entry (e.g. llava15_7b, tiny_llava15)")
-    p.add_argument("--reducer", default="uniform", help="reducer for the n_v curve (vlmeval_dop.reducers.REDUCERS)")
+    p.add_argument("--reducer", default="uniform", help="reducer for the n_v curve: a vlmeval_dop.reducers name (cdpruner for DOP_CD, vispruner for DOP_V) "
+                        "or resize (DOP_R: images resized before the processor; Qwen2.5-VL and InternVL3)")
     p.add_argument("--budget", type=float, action="append", help="TFLOPs fraction (repeatable); default: the paper's labels")
     p.add_argument("--data", required=True, help="VLMEvalKit dataset name (or the basename of $LMUData/<name>.tsv)")
     p.add_argument("--samples", type=int, default=100)

@@ -19,7 +19,7 @@ resolution; this class does the rest:
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -62,6 +62,7 @@ class DOPWrapper(BaseModel):
     MODEL_CLASS = ""  # transformers class name
     CUDA_DTYPE = torch.float16
     DEFAULT_MAX_NEW_TOKENS = 2048
+    SUPPORTS_RESIZE = False  # the image-side `resize` reduction (DOP_R) is implemented in build_inputs
 
     def __init__(
         self,
@@ -101,6 +102,7 @@ class DOPWrapper(BaseModel):
         self._model = None
         self._processor = None
         self._gen_cache = None  # (max_new_tokens, GenerationConfig)
+        self._resize_override: int | None = None  # set by `resized()`
         # evidence of what ran, from the executor (not from the configuration)
         self.last_layer_tokens: list[tuple[int, int]] | None = None
         self.last_visual_tokens: int | None = None
@@ -112,6 +114,8 @@ class DOPWrapper(BaseModel):
     @property
     def resize_tokens(self) -> int | None:
         """Target visual tokens of the image-side `resize` reduction (DOP_R), None otherwise."""
+        if self._resize_override is not None:
+            return self._resize_override
         if self.reducer == "resize" and self.policy is not None and self.policy.n_v is not None:
             return self.policy.n_v
         return None
@@ -148,6 +152,21 @@ class DOPWrapper(BaseModel):
         self._model, self._processor = model, processor
         self._num_layers = num_layers
         return self
+
+    @contextmanager
+    def resized(self, n_v: int):
+        """Within this context `build_inputs` resizes images for about `n_v` visual tokens (DOP_R), whatever
+        the wrapper's own policy: the policy search's `D_v` points of the resize reduction."""
+        if not self.SUPPORTS_RESIZE:
+            raise ValueError(f"the resize reduction (DOP_R) is not implemented for {type(self).__name__}; "
+                             "it is for the qwen2_5_vl and internvl wrappers")
+        if n_v < 1:
+            raise ValueError(f"n_v must be >= 1, got {n_v}")
+        saved, self._resize_override = self._resize_override, int(n_v)
+        try:
+            yield self
+        finally:
+            self._resize_override = saved
 
     def _configure(self, model, processor) -> None:
         """Family hook: set the paper's input resolution on model/processor after loading."""

@@ -41,6 +41,7 @@ class InternVL3DOP(DOPWrapper):
     FAMILY = "internvl"
     MODEL_CLASS = "InternVLForConditionalGeneration"
     CUDA_DTYPE = torch.bfloat16
+    SUPPORTS_RESIZE = True
     DEFAULT_MAX_NEW_TOKENS = 4096
 
     # VLMEvalKit's InternVL prompt logic, reused; it reads the attributes set in __init__

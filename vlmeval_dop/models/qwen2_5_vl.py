@@ -33,6 +33,7 @@ class Qwen25VLDOP(Qwen2VLPromptMixin, DOPWrapper):
     FAMILY = "qwen2_5_vl"
     MODEL_CLASS = "Qwen2_5_VLForConditionalGeneration"
     CUDA_DTYPE = torch.bfloat16
+    SUPPORTS_RESIZE = True
     DEFAULT_MAX_NEW_TOKENS = 2048
 
     def __init__(self, *args, visual_tokens: int = 1296, use_custom_prompt: bool = False, **kwargs):

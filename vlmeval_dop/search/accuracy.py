@@ -212,6 +212,7 @@ def profile_accuracy_batch(
     max_new_tokens: int,
     *,
     generation_config=None,
+    resized: dict[int, dict[str, Any]] | None = None,
 ) -> AccuracyBatch:
     """Per-sample accuracy drops of one batch at every sampling point (Eq. 13's curves).
 
@@ -220,7 +221,11 @@ def profile_accuracy_batch(
     ``lambda ids: processor.batch_decode(ids, skip_special_tokens=True)``) and scores each answer against its
     row with `scorer` (`sample_scorer`). `generation_config` (e.g. the wrapper's `generation_config()`) makes
     the answers those evaluation produces when the checkpoint's defaults differ (repetition penalty, pad id).
+    With the image-side `resize` reducer (DOP_R), the `D_v` point `n` answers on `resized[n]` (the samples'
+    inputs with images resized for about `n` visual tokens) with the stock model.
     """
+    from .profile import IMAGE_SIDE_REDUCERS
+
     from ..arch import ArchSpec
 
     B = int(inputs["input_ids"].shape[0])
@@ -229,8 +234,12 @@ def profile_accuracy_batch(
     if len(rows) != B:
         raise ValueError(f"{len(rows)} rows for a batch of {B} samples")
 
-    def answer_and_score() -> tuple[list[str], torch.Tensor]:
-        answers = generate_answers(model, processor_decode, inputs, max_new_tokens, generation_config)
+    image_side = reducer in IMAGE_SIDE_REDUCERS
+    if image_side and (resized is None or any(n not in resized for n in visual)):
+        raise ValueError(f"reducer {reducer!r} reduces the image: give the inputs resized for every n_v in {list(visual)}")
+
+    def answer_and_score(x=inputs) -> tuple[list[str], torch.Tensor]:
+        answers = generate_answers(model, processor_decode, x, max_new_tokens, generation_config)
         return answers, torch.tensor([float(scorer(r, a)) for r, a in zip(rows, answers)], dtype=torch.float64)
 
     full_answers, full_scores = answer_and_score()
@@ -240,8 +249,11 @@ def profile_accuracy_batch(
     for curve, policies in curve_policies(L, depths, visual).items():
         per_point, texts = [], []
         for policy in policies:
-            with apply_dop(model, policy, reducer=reducer if policy.n_v is not None else None):
-                pruned_answers, pruned_scores = answer_and_score()
+            if image_side and policy.n_v is not None:
+                pruned_answers, pruned_scores = answer_and_score(resized[policy.n_v])
+            else:
+                with apply_dop(model, policy, reducer=reducer if policy.n_v is not None else None):
+                    pruned_answers, pruned_scores = answer_and_score()
             per_point.append(accuracy_drop(full_scores, pruned_scores).per_sample)
             texts.append(pruned_answers)
         drops[curve] = torch.stack(per_point, dim=1)
@@ -282,6 +294,7 @@ class AccuracyProfileRun(RankFiles):
         total: int | None = None,
     ) -> int:
         """Profile every batch `(sample_ids, inputs, rows)` not yet done; returns the samples added.
+        With an image-side reducer a batch is `(sample_ids, inputs, rows, {n_v: resized inputs})`.
 
         Each record holds the sample's full score, its drops per curve and every generated answer.
         """
@@ -289,12 +302,13 @@ class AccuracyProfileRun(RankFiles):
         done = self.finished_ids()
         added = 0
         with open(self.samples_file, "a", encoding="utf-8") as fh:
-            for ids, inputs, rows in tqdm(batches, total=total, desc="accuracy profiling", unit="batch"):
+            for ids, inputs, rows, *resized in tqdm(batches, total=total, desc="accuracy profiling", unit="batch"):
                 if all(i in done for i in ids):
                     continue
                 out = profile_accuracy_batch(
                     model, processor_decode, inputs, rows, scorer, self.depths, self.visual, self.reducer,
                     self.max_new_tokens, generation_config=self.generation_config,
+                    resized=resized[0] if resized else None,
                 )
                 for b, sid in enumerate(ids):
                     if sid in done:

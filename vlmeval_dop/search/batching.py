@@ -70,25 +70,39 @@ def collate(samples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, A
     return out
 
 
+def _item_key(item) -> tuple:
+    # an item may carry per-n_v resized inputs (image-side reducers): those must concatenate as well
+    key = batch_key(item[1])
+    if len(item) > 2:
+        key = (key, tuple((n, batch_key(x)) for n, x in sorted(item[2].items())))
+    return key
+
+
 def batched(items: Sequence[Item], batch_size: int, pad_token_id: int) -> Iterator[Item]:
     """Pack `(ids, single-sample inputs)` items into batches of at most `batch_size` compatible samples.
 
-    Items are grouped by `batch_key` in order of first appearance and, within a group, kept in their
-    original order; `batch_size=1` yields the items unchanged.
+    Items may be `(ids, inputs, {n_v: resized inputs})` (the `resize` reduction); the resized inputs are
+    collated per `n_v` alongside. Items are grouped by their batch keys in order of first appearance and,
+    within a group, kept in their original order; `batch_size=1` yields the items unchanged.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if batch_size == 1:
         yield from items
         return
-    groups: dict[tuple, list[Item]] = {}
+    groups: dict[tuple, list] = {}
     for item in items:
-        groups.setdefault(batch_key(item[1]), []).append(item)
+        groups.setdefault(_item_key(item), []).append(item)
     for group in groups.values():
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
-            ids = [sid for sids, _ in chunk for sid in sids]
-            yield ids, collate([inputs for _, inputs in chunk], pad_token_id)
+            ids = [sid for item in chunk for sid in item[0]]
+            inputs = collate([item[1] for item in chunk], pad_token_id)
+            if len(chunk[0]) > 2:
+                resized = {n: collate([item[2][n] for item in chunk], pad_token_id) for n in chunk[0][2]}
+                yield ids, inputs, resized
+            else:
+                yield ids, inputs
 
 
 def num_batches(items: Sequence[Item], batch_size: int) -> int:
@@ -96,7 +110,7 @@ def num_batches(items: Sequence[Item], batch_size: int) -> int:
     if batch_size == 1:
         return len(items)
     sizes: dict[tuple, int] = {}
-    for _, inputs in items:
-        k = batch_key(inputs)
+    for item in items:
+        k = _item_key(item)
         sizes[k] = sizes.get(k, 0) + 1
     return sum(-(-n // batch_size) for n in sizes.values())

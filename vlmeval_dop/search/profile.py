@@ -20,7 +20,7 @@ samples already there (resume), and `merge_samples` averages them into the profi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,14 +102,22 @@ def curve_policies(num_layers: int, depths: Sequence[int], visual: Sequence[int]
     }
 
 
-def _profile_curves(model, inputs, depths, visual, reducer, counter, base_logits, run_variant):
+IMAGE_SIDE_REDUCERS = ("resize",)  # reduce before the processor (DOP_R): D_v runs the model on resized inputs
+
+
+def _profile_curves(model, inputs, depths, visual, reducer, counter, base_logits, run_variant, resized=None):
     """Shared loop of both procedures: every curve policy, its divergence from `base_logits`, counted.
 
     `run_variant(handle, policy)` returns the variant's last-position logits under the installed policy.
+    With an image-side reducer (`resize`), the `D_v` point `n` is the stock model on `resized[n]`, the same
+    samples with their images resized for about `n` visual tokens (the wrapper's DOP_R inputs).
     """
     spec = ArchSpec.from_model(model)
     L = spec.num_layers
     B, n_tok = inputs["input_ids"].shape
+    image_side = reducer in IMAGE_SIDE_REDUCERS
+    if image_side and (resized is None or any(n not in resized for n in visual)):
+        raise ValueError(f"reducer {reducer!r} reduces the image: give the inputs resized for every n_v in {list(visual)}")
     if counter is not None:  # the unpruned run
         counter.add(spec, [[(n_tok, n_tok)] * B] * L, n_tok)
     ref = TopKReference.from_logits(base_logits)
@@ -117,11 +125,19 @@ def _profile_curves(model, inputs, depths, visual, reducer, counter, base_logits
     for curve, policies in curve_policies(L, depths, visual).items():
         values = []
         for policy in policies:
-            with apply_dop(model, policy, reducer=reducer if policy.n_v is not None else None) as handle:
+            if image_side and policy.n_v is not None:
+                small = resized[policy.n_v]
                 with torch.no_grad():
-                    logits = run_variant(handle, policy)
-            if counter is not None:
-                counter.add(spec, handle.last_sample_layer_tokens, n_tok)
+                    logits = model(**small, use_cache=False, logits_to_keep=1).logits[:, -1]
+                if counter is not None:
+                    n_small = small["input_ids"].shape[1]
+                    counter.add(spec, [[(n_small, n_small)] * B] * L, n_tok)
+            else:
+                with apply_dop(model, policy, reducer=reducer if policy.n_v is not None else None) as handle:
+                    with torch.no_grad():
+                        logits = run_variant(handle, policy)
+                if counter is not None:
+                    counter.add(spec, handle.last_sample_layer_tokens, n_tok)
             values.append(ref.kl_logits(logits).per_sample)
         result[curve] = torch.stack(values, dim=1)
     return result
@@ -134,9 +150,11 @@ def profile_batch(
     visual: Sequence[int],
     reducer: str | None,
     counter: ProfileCounter | None = None,
+    resized: Mapping[int, dict[str, Any]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sample divergences of one batch at every sampling point, with prefix sharing.
 
+    `resized` ({n_v: inputs}) is needed by image-side reducers (`resize`, DOP_R) only.
     Returns {"D_A": (B, len(depths)), "D_P": (B, len(depths)), "D_v": (B, len(visual))} float64.
     """
     full = capture_full_run(model, inputs)
@@ -154,7 +172,7 @@ def profile_batch(
             reducer_cache=reducer_cache,
         )
 
-    return _profile_curves(model, inputs, depths, visual, reducer, counter, full.logits, variant)
+    return _profile_curves(model, inputs, depths, visual, reducer, counter, full.logits, variant, resized)
 
 
 def profile_naive(
@@ -164,13 +182,14 @@ def profile_naive(
     visual: Sequence[int],
     reducer: str | None,
     counter: ProfileCounter | None = None,
+    resized: Mapping[int, dict[str, Any]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The paper's procedure: 3I+1 independent full forwards (vision tower included), no sharing."""
     with torch.no_grad():
         base = model(**inputs, use_cache=False).logits[:, -1]
     return _profile_curves(
         model, inputs, depths, visual, reducer, counter, base,
-        lambda handle, policy: model(**inputs, use_cache=False).logits[:, -1],
+        lambda handle, policy: model(**inputs, use_cache=False).logits[:, -1], resized,
     )
 
 
@@ -222,15 +241,18 @@ class ProfileRun(RankFiles):
     counter: ProfileCounter = field(default_factory=ProfileCounter)
 
     def run(self, model, batches: Iterable[tuple[list[str], dict[str, Any]]], total: int | None = None) -> int:
-        """Profile every batch `(sample_ids, inputs)` of this rank's shard not yet done; returns samples added."""
+        """Profile every batch `(sample_ids, inputs)` of this rank's shard not yet done; returns samples added.
+
+        With an image-side reducer a batch is `(sample_ids, inputs, {n_v: resized inputs})`."""
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         done = self.finished_ids()
         added = 0
         with open(self.samples_file, "a", encoding="utf-8") as fh:
-            for ids, inputs in tqdm(batches, total=total, desc="profiling", unit="batch"):
+            for ids, inputs, *resized in tqdm(batches, total=total, desc="profiling", unit="batch"):
                 if all(i in done for i in ids):
                     continue
-                out = profile_batch(model, inputs, self.depths, self.visual, self.reducer, self.counter)
+                out = profile_batch(model, inputs, self.depths, self.visual, self.reducer, self.counter,
+                                    resized[0] if resized else None)
                 for b, sid in enumerate(ids):
                     if sid in done:
                         continue

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from ..arch import ArchSpec
@@ -61,10 +62,29 @@ class ValidationSet:
     rows: Any
     pad_token_id: int
     wrapper: Any = None
+    messages: list = field(default_factory=list)
 
     @property
     def dataset_name(self) -> str:
         return self.dataset.dataset_name
+
+    def _inputs(self, message):
+        inputs = self.wrapper.build_inputs(message, self.dataset_name).to(self.wrapper.device)
+        if "pixel_values" in inputs:  # as generate_inner: images in the model's dtype (bf16 on GPU)
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.wrapper.dtype)
+        return inputs
+
+    def with_resized(self, points: Sequence[int]) -> list[tuple[list[str], dict[str, Any], dict[int, Any]]]:
+        """The items with each sample's inputs for the image-side `resize` reduction (DOP_R) at every n_v
+        in `points`: `(ids, inputs, {n_v: inputs})`, built by the wrapper exactly as its DOP_R entries do."""
+        out = []
+        for (ids, inputs), message in zip(self.items, self.messages):
+            resized = {}
+            for n in points:
+                with self.wrapper.resized(n):
+                    resized[int(n)] = self._inputs(message)
+            out.append((ids, inputs, resized))
+        return out
 
 
 def validation_items(entry: str, data: str, samples: int, seed: int, device: str | None = None) -> ValidationSet:
@@ -87,20 +107,17 @@ def validation_items(entry: str, data: str, samples: int, seed: int, device: str
     if dataset is None:
         raise ValueError(f"dataset {data!r} could not be built by VLMEvalKit (name or $LMUData/{data}.tsv)")
     rows = dataset.data.sample(n=min(samples, len(dataset.data)), random_state=seed)
+    wrapper.set_dump_image(dataset.dump_image)  # as VLMEvalKit's inference loop: custom prompts save images
 
     def message_of(row):
         if wrapper.use_custom_prompt(dataset.dataset_name):
             return wrapper.build_prompt(row, dataset.dataset_name)
         return dataset.build_prompt(row)
 
-    def inputs_of(row):
-        inputs = wrapper.build_inputs(message_of(row), dataset.dataset_name).to(wrapper.device)
-        if "pixel_values" in inputs:  # as generate_inner: images in the model's dtype (bf16 on GPU)
-            inputs["pixel_values"] = inputs["pixel_values"].to(wrapper.dtype)
-        return inputs
-
-    items = [([str(row["index"])], inputs_of(row)) for _, row in rows.iterrows()]
-    return ValidationSet(e, wrapper.model, dataset, items, rows, _pad_token_id(wrapper), wrapper)
+    val = ValidationSet(e, wrapper.model, dataset, [], rows, _pad_token_id(wrapper), wrapper)
+    val.messages = [message_of(row) for _, row in rows.iterrows()]
+    val.items = [([str(row["index"])], val._inputs(m)) for (_, row), m in zip(rows.iterrows(), val.messages)]
+    return val
 
 
 def _pad_token_id(wrapper) -> int:
@@ -203,6 +220,12 @@ def run_search(
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    from ..reducers import REDUCERS
+    from .profile import IMAGE_SIDE_REDUCERS
+
+    valid_reducers = sorted(REDUCERS) + list(IMAGE_SIDE_REDUCERS)
+    if reducer not in valid_reducers:
+        raise ValueError(f"unknown reducer {reducer!r}; valid reducers: {', '.join(valid_reducers)}")
     rank, world = distributed_rank()
     val = validation_items(entry, data, samples, seed, device)
     model, items = val.model, val.items
@@ -224,6 +247,8 @@ def run_search(
         for old in run_dir.glob(f"{run.FILE_PREFIX}.rank*.jsonl"):
             old.unlink()  # asked for: profile every sample again
     _barrier(world)
+    if reducer in IMAGE_SIDE_REDUCERS:  # D_v runs the model on images resized for each n_v (DOP_R)
+        items = val.with_resized(setup.visual)
     mine = list(run.shard(items))
     batches, total = batched(mine, batch_size, val.pad_token_id), num_batches(mine, batch_size)
     if objective == "kl":
@@ -231,7 +256,8 @@ def run_search(
     else:
         rows = {str(row["index"]): row for _, row in val.rows.iterrows()}
         decode = lambda ids: [val.wrapper.decode(seq) for seq in ids]  # noqa: E731 - as generate_inner
-        added = run.run(model, decode, scorer, ((ids, x, [rows[i] for i in ids]) for ids, x in batches), total=total)
+        jobs = ((b[0], b[1], [rows[i] for i in b[0]], *b[2:]) for b in batches)  # + resized inputs if any
+        added = run.run(model, decode, scorer, jobs, total=total)
     counter = getattr(run, "counter", None)  # generation has no prefix sharing to count
     counts = torch.tensor([counter.layer_forwards if counter else 0, counter.layer_equivalents if counter else 0,
                            added], dtype=torch.float64)
