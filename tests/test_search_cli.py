@@ -181,6 +181,40 @@ def test_search_cli_resize_reducer_internvl(tmp_path, lmu, capsys):
     assert "valid reducers: " in capsys.readouterr().err
 
 
+def test_search_install_makes_entries(tmp_path, lmu):
+    """--install TAG: the solved policies become entries {model}_{method}{budget}_TAG; an installed different
+    policy is never replaced silently."""
+    import shutil
+
+    from vlmeval_dop.models_config import CONFIG_DIR
+    from vlmeval_dop.registry import EntryError, load_entries
+    from vlmeval_dop.search.run import run_search
+
+    cfg = tmp_path / "eval_configs"
+    shutil.copytree(CONFIG_DIR, cfg)
+    with pytest.raises(EntryError, match="search tag"):
+        run_search("tiny_llava15", "DOP_Demo", "uniform", [0.6], 2, 1, tmp_path / "p", install="Bad__Tag", config_dir=cfg)
+    target = cfg / "searched" / "t1.uniform.yaml"
+    target.parent.mkdir()
+    target.write_text("tiny_llava15: {0.6: [1, 0, 9]}\n")  # a different, earlier result
+    with pytest.raises(ValueError, match="already holds"):
+        run_search("tiny_llava15", "DOP_Demo", "uniform", [0.6, 0.8], 2, 1, tmp_path / "p", install="t1", config_dir=cfg)
+    assert target.read_text() == "tiny_llava15: {0.6: [1, 0, 9]}\n"  # nothing partial written
+    summary = run_search("tiny_llava15", "DOP_Demo", "uniform", [0.6, 0.8], 2, 1, tmp_path / "p", install="t1",
+                         overwrite=True, config_dir=cfg)
+    assert summary["newly_profiled"] == 0  # the profile of the refused run was kept and reused
+    entries = load_entries(cfg)
+    for budget, name in summary["installed"].items():
+        e = entries[name]
+        assert name == f"tiny_llava15_dopuniform{round(100 * float(budget))}_t1"
+        assert e.policy == DOPPolicy.from_dict(summary["results"][budget]["policy"]) and e.reducer == "uniform"
+        assert e.source == "searched/t1.uniform.yaml" and e.runnable
+    assert not any(n.endswith("_t1") for n in load_entries())  # the repository's eval_configs untouched
+    from vlmeval_dop.registry import method_for_reducer
+
+    assert method_for_reducer("cdpruner") == "dopcd" and method_for_reducer("resize") == "dopr"
+
+
 def test_search_cli_refuses_pruned_entry(tmp_path, lmu, capsys):
     from vlmeval_dop.cli import main
 

@@ -131,7 +131,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             args.model, args.data, args.reducer, args.budget, args.samples, args.seed, args.out_dir,
             alpha=args.alpha, text_tokens=args.text_tokens, depths=args.depths, visual=args.visual,
             device=device, batch_size=args.batch_size, recompute=args.recompute, objective=args.objective,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=args.max_new_tokens, install=args.install, overwrite=args.overwrite,
         )
     finally:
         if created:
@@ -155,6 +155,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
             print(f"  budget {budget}: policy ({p['d_A']}, {p['d_P']}, {p['n_v']})  predicted {what} "
                   f"{r['objective']:.4g}  TFLOPs {100 * r['paper_ratio']:.2f} %")
     print(f"outputs: {summary['dir']} (profile.json, profile.png, policies.yaml, search.json)")
+    for budget, name in summary["installed"].items():
+        print(f"  installed: python run.py --model {name} --data <dataset>")
     return 0
 
 
@@ -207,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole greedy answers scored with VLMEvalKit's per-sample metric (Eq. 13, App. F.5)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="acc_drop only: answer length (default: the model wrapper's evaluation setting)")
+    p.add_argument("--install", metavar="TAG", default=None,
+                   help="also write the policies to eval_configs/searched/TAG.<reducer>.yaml: evaluation entries "
+                        "{model}_{method}{budget}_TAG (e.g. llava15_7b_dopcd28_TAG)")
+    p.add_argument("--overwrite", action="store_true", help="with --install: replace a different installed policy")
     p.add_argument("--recompute", action="store_true",
                    help="profile every sample again (default: finished samples in the output dir are reused)")
     p.add_argument("--device", default=None,

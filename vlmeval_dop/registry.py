@@ -80,7 +80,8 @@ class Entry:
         policy: the DOP policy, None for the unpruned model.
         reducer: visual token reduction (`vlmeval_dop.reducers` name or `resize`), None if none.
         baseline: decoder-side baseline name (`vlmeval_dop.baselines.BASELINES`), None if none.
-        source: `paper` (generated from policies.yaml) or `entries.yaml`.
+        source: `paper` (generated from policies.yaml), `entries.yaml`, or `searched/<file>` (a policy
+            installed by `vlmeval-dop search --install`).
     """
 
     name: str
@@ -305,6 +306,8 @@ def load_entries(config_dir: Path | None = None) -> dict[str, Entry]:
 
     for entry in _paper_baseline_entries(cfg_dir, models, paper_models):
         add(entry)
+    for entry in _searched_entries(cfg_dir, models, methods):
+        add(entry)
 
     for name, d in (raw.get("entries") or {}).items():
         d = _check_keys(f"entries.{name}", d, _ENTRY_KEYS)
@@ -326,6 +329,48 @@ def load_entries(config_dir: Path | None = None) -> dict[str, Entry]:
 # `{model}_{baseline}{budget}` names that baselines.yaml would generate but whose method cannot meet that
 # budget (the paper has no such cell either); get_entry explains instead of "unknown entry".
 INFEASIBLE_BASELINES: dict[str, str] = {}
+
+
+SEARCHED_DIR = "searched"  # eval_configs/searched/<tag>.<reducer>.yaml, written by `vlmeval-dop search --install`
+SEARCH_TAG_RE = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
+
+
+def method_for_reducer(reducer: str, config_dir: Path | None = None) -> str:
+    """The method label of DOP with `reducer` (entries.yaml `methods`: cdpruner -> dopcd), else `dop<reducer>`."""
+    raw = yaml.safe_load(((config_dir or CONFIG_DIR) / ENTRIES_FILE).read_text()) or {}
+    return _method_of(reducer, raw.get("methods") or {})
+
+
+def _method_of(reducer: str, methods: dict[str, dict]) -> str:
+    return next((m for m, d in methods.items() if (d or {}).get("reducer") == reducer), f"dop{reducer}")
+
+
+def searched_policy_file(tag: str, reducer: str, config_dir: Path | None = None) -> Path:
+    """Where `vlmeval-dop search --install TAG` keeps the policies it found with `reducer`."""
+    if not SEARCH_TAG_RE.match(tag):
+        raise EntryError(f"search tag {tag!r}: use lower-case letters and digits, single underscores between")
+    return (config_dir or CONFIG_DIR) / SEARCHED_DIR / f"{tag}.{reducer}.yaml"
+
+
+def _searched_entries(cfg_dir: Path, models: dict[str, ModelSpec], methods: dict[str, dict]) -> list[Entry]:
+    """Entries `{model}_{method}{budget}_{tag}` for the searched policies in eval_configs/searched/ (files in
+    policies.yaml form, one per search tag and reducer)."""
+    out = []
+    for path in sorted((cfg_dir / SEARCHED_DIR).glob("*.yaml")):
+        tag, _, reducer = path.stem.partition(".")
+        if not reducer or not SEARCH_TAG_RE.match(tag):
+            raise EntryError(f"{path}: searched policy files are named <tag>.<reducer>.yaml")
+        method = _method_of(reducer, methods)
+        for model_name, budgets in (yaml.safe_load(path.read_text()) or {}).items():
+            if model_name not in models:
+                raise EntryError(f"{path}: model {model_name!r} unknown; valid: {', '.join(models)}")
+            for budget, raw in sorted((budgets or {}).items(), reverse=True):
+                out.append(Entry(
+                    f"{model_name}_{method}{budget_label(float(budget))}_{tag}", models[model_name], method,
+                    budget=float(budget), policy=_policy(f"{path.name}: {model_name}", raw), reducer=reducer,
+                    source=f"{SEARCHED_DIR}/{path.name}",
+                ))
+    return out
 
 
 def _paper_baseline_entries(cfg_dir: Path, models: dict[str, ModelSpec], paper_models: dict) -> list[Entry]:

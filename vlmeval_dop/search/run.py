@@ -196,6 +196,9 @@ def run_search(
     recompute: bool = False,
     objective: str = "kl",
     max_new_tokens: int | None = None,
+    install: str | None = None,
+    overwrite: bool = False,
+    config_dir: Path | None = None,
 ) -> dict[str, Any] | None:
     """Profile `samples` random rows (seed) of dataset `data` on the unpruned model of `entry`, then solve
     Eq. 7 for each budget. Returns the summary that is also written to `search.json`.
@@ -208,6 +211,11 @@ def run_search(
     `objective="acc_drop"` profiles Eq. 13's accuracy-drop curves instead (search/accuracy.py: whole greedy
     answers with evaluation's decoding settings, `max_new_tokens` if given, scored with VLMEvalKit's
     per-sample metric) into `<run dir>-acc_drop/`; Eq. 7 is then solved on those curves.
+
+    `install="TAG"` also writes the policies to `eval_configs/searched/TAG.<reducer>.yaml` (or under
+    `config_dir`), which makes them evaluation entries `{model}_{method}{budget}_TAG` (e.g.
+    `llava15_7b_dopcd28_TAG` for `run.py --model`). A different policy already installed there for the same
+    model and budget is kept (an error) unless `overwrite`.
     """
     import torch
 
@@ -226,6 +234,10 @@ def run_search(
     valid_reducers = sorted(REDUCERS) + list(IMAGE_SIDE_REDUCERS)
     if reducer not in valid_reducers:
         raise ValueError(f"unknown reducer {reducer!r}; valid reducers: {', '.join(valid_reducers)}")
+    if install is not None:
+        from ..registry import searched_policy_file
+
+        searched_policy_file(install, reducer, config_dir)  # a bad tag fails before any work
     rank, world = distributed_rank()
     val = validation_items(entry, data, samples, seed, device)
     model, items = val.model, val.items
@@ -289,6 +301,7 @@ def run_search(
         policies[budget] = r.policy
         write_policy(run_dir / "policies.yaml", setup.model_key, budget, r.policy)
     plot_profile(run_dir / "profile.json", run_dir / "profile.png", policies=policies)
+    installed = _install(install, reducer, setup.model_key, policies, overwrite, config_dir) if install else {}
     summary = {
         "entry": entry, "dataset": val.dataset_name, "reducer": reducer, "samples": len(items),
         "seed": seed, "objective": objective, "newly_profiled": int(counts[2]), "depths": setup.depths,
@@ -296,10 +309,35 @@ def run_search(
         "layer_forwards": int(counts[0]) if objective == "kl" else None,
         "layer_equivalents": round(float(counts[1]), 3) if objective == "kl" else None,
         "batch_size": batch_size, "world_size": world, "results": results, "dir": str(run_dir),
+        "installed": installed,
     }
     (run_dir / "search.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _barrier(world)
     return summary
+
+
+def _install(tag: str, reducer: str, model_key: str, policies: dict, overwrite: bool, config_dir) -> dict[str, str]:
+    """Write the solved policies where the registry makes entries of them; returns {budget: entry name}."""
+    import yaml
+
+    from ..registry import budget_label, load_entries, method_for_reducer, searched_policy_file
+    from .optimize import write_policy
+
+    path = searched_policy_file(tag, reducer, config_dir)
+    old = (yaml.safe_load(path.read_text()) or {}).get(model_key, {}) if path.exists() else {}
+    old = {float(b): list(v) for b, v in (old or {}).items()}
+    for budget, policy in policies.items():
+        new = [policy.d_A, policy.d_P, policy.n_v] + ([policy.d_A_sys, policy.d_P_sys] if policy.has_system_depths else [])
+        if float(budget) in old and old[float(budget)] != new and not overwrite:
+            raise ValueError(f"{path} already holds {model_key} @ {budget}: {old[float(budget)]} (not {new}); "
+                             "pick another --install tag or pass --overwrite")
+    method = method_for_reducer(reducer, config_dir)
+    out = {}
+    for budget, policy in sorted(policies.items(), reverse=True):
+        write_policy(path, model_key, budget, policy)
+        out[str(budget)] = f"{model_key}_{method}{budget_label(float(budget))}_{tag}"
+    load_entries.cache_clear()  # the new entries exist from now on in this process too
+    return out
 
 
 def _setup(model_key, model, first_inputs, alpha, text_tokens, depths, visual, budgets) -> SearchSetup:
