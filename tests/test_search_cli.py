@@ -215,6 +215,47 @@ def test_search_install_makes_entries(tmp_path, lmu):
     assert method_for_reducer("cdpruner") == "dopcd" and method_for_reducer("resize") == "dopr"
 
 
+def test_solve_cli_from_a_saved_profile_and_transferred(tmp_path, capsys):
+    """`vlmeval-dop solve`: Eq. 7 from profile.json (same policy as optimize on it), and for another model
+    through Eq. 12 (same policy as optimize on transfer_profile with the target's L and N_v); --install on
+    the transferred DOP_R policy of Qwen2.5-VL makes a `qwen25vl_7b_dopr26_<tag>` entry."""
+    import shutil
+
+    from vlmeval_dop.cli import main
+    from vlmeval_dop.models_config import CONFIG_DIR, get_model
+    from vlmeval_dop.registry import load_entries
+    from vlmeval_dop.search.curves import profile_from_measurements
+    from vlmeval_dop.search.optimize import optimize
+    from vlmeval_dop.search.run import solve_profile
+    from vlmeval_dop.search.transfer import transfer_profile
+
+    depths, visual = [26, 20, 14, 8, 4, 0], [512, 256, 128, 64, 32, 16]
+    prof = profile_from_measurements(  # smooth made-up curves on LLaVA-1.5-7B's Table 6 points
+        model="llava15_7b", reducer="cdpruner", dataset="TextVQA_TRAIN", n_samples=100, seed=42, L=32, N_v=576,
+        D_A={d: 0.02 * (32 - d) ** 1.5 for d in depths}, D_P={d: 0.01 * (32 - d) for d in depths},
+        D_v={n: 3.0 / n ** 0.5 for n in visual},
+    )
+    path = prof.save(tmp_path / "profile.json")
+    assert main(["solve", "--profile", str(path), "--model", "llava15_7b", "--budget", "0.28", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    m7 = get_model("llava15_7b")
+    ref = optimize(prof, m7.arch, 0.28, text_tokens=m7.text_tokens, alpha=m7.alpha)
+    assert out["transferred_from"] is None and out["results"]["0.28"]["policy"] == ref.policy.to_dict()
+
+    cfg = tmp_path / "eval_configs"
+    shutil.copytree(CONFIG_DIR, cfg)
+    summary = solve_profile(path, "qwen25vl_7b", [0.26], reducer="resize", install="from7b", config_dir=cfg)
+    q = get_model("qwen25vl_7b")
+    moved = transfer_profile(prof, L=q.arch.num_layers, N_v=q.arch.visual_tokens, model="qwen25vl_7b")
+    ref = optimize(moved, q.arch, 0.26, text_tokens=q.text_tokens, alpha=q.alpha)
+    assert summary["transferred_from"] == "llava15_7b"
+    assert summary["results"]["0.26"]["policy"] == ref.policy.to_dict()
+    entry = load_entries(cfg)[summary["installed"]["0.26"]]
+    assert entry.name == "qwen25vl_7b_dopr26_from7b" and entry.reducer == "resize" and entry.policy == ref.policy
+    assert main(["solve", "--profile", str(path), "--model", "llava99"]) == 2
+    assert "valid: llava15_7b" in capsys.readouterr().err
+
+
 def test_search_cli_refuses_pruned_entry(tmp_path, lmu, capsys):
     from vlmeval_dop.cli import main
 

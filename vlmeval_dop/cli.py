@@ -160,6 +160,28 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_solve(args: argparse.Namespace) -> int:
+    from .search.run import solve_profile
+
+    summary = solve_profile(args.profile, args.model, args.budget, alpha=args.alpha, text_tokens=args.text_tokens,
+                            reducer=args.reducer, install=args.install, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    src = f" (curves of {summary['transferred_from']}, transferred by Eq. 12)" if summary["transferred_from"] else ""
+    print(f"{summary['model']}, reducer {summary['reducer']}, objective {summary['objective']}{src}")
+    for budget, r in summary["results"].items():
+        if "error" in r:
+            print(f"  budget {budget}: {r['error']}")
+        else:
+            p = r["policy"]
+            print(f"  budget {budget}: policy ({p['d_A']}, {p['d_P']}, {p['n_v']})  predicted {r['objective']:.4g}  "
+                  f"TFLOPs {100 * r['paper_ratio']:.2f} %")
+    for budget, name in summary["installed"].items():
+        print(f"  installed: python run.py --model {name} --data <dataset>")
+    return 0
+
+
 def _cmd_fitprune(args: argparse.Namespace) -> int:
     from .search.run import run_fitprune
 
@@ -219,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: cuda if available (under torchrun: cuda:LOCAL_RANK), else cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("solve", help="Eq. 7 from a saved profile.json (no model run); another model's profile is "
+                                     "transferred by Eq. 12")
+    p.add_argument("--profile", type=Path, required=True, help="profile.json written by `vlmeval-dop search`")
+    p.add_argument("--model", required=True, help="paper model to solve for (eval_configs/models.yaml)")
+    p.add_argument("--budget", type=float, action="append", help="TFLOPs fraction (repeatable); default: the model's labels")
+    p.add_argument("--reducer", default=None, help="reduction the policies run with (default: the profile's; resize for DOP_R)")
+    p.add_argument("--alpha", type=float, default=None, help="n_min = alpha * n_e (default: models.yaml)")
+    p.add_argument("--text-tokens", type=int, default=None, help="non-visual tokens for the FLOPs model (default: models.yaml)")
+    p.add_argument("--install", metavar="TAG", default=None, help="as for search: entries {model}_{method}{budget}_TAG")
+    p.add_argument("--overwrite", action="store_true", help="with --install: replace a different installed policy")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_solve)
 
     p = sub.add_parser("fitprune", help="fit FitPrune's per-layer schedules on validation samples (for the fitprune entries)")
     p.add_argument("--model", required=True, help="paper model with FitPrune entries (eval_configs/baselines.yaml), e.g. llava15_7b")

@@ -316,6 +316,58 @@ def run_search(
     return summary
 
 
+def solve_profile(
+    profile_path: Path,
+    model: str,
+    budgets: list[float] | None = None,
+    *,
+    alpha: float | None = None,
+    text_tokens: int | None = None,
+    reducer: str | None = None,
+    install: str | None = None,
+    overwrite: bool = False,
+    config_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Eq. 7 from a saved `profile.json` for paper model `model`, without running any model.
+
+    A profile measured on another model is transferred first by rescaling its sampling points (Eq. 12,
+    Appendix C.5): e.g. LLaVA-1.5-7B's curves solved for LLaVA-1.5-13B (Table 5). `reducer` names the
+    reduction the target's policies run with (default: the profile's; the paper transfers DOP_CD curves to
+    DOP_R models, `reducer="resize"`). Budgets default to the model's labels; `install` as in `run_search`.
+    """
+    from ..models_config import load_models
+    from .curves import DivergenceProfile
+    from .optimize import InfeasibleBudgetError, optimize
+    from .transfer import transfer_to_model
+
+    papers = load_models(config_dir)
+    if model not in papers:
+        raise ValueError(f"unknown paper model {model!r}; valid: {', '.join(papers)}")
+    profile = DivergenceProfile.load(profile_path)
+    reducer = reducer or profile.reducer
+    if install is not None:
+        from ..registry import searched_policy_file
+
+        searched_policy_file(install, reducer, config_dir)  # a bad tag fails before any work
+    pm = papers[model]
+    source = profile.model
+    if source != model:
+        profile = transfer_to_model(profile, model, reducer=reducer, config_dir=config_dir)
+    results, policies = {}, {}
+    for budget in budgets or sorted(pm.budgets, reverse=True):
+        try:
+            r = optimize(profile, pm.arch, budget, text_tokens=text_tokens if text_tokens is not None else pm.text_tokens,
+                         alpha=alpha if alpha is not None else pm.alpha, model=model)
+        except InfeasibleBudgetError as exc:
+            results[str(budget)] = {"error": str(exc)}
+            continue
+        results[str(budget)] = r.to_dict()
+        policies[budget] = r.policy
+    installed = _install(install, reducer, model, policies, overwrite, config_dir) if install else {}
+    return {"profile": str(profile_path), "model": model, "reducer": reducer, "objective": profile.objective,
+            "transferred_from": source if source != model else None, "results": results, "installed": installed}
+
+
 def _install(tag: str, reducer: str, model_key: str, policies: dict, overwrite: bool, config_dir) -> dict[str, str]:
     """Write the solved policies where the registry makes entries of them; returns {budget: entry name}."""
     import yaml
