@@ -82,6 +82,12 @@ def plan_table(number: int, work_dir: Path) -> list[Cell]:
         if "swap" in ref.config:  # Tables 29-30: the row's statistic over SWAP_DRAWS seeded perturbations
             cells += _plan_swap_row(row, ref, spec, work_dir, datasets)
             continue
+        searched = searched_row(ref)
+        if searched is not None:  # a search ablation the CLI produces: its policies installed under a tag
+            entry, command = searched
+            blocked = "" if _unavailable(entry) == "" else f"install its policy first: {command}"
+            cells += [_cell(row, entry, bench, datasets[bench], blocked, work_dir) for bench in spec.benchmarks]
+            continue
         if ref.config:
             blocked = f"needs a search/evaluation ablation ({', '.join(f'{k}={v}' for k, v in ref.config.items())})"
         else:
@@ -92,6 +98,50 @@ def plan_table(number: int, work_dir: Path) -> list[Cell]:
                 blocked = f"no entry {ref.entry!r} in eval_configs/entries.yaml yet"
         cells += [_cell(row, ref.entry, bench, datasets[bench], blocked, work_dir) for bench in spec.benchmarks]
     return cells
+
+
+# Validation data of the search ablations (Tables 4, 20): VQAv2's val split is public (the evaluation uses
+# test-dev); SEED-Bench has no split apart from its evaluation set, so the user supplies one.
+ABLATION_DATA = {"TextVQA": "TextVQA_TRAIN", "VQAv2": "VQAv2_VAL", "SEED": "<a SEED-Bench TSV disjoint from SEEDBench_IMG>"}
+
+
+def searched_row(ref) -> tuple[str, str] | None:
+    """(entry, command) for a search-ablation row that `vlmeval-dop search|solve --install` produces: the
+    row's entry with a tag for its configuration (`llava15_7b_dopcd28[samples=25]` ->
+    `llava15_7b_dopcd28_samples25`). None for rows these commands do not cover (grid searches of F.3,
+    system-token groups, statistics over several validation sets) and for plain rows."""
+    from vlmeval_dop.registry import EntryError, get_entry
+
+    cfg = dict(ref.config)
+    if not cfg or set(cfg) - {"val", "samples", "objective", "transfer_from"} or ref.budget is None:
+        return None
+    try:
+        reducer = get_entry(ref.entry).reducer
+    except EntryError:
+        return None
+    data = ABLATION_DATA.get(cfg.get("val", "TextVQA"), cfg.get("val"))
+    samples = int(cfg.get("samples", 100))
+    parts = []
+    if "val" in cfg:
+        parts.append(f"val_{cfg['val'].lower()}")
+    if "samples" in cfg:
+        parts.append(f"samples{samples}")
+    if cfg.get("objective") == "accuracy_drop":
+        parts.append("acc_drop")
+    if "transfer_from" in cfg:
+        parts.append(f"transfer_{cfg['transfer_from']}")
+    tag = "_".join(parts)
+    objective = " --objective acc_drop" if cfg.get("objective") == "accuracy_drop" else ""
+    source = cfg.get("transfer_from", ref.model)
+    src_reducer = "cdpruner" if reducer == "resize" and "transfer_from" in cfg else reducer  # the paper's Table 5
+    search = (f"vlmeval-dop search --model {source} --reducer {src_reducer} --data {data} --samples {samples} "
+              f"--seed 42{objective}")
+    if "transfer_from" in cfg:
+        command = (f"{search}; vlmeval-dop solve --profile profiles/{source}-{src_reducer}-{data}-{samples}-42/"
+                   f"profile.json --model {ref.model} --reducer {reducer} --budget {ref.budget} --install {tag}")
+    else:
+        command = f"{search} --budget {ref.budget} --install {tag}"
+    return f"{ref.entry}_{tag}", command
 
 
 def _cell(row: str, entry: str, column: str, dataset: str, blocked: str, work_dir: Path) -> Cell:

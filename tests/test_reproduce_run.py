@@ -16,7 +16,8 @@ def test_dry_run_lists_exactly_the_table_cells(number, tmp_path, capsys):
     assert [(c.row, c.benchmark) for c in cells] == [(r, b) for r in spec.rows for b in spec.benchmarks]
     datasets = rrun.benchmark_datasets()
     for c in cells:
-        assert c.dataset == datasets[c.benchmark] and c.entry == parse_row(c.row).entry
+        searched = rrun.searched_row(parse_row(c.row))  # search ablations run their installed entry
+        assert c.dataset == datasets[c.benchmark] and c.entry == (searched or (parse_row(c.row).entry,))[0]
         assert c.status in ("todo", "blocked") and (c.status == "blocked") == bool(c.reason)
     assert rrun.main(["--table", str(number), "--dry-run", "--work-dir", str(tmp_path)]) == 0
     assert f"table {number}: {len(cells)} cells" in capsys.readouterr().out
@@ -56,6 +57,31 @@ def test_bad_tables(capsys):
     assert "numbered 1-30" in capsys.readouterr().err
     assert rrun.main(["--table", "3", "--dry-run"]) == 2
     assert "efficiency" in capsys.readouterr().err
+
+
+def test_search_ablation_rows_run_their_installed_policies(tmp_path, monkeypatch):
+    """Rows like `llava15_7b_dopcd28[objective=accuracy_drop]` become the entry a `search|solve --install TAG`
+    makes; blocked with that command until it exists, then planned like any entry."""
+    from vlmeval_dop import registry
+
+    cells = {c.row: c for c in rrun.plan_table(24, tmp_path)}
+    acc = cells["llava15_7b_dopcd28[objective=accuracy_drop]"]
+    assert acc.entry == "llava15_7b_dopcd28_acc_drop" and acc.status == "blocked"
+    assert "--objective acc_drop --budget 0.28 --install acc_drop" in acc.reason
+    entry, command = rrun.searched_row(parse_row("qwen25vl_7b_dopr26[transfer_from=llava15_7b]"))
+    assert entry == "qwen25vl_7b_dopr26_transfer_llava15_7b"
+    assert "search --model llava15_7b --reducer cdpruner --data TextVQA_TRAIN --samples 100 --seed 42" in command
+    assert "solve --profile profiles/llava15_7b-cdpruner-TextVQA_TRAIN-100-42/profile.json --model qwen25vl_7b " \
+           "--reducer resize --budget 0.26 --install transfer_llava15_7b" in command
+    assert rrun.searched_row(parse_row("llava15_7b_dopcd28[search=grid_joint]")) is None  # not a CLI search
+
+    real = dict(registry.load_entries())
+    base = real["llava15_7b_dopcd28"]
+    installed = registry.Entry("llava15_7b_dopcd28_acc_drop", base.model, "dopcd", budget=0.28,
+                               policy=base.policy, reducer="cdpruner", source="searched/acc_drop.cdpruner.yaml")
+    monkeypatch.setattr(registry, "load_entries", lambda config_dir=None: {**real, installed.name: installed})
+    cells = {c.row: c for c in rrun.plan_table(24, tmp_path)}
+    assert cells["llava15_7b_dopcd28[objective=accuracy_drop]"].status == "todo"
 
 
 def test_operation_tables_plan_masked_entries(tmp_path):
