@@ -146,18 +146,26 @@ def _cmd_search(args: argparse.Namespace) -> int:
     work = "" if summary["layer_forwards"] is None else (
         f", {summary['layer_forwards']} decoder-layer forwards ({summary['layer_equivalents']} layer-equivalents)")
     print(f"profiled {summary['samples']} samples of {summary['dataset']} ({summary['newly_profiled']} new){work}")
+    _print_policies(summary)
+    print(f"outputs: {summary['dir']} (profile.json, profile.png, policies.yaml, search.json)")
+    _print_installed(summary)
+    return 0
+
+
+def _print_policies(summary: dict) -> None:
+    what = "divergence" if summary["objective"] == "kl" else "accuracy drop"
     for budget, r in summary["results"].items():
         if "error" in r:
             print(f"  budget {budget}: {r['error']}")
         else:
             p = r["policy"]
-            what = "divergence" if summary["objective"] == "kl" else "accuracy drop"
             print(f"  budget {budget}: policy ({p['d_A']}, {p['d_P']}, {p['n_v']})  predicted {what} "
                   f"{r['objective']:.4g}  TFLOPs {100 * r['paper_ratio']:.2f} %")
-    print(f"outputs: {summary['dir']} (profile.json, profile.png, policies.yaml, search.json)")
-    for budget, name in summary["installed"].items():
+
+
+def _print_installed(summary: dict) -> None:
+    for name in summary["installed"].values():
         print(f"  installed: python run.py --model {name} --data <dataset>")
-    return 0
 
 
 def _cmd_solve(args: argparse.Namespace) -> int:
@@ -170,15 +178,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         return 0
     src = f" (curves of {summary['transferred_from']}, transferred by Eq. 12)" if summary["transferred_from"] else ""
     print(f"{summary['model']}, reducer {summary['reducer']}, objective {summary['objective']}{src}")
-    for budget, r in summary["results"].items():
-        if "error" in r:
-            print(f"  budget {budget}: {r['error']}")
-        else:
-            p = r["policy"]
-            print(f"  budget {budget}: policy ({p['d_A']}, {p['d_P']}, {p['n_v']})  predicted {r['objective']:.4g}  "
-                  f"TFLOPs {100 * r['paper_ratio']:.2f} %")
-    for budget, name in summary["installed"].items():
-        print(f"  installed: python run.py --model {name} --data <dataset>")
+    _print_policies(summary)
+    _print_installed(summary)
     return 0
 
 
