@@ -234,10 +234,15 @@ class DOPWrapper(BaseModel):
             return nullcontext(None)
         return apply_dop(self.model, policy, reducer=reducer, op_mask=self.op_mask)
 
-    def generate_inner(self, message, dataset=None):
+    def model_inputs(self, message, dataset=None):
+        """`build_inputs` on the model's device, images in the model's dtype: what `generate` is called with."""
         inputs = self.build_inputs(message, dataset).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def generate_inner(self, message, dataset=None):
+        inputs = self.model_inputs(message, dataset)
         gen = self.generation_config()
         with torch.inference_mode(), self._pruning() as handle:
             out = self.model.generate(**inputs, generation_config=gen)

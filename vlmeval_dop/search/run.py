@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +53,7 @@ class ValidationSet:
         rows: the drawn dataset rows (pandas DataFrame, same order: answers for scoring).
         pad_token_id: the tokenizer's padding id, for batching (never the image token).
         wrapper: the loaded VLMEvalKit wrapper (decoding and generation settings of evaluation).
+        messages: the VLMEvalKit messages the items were built from (same order).
     """
 
     entry: Any
@@ -61,18 +62,12 @@ class ValidationSet:
     items: list[tuple[list[str], dict[str, Any]]]
     rows: Any
     pad_token_id: int
-    wrapper: Any = None
-    messages: list = field(default_factory=list)
+    wrapper: Any
+    messages: list
 
     @property
     def dataset_name(self) -> str:
         return self.dataset.dataset_name
-
-    def _inputs(self, message):
-        inputs = self.wrapper.build_inputs(message, self.dataset_name).to(self.wrapper.device)
-        if "pixel_values" in inputs:  # as generate_inner: images in the model's dtype (bf16 on GPU)
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.wrapper.dtype)
-        return inputs
 
     def with_resized(self, points: Sequence[int]) -> list[tuple[list[str], dict[str, Any], dict[int, Any]]]:
         """The items with each sample's inputs for the image-side `resize` reduction (DOP_R) at every n_v
@@ -82,7 +77,7 @@ class ValidationSet:
             resized = {}
             for n in points:
                 with self.wrapper.resized(n):
-                    resized[int(n)] = self._inputs(message)
+                    resized[int(n)] = self.wrapper.model_inputs(message, self.dataset_name)
             out.append((ids, inputs, resized))
         return out
 
@@ -114,10 +109,10 @@ def validation_items(entry: str, data: str, samples: int, seed: int, device: str
             return wrapper.build_prompt(row, dataset.dataset_name)
         return dataset.build_prompt(row)
 
-    val = ValidationSet(e, wrapper.model, dataset, [], rows, _pad_token_id(wrapper), wrapper)
-    val.messages = [message_of(row) for _, row in rows.iterrows()]
-    val.items = [([str(row["index"])], val._inputs(m)) for (_, row), m in zip(rows.iterrows(), val.messages)]
-    return val
+    messages = [message_of(row) for _, row in rows.iterrows()]
+    items = [([str(row["index"])], wrapper.model_inputs(m, dataset.dataset_name))
+             for (_, row), m in zip(rows.iterrows(), messages)]
+    return ValidationSet(e, wrapper.model, dataset, items, rows, _pad_token_id(wrapper), wrapper, messages)
 
 
 def _pad_token_id(wrapper) -> int:
