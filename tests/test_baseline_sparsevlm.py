@@ -29,6 +29,8 @@ from vlmeval_dop.executor.token_pruner import PruneDecision
 from vlmeval_dop.flops import schedule_flops
 from vlmeval_dop.tiny import load_tiny, tiny_image, tiny_inputs
 
+from stock_reference import stock_embeds  # tests/stock_reference.py
+
 QUESTIONS = ["What is shown in the picture?", "Color?"]
 
 
@@ -192,12 +194,7 @@ def _manual_reference(model, inputs, after: int, rule) -> torch.Tensor:
     """Last-token logits by masking: full-length layers, dropped tokens masked as keys and passed through,
     after layer `after` `rule(h, visual) -> (drop, update_mask, values)` is applied to the hidden states."""
     lm = model.model.language_model
-    captured = {}
-    hook = lm.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs, use_cache=False)
-    hook.remove()
-    h = captured["inputs_embeds"]
+    h, _ = stock_embeds(model, inputs)
     B, N, _ = h.shape
     visual = _visual(model, inputs["input_ids"])
     pad = inputs["attention_mask"].bool()

@@ -18,6 +18,8 @@ from vlmeval_dop.reducers import ReducerError
 from vlmeval_dop.reducers.uniform import uniform_indices
 from vlmeval_dop.tiny import TINY_FAMILIES, load_tiny, tiny_image, tiny_inputs
 
+from stock_reference import stock_decoder_inputs  # tests/stock_reference.py
+
 FAMILY_KEY = {"llava15": "llava", "llavanext": "llava_next", "qwen25vl": "qwen2_5_vl", "internvl3": "internvl"}
 QUESTIONS = ["What is shown in the picture?", "Color?"]
 
@@ -53,16 +55,7 @@ def masked_reference(model, inputs, policy: DOPPolicy, drop_after=None, op_mask=
     attn_off = set() if op_mask is None else set(op_mask.attn)
     mlp_off = set() if op_mask is None else set(op_mask.mlp)
     lm = model.model.language_model
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured.update(kwargs)
-
-    handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs, use_cache=False)
-    handle.remove()
-
+    captured, _ = stock_decoder_inputs(model, inputs)
     h = captured["inputs_embeds"]
     B, N, _ = h.shape
     visual = _visual(model, inputs["input_ids"])

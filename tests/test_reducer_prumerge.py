@@ -13,7 +13,7 @@ from vlmeval_dop.reducers.prumerge import iqr_outliers, prumerge_plus_choose, pr
 from vlmeval_dop.reducers.vision import encoder_layers, vision_tower
 from vlmeval_dop.tiny import load_tiny, tiny_image, tiny_inputs
 
-from merge_reference import rebuilt_logits, stock_embeds  # tests/merge_reference.py
+from stock_reference import assert_all_tokens_is_stock, assert_matches_rebuilt, merged_rows, stock_embeds  # tests/stock_reference.py
 
 
 def test_by_hand():
@@ -99,10 +99,7 @@ def _reference(family, model, inputs, budgets):
         res = prumerge_plus_select(attn[c, patch], k[c, 1:][patch], hs[c, 1:][patch], n)
         kept.append(pos[res.kept])
         feats.append(res.features)
-    kept, order = torch.sort(torch.cat(kept))
-    with torch.no_grad():
-        rows = model.model.multi_modal_projector(torch.cat(feats)[order])
-    return kept, rows
+    return merged_rows(model, kept, feats)
 
 
 @pytest.mark.parametrize("family,size,n_keep,budgets", [
@@ -116,23 +113,14 @@ def test_through_the_executor_equals_rebuilt_sequence(family, size, n_keep, budg
     with apply_dop(model, DOPPolicy(4, 4, n_keep), reducer="prumergeplus") as handle, torch.no_grad():
         got = model(**inputs).logits[0, -1]
     kept, rows = _reference(family, model, inputs, budgets)
-    assert handle.last_kept[0].tolist() == kept.tolist()
-    assert torch.isfinite(got).all()
-    vis = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
-    torch.testing.assert_close(got, rebuilt_logits(model, emb, vis, kept, rows), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(got, stock[0, -1], atol=1e-4)
+    assert_matches_rebuilt(model, inputs, handle, got, emb, stock, kept, rows)
 
 
 @pytest.mark.parametrize("family", ["llava15", "llavanext"])
 def test_all_tokens_is_the_stock_model(family):
     model, processor = load_tiny(family)
     inputs = tiny_inputs(family, processor, ["Which colour?"], [tiny_image(2, (224, 160))])
-    _, stock = stock_embeds(model, inputs)
-    n_all = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-    with apply_dop(model, DOPPolicy(4, 4, n_all), reducer="prumergeplus") as handle, torch.no_grad():
-        got = model(**inputs).logits
-    assert handle.last_kept[0].tolist() == list(range(n_all))
-    torch.testing.assert_close(got, stock, atol=1e-5, rtol=1e-5)
+    assert_all_tokens_is_stock(model, inputs, "prumergeplus")
 
 
 def test_bad_input():
