@@ -28,7 +28,7 @@ from .._compat import check_transformers_version
 from ..arch import ArchSpec
 from ..policy import DOPPolicy, OperationMask, PolicyError
 from ..reducers import ReductionContext, VisualTokenReducer, check_family, check_selection, get_reducer
-from ..reducers.base import KeptTokens, ReducerError, selection_indices
+from ..reducers.base import ReducerError, ReplacedSpan, reported_indices, selection_embeds, selection_indices
 from ..reducers.vision import CLIP_FAMILIES, VISION_CAPTURE_KEY, VisionRecorder
 from .cache import DOPCache
 from .families import FamilyAdapter, adapter_for
@@ -123,7 +123,8 @@ class DOPHandle:
             the batch (filler slots excluded): evidence of what actually ran. `(0, 0)` marks a layer
             replayed from a cached unpruned run (`run_decoder(replay=...)`).
         last_sample_layer_tokens: the same per layer and per sample.
-        last_kept: per image of the last prefill, the kept local visual indices (None without reducer).
+        last_kept: per image of the last prefill, the kept local visual indices (None without reducer; for a
+            `ReplacedSpan`, the source index of each row, -1 for synthetic rows).
     """
 
     def __init__(
@@ -354,19 +355,27 @@ class DOPHandle:
             )
             kept = self.reducer.select(ctx, self.policy.n_v)
             check_selection(self.reducer, ctx, self.policy.n_v, kept)
+            if not self.adapter.contiguous_positions and any(isinstance(k, ReplacedSpan) for k in kept):
+                raise ReducerError(
+                    f"reducer {self.reducer.name!r} replaced an image span by new rows, which needs renumbered 1D "
+                    f"positions; family {self.adapter.family!r} keeps each placeholder's own (M-RoPE) position"
+                )
             merged = None
             for span, sel in zip(spans, kept):
                 idx = selection_indices(sel).to(device)
                 drop = torch.ones(span.num_tokens, dtype=torch.bool, device=device)
                 drop[idx] = False
                 dropped[span.batch_index, span.positions.to(device)] = drop
-                if isinstance(sel, KeptTokens) and sel.embeds is not None:
+                rows = selection_embeds(sel)
+                if rows is not None:
                     if merged is None:  # never write into the caller's / the model's tensor
                         merged = embeds.clone()
-                    merged[span.batch_index, span.positions.to(device)[idx]] = sel.embeds.to(merged)
+                    # ReplacedSpan: rows fill the first m slots; with renumbered positions that is the
+                    # rebuilt sequence with m image tokens
+                    merged[span.batch_index, span.positions.to(device)[idx]] = rows.to(merged)
             if merged is not None:
                 embeds = kwargs["inputs_embeds"] = merged
-            self.last_kept = [selection_indices(k).cpu() for k in kept]
+            self.last_kept = [reported_indices(k).cpu() for k in kept]
 
         # --- RoPE positions: model's own, or renumbered as if dropped tokens had never been there
         position_ids = kwargs.get("position_ids")
