@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from PIL import Image, ImageDraw
 from vlmeval.dataset.image_base import ImageBaseDataset
 from vlmeval.dataset.image_vqa import ImageVQADataset
@@ -49,7 +48,9 @@ SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
 @lru_cache(maxsize=None)
 def benchmark_aliases(config_dir: Path | None = None) -> dict[str, str]:
     """The paper's short benchmark names -> VLMEvalKit dataset names (eval_configs/entries.yaml)."""
-    raw = yaml.safe_load(((config_dir or CONFIG_DIR) / "entries.yaml").read_text()) or {}
+    from .fileio import read_yaml
+
+    raw = read_yaml((config_dir or CONFIG_DIR) / "entries.yaml", "restore it (git checkout -- eval_configs/)") or {}
     return {str(k): str(v) for k, v in (raw.get("benchmarks") or {}).items()}
 
 
