@@ -67,7 +67,7 @@ def _write_some(fd: int, data, name) -> int:
         return _os_write(fd, data)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(exc.errno, f"no space left writing {name}", str(name)) from exc
+            raise DiskFullError(exc.errno, os.strerror(exc.errno), str(name)) from exc
         raise
 
 
