@@ -12,6 +12,11 @@ from pathlib import Path
 from .fileio import check_writable_dir
 
 
+# VLMEvalKit's recorded skip reasons (status.json) that mean a benchmark produced nothing; its other skip
+# reasons (answers for an external server, evaluate() returning None) are finished runs without a local score
+VLMEVAL_FAILED_SKIPS = frozenset({"invalid_dataset", "No infer result found", "Incomplete infer result"})
+
+
 class UsageError(ValueError):
     """A command-line argument that cannot work; the message names it and what is valid."""
 
