@@ -209,16 +209,24 @@ def checkpoint_id(path: str | Path) -> str:
     """
     path = Path(path)
     parts = []
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts):  # lock and temporary files of other writers
+            continue
         real = Path(os.path.realpath(f))
-        size = real.stat().st_size
-        if size <= 64 << 20:
-            ident = file_sha256(real)
-        elif real.parent.name == "blobs":
-            ident = real.name
-        else:
-            ident = f"{size}:{real.stat().st_mtime_ns}"
-        parts.append((str(f.relative_to(path)), ident))
+        try:
+            if not real.is_file():
+                continue
+            size = real.stat().st_size
+            if size <= 64 << 20:
+                ident = file_sha256(real)
+            elif real.parent.name == "blobs":
+                ident = real.name
+            else:
+                ident = f"{size}:{real.stat().st_mtime_ns}"
+        except FileNotFoundError:  # removed while listing: not part of the checkpoint
+            continue
+        parts.append((str(rel), ident))
     return fingerprint(parts)
 
 
