@@ -53,11 +53,10 @@ class Cell:
 
 def benchmark_datasets() -> dict[str, str]:
     """The paper's benchmark aliases -> VLMEvalKit dataset names (eval_configs/entries.yaml)."""
-    import yaml
-
+    from vlmeval_dop.fileio import read_yaml
     from vlmeval_dop.registry import CONFIG_DIR, ENTRIES_FILE
 
-    return dict(yaml.safe_load((CONFIG_DIR / ENTRIES_FILE).read_text())["benchmarks"])
+    return dict(read_yaml(CONFIG_DIR / ENTRIES_FILE, "restore it (git checkout -- eval_configs/)")["benchmarks"])
 
 
 def is_finished(work_dir: Path, entry: str, dataset: str) -> bool:
