@@ -124,8 +124,10 @@ def golden_llava(seed: int, next_: bool = False):
 
     text = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=4096)  # fmt: skip
-    common = dict(vision_config=CLIPVisionConfig(**GOLDEN_VISION), text_config=text, image_token_id=GOLDEN_IMAGE_TOKEN,
-                  vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")  # fmt: skip
+    common = dict(
+        vision_config=CLIPVisionConfig(**GOLDEN_VISION), text_config=text, image_token_id=GOLDEN_IMAGE_TOKEN,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )  # fmt: skip
     if next_:
         from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 

@@ -25,7 +25,8 @@ CASES = sorted(FIXTURES)
 def golden_visual_projection_weight(seed: int) -> torch.Tensor:
     """CLIP `visual_projection` weight (projection_dim, width) of golden seed `seed` (as the generator)."""
     g = torch.Generator().manual_seed(2000 + seed)
-    return torch.randn(GOLDEN_VISION["projection_dim"], GOLDEN_VISION["hidden_size"], generator=g) / GOLDEN_VISION["hidden_size"] ** 0.5
+    width = GOLDEN_VISION["hidden_size"]
+    return torch.randn(GOLDEN_VISION["projection_dim"], width, generator=g) / width**0.5
 
 
 def golden_text_embed(seed: int) -> torch.Tensor:
@@ -50,20 +51,22 @@ class GoldenTRIM(TRIM):
         return golden_text_embed(self.seed)
 
 
-_MODELS: dict = {}
+_SETUP: dict = {}
 
 
 def _setup(fx):
+    """(model, inputs, reduction context on the stock decoder inputs) of a fixture's seed, built once per seed
+    (the context's cache then holds the vision capture for all its budgets)."""
     seed = fx["seed"]
-    if seed not in _MODELS:
-        _MODELS[seed] = golden_llava(seed)
-    model = _MODELS[seed]
-    inputs = golden_inputs(model, 576, golden_pixels(seed))
-    emb, _ = stock_embeds(model, inputs)
-    vis = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
-    ctx = ReductionContext(family="llava", model=model, input_ids=inputs["input_ids"], inputs_embeds=emb,
-                           attention_mask=None, images=[ImageSpan(0, 0, vis)], model_inputs=dict(inputs))  # fmt: skip
-    return model, inputs, ctx
+    if seed not in _SETUP:
+        model = golden_llava(seed)
+        inputs = golden_inputs(model, 576, golden_pixels(seed))
+        emb, _ = stock_embeds(model, inputs)
+        vis = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
+        ctx = ReductionContext(family="llava", model=model, input_ids=inputs["input_ids"], inputs_embeds=emb,
+                               attention_mask=None, images=[ImageSpan(0, 0, vis)], model_inputs=dict(inputs))  # fmt: skip
+        _SETUP[seed] = model, inputs, ctx
+    return _SETUP[seed]
 
 
 def test_fixture_coverage():

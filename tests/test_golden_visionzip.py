@@ -35,11 +35,21 @@ def _model(seed: int, next_: bool = False):
     return _MODELS[seed, next_]
 
 
+_CTX: dict = {}
+
+
 def _ctx(family: str, model, inputs) -> ReductionContext:
-    emb, _ = stock_embeds(model, inputs)  # the stock decoder inputs (also the text rows of the rebuilt sequence)
-    vis = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
-    return ReductionContext(family=family, model=model, input_ids=inputs["input_ids"], inputs_embeds=emb,
-                            attention_mask=None, images=[ImageSpan(0, 0, vis)], model_inputs=dict(inputs))  # fmt: skip
+    """Reduction context of the stock decoder inputs (also the text rows of the rebuilt sequence); one per
+    model and image, so its `cache` (the vision capture) is shared by the budgets of a seed."""
+    key = (id(model), tuple(inputs["pixel_values"].shape))
+    if key not in _CTX:
+        emb, _ = stock_embeds(model, inputs)
+        vis = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
+        _CTX[key] = ReductionContext(
+            family=family, model=model, input_ids=inputs["input_ids"], inputs_embeds=emb, attention_mask=None,
+            images=[ImageSpan(0, 0, vis)], model_inputs=dict(inputs),
+        )  # fmt: skip
+    return _CTX[key]
 
 
 def _rebuilt_logits(model, ctx: ReductionContext, rows: torch.Tensor) -> torch.Tensor:

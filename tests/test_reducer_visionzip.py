@@ -106,7 +106,8 @@ def test_next_official_order_by_hand():
 
     def part(tag, dom, tgt):
         n = 1 + len(dom) + len(tgt)
-        return VisionZipRows(torch.tensor(dom), torch.tensor(tgt), torch.full((n, 1), float(tag)) + torch.arange(n)[:, None] / 10)
+        rows = torch.full((n, 1), float(tag)) + torch.arange(n)[:, None] / 10  # crop tag + row / 10
+        return VisionZipRows(torch.tensor(dom), torch.tensor(tgt), rows)
 
     base, a, b = part(0, [3], [0]), part(1, [1, 2], [0]), part(2, [0, 3], [1])
     rows, crop, patch = next_official_order([base, a, b], 1, 2, 2)
@@ -143,7 +144,8 @@ def _reference(family, model, inputs, n_keep):
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
         cfg = model.config
-        gr, gc = get_anyres_image_grid_shape(inputs["image_sizes"][0].tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        size = inputs["image_sizes"][0].tolist()
+        gr, gc = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
         rows, crop, patch = next_official_order(parts, gr, gc, lay.side)
         pos = {(int(c), int(p)): i for i, (c, p) in enumerate(zip(lay.crop, lay.patch)) if c >= 0}
         sources = torch.tensor([-1 if p < 0 else pos.get((int(c), int(p)), -1) for c, p in zip(crop, patch)])

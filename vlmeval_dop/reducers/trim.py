@@ -126,7 +126,9 @@ class TRIM:
             embeds = ctx.image_embeds(span)
             if ctx.family == "llava":
                 if crops.shape[:2] != (1, span.num_tokens):
-                    raise ReducerError(f"LLaVA image span has {span.num_tokens} tokens, the vision tower gave {tuple(crops.shape[:2])}")
+                    raise ReducerError(
+                        f"LLaVA image span has {span.num_tokens} tokens, the vision tower gave {tuple(crops.shape[:2])}"
+                    )
                 out.append(self._official_llava(crops[0], scores[0], embeds, n_keep, projector))
                 continue
             from .llava_next_layout import llava_next_layout

@@ -196,7 +196,6 @@ class Merged:
     changed: torch.Tensor
 
 
-
 @dataclass
 class CropTokens:
     """The placeholders of one image span that come from one vision-tower crop.
@@ -330,7 +329,9 @@ class VisionZip:
             crops = cap.image_crops(i)
             if ctx.family == "llava":
                 if crops.stop - crops.start != 1 or span.num_tokens != P:
-                    raise ReducerError(f"LLaVA image span has {span.num_tokens} tokens but the vision tower produced {P} patches")
+                    raise ReducerError(
+                        f"LLaVA image span has {span.num_tokens} tokens but the vision tower produced {P} patches"
+                    )
                 part = _crop_rows(cap, crops.start, n_keep)
                 rows, sources = part.rows, part.sources.cpu()  # span index = patch index
             else:
