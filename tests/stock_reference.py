@@ -147,3 +147,12 @@ def golden_inputs(model, num_image_tokens: int, pixel_values: torch.Tensor, **ex
     """Prompt `[1, 5, 6] + image placeholders + [7, 8, 9, 10]` for a golden model."""
     ids = [1, 5, 6] + [GOLDEN_IMAGE_TOKEN] * num_image_tokens + [7, 8, 9, 10]
     return dict(input_ids=torch.tensor([ids]), pixel_values=pixel_values, **extra)
+
+
+def replaced_span_logits(model, emb: torch.Tensor, vis: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
+    """Last-token logits of the stock model on the sequence the official LLaVA code builds: the stock decoder
+    inputs `emb` (1, N, H) before the image placeholders `vis`, then `image_rows` (decoder-input rows in the
+    official order), then the inputs after the image."""
+    seq = torch.cat([emb[0, : vis[0]], image_rows.to(emb), emb[0, vis[-1] + 1 :]])[None]
+    with torch.no_grad():
+        return model(inputs_embeds=seq).logits[0, -1]

@@ -15,7 +15,9 @@ from vlmeval_dop.reducers import clip_text
 from vlmeval_dop.reducers.trim import TRIM, iqr_outlier_count, trim_scores
 from vlmeval_dop.reducers.vision import vision_capture
 
-from stock_reference import GOLDEN_VISION, golden_checksum, golden_inputs, golden_llava, golden_pixels, stock_embeds
+from stock_reference import (  # tests/stock_reference.py
+    GOLDEN_VISION, golden_checksum, golden_inputs, golden_llava, golden_pixels, replaced_span_logits, stock_embeds,
+)  # fmt: skip
 
 GOLDEN = Path(__file__).parent / "golden" / "trim"
 FIXTURES = torch.load(GOLDEN / "llava15.pt", weights_only=True)
@@ -108,9 +110,7 @@ def test_through_the_executor_equals_official_sequence(case):
     with apply_dop(model, DOPPolicy(L, L, n_keep), reducer=GoldenTRIM(fx["seed"])) as handle, torch.no_grad():
         got = model(**inputs).logits[0, -1]
     assert handle.last_kept[0].tolist() == fx["kept"].tolist()
-    emb, vis = ctx.inputs_embeds, ctx.images[0].positions
     with torch.no_grad():
-        img = model.model.multi_modal_projector(fx["rows"][None])[0]
-        seq = torch.cat([emb[0, : vis[0]], img, emb[0, vis[-1] + 1 :]])[None]
-        want = model(inputs_embeds=seq).logits[0, -1]
+        image_rows = model.model.multi_modal_projector(fx["rows"][None])[0]
+    want = replaced_span_logits(model, ctx.inputs_embeds, ctx.images[0].positions, image_rows)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -15,7 +15,8 @@ from vlmeval_dop.reducers.vision import vision_capture
 from vlmeval_dop.reducers.visionzip import VisionZip, visionzip_select, visionzip_split
 
 from stock_reference import (  # tests/stock_reference.py
-    golden_checksum, golden_inputs, golden_llava, golden_next_pixels, golden_pixels, stock_embeds,
+    golden_checksum, golden_inputs, golden_llava, golden_next_pixels, golden_pixels, replaced_span_logits,
+    stock_embeds,
 )  # fmt: skip
 
 GOLDEN = Path(__file__).parent / "golden" / "visionzip"
@@ -52,13 +53,11 @@ def _ctx(family: str, model, inputs) -> ReductionContext:
     return _CTX[key]
 
 
-def _rebuilt_logits(model, ctx: ReductionContext, rows: torch.Tensor) -> torch.Tensor:
-    """Stock model on the sequence the official LLaVA code builds: text, projector(official rows), text."""
-    emb, vis = ctx.inputs_embeds, ctx.images[0].positions
+def _official_logits(model, ctx: ReductionContext, rows: torch.Tensor) -> torch.Tensor:
+    """Stock model on the official sequence: text, projector(official pre-projector rows), text."""
     with torch.no_grad():
-        img = model.model.multi_modal_projector(rows[None])[0]
-        seq = torch.cat([emb[0, : vis[0]], img, emb[0, vis[-1] + 1 :]])[None]
-        return model(inputs_embeds=seq).logits[0, -1]
+        image_rows = model.model.multi_modal_projector(rows[None])[0]
+    return replaced_span_logits(model, ctx.inputs_embeds, ctx.images[0].positions, image_rows)
 
 
 def test_fixture_coverage():
@@ -104,7 +103,7 @@ def test_llava15_through_the_executor_equals_official_sequence(case):
     with apply_dop(model, DOPPolicy(L, L, n), reducer="visionzip") as handle, torch.no_grad():
         got = model(**inputs).logits[0, -1]
     assert handle.last_kept[0].tolist() == (fx["kept"] - 1).tolist()
-    torch.testing.assert_close(got, _rebuilt_logits(model, ctx, fx["rows"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, _official_logits(model, ctx, fx["rows"]), atol=1e-5, rtol=1e-5)
 
 
 def _next_inputs(model, fx):
@@ -142,4 +141,4 @@ def test_llava_next_official_packing(case):
     with apply_dop(model, DOPPolicy(L, L, n_keep), reducer="visionzip") as handle, torch.no_grad():
         got = model(**inputs).logits[0, -1]
     assert handle.last_kept[0].tolist() == want
-    torch.testing.assert_close(got, _rebuilt_logits(model, ctx, fx["rows"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, _official_logits(model, ctx, fx["rows"]), atol=1e-5, rtol=1e-5)

@@ -13,6 +13,8 @@ from vlmeval_dop.reducers.clip_text import default_clip_source, load_clip_text
 from vlmeval_dop.reducers.trim import iqr_outlier_count, trim_scores, trim_select
 from vlmeval_dop.tiny import load_tiny, tiny_image, tiny_inputs
 
+from stock_reference import replaced_span_logits  # tests/stock_reference.py
+
 Q = "Which colour is the square?"
 
 
@@ -70,8 +72,7 @@ def test_through_the_executor_equals_rebuilt_sequence(seed):
         emb = model.model.get_input_embeddings()(ids[None])
         feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
         img = torch.cat(list(feats)).to(emb) if isinstance(feats, (list, tuple)) else feats.reshape(-1, emb.shape[-1])
-        seq = torch.cat([emb[0, : vis[0]], img[top], merged[None], emb[0, vis[-1] + 1 :]])[None]
-        ref = model(inputs_embeds=seq).logits[0, -1]
+    ref = replaced_span_logits(model, emb, vis, torch.cat([img[top], merged[None]]))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
