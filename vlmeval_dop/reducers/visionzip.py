@@ -25,8 +25,10 @@ Budget: the official settings are `(dominant, contextual)` = (54, 10) for 64 tok
 official code cannot run `contextual = 0` (division by zero); here that keeps [CLS] + dominant patches.
 
 Computation follows the official dtypes: keys averaged over heads, similarities and the merge in the
-features' own dtype (fp16 on GPU, as official). The [CLS] attention comes from `VisionCapture` in float32
-(official: the eager attention in the model dtype); with fp32 features the two are identical.
+features' own dtype (fp16 on GPU, as official). The [CLS] attention comes from `VisionCapture` (softmax
+in float32; official: the eager attention in the model dtype, summed over heads): in float32 both rank
+the patches alike (golden test); in fp16 near-ties may rank differently (not measured against an fp16
+run of the official code).
 
 LLaVA-NeXT (official `prepare_inputs_labels_for_multimodal_visionzip` + `restore_image_features_sorted`,
 for `mm_patch_merge_type` containing `unpad`, as the LLaVA-NeXT checkpoints): every crop (base + grid
