@@ -3,10 +3,10 @@
 A tiny LLaVA-1.5-shaped model (26-layer LLaMA decoder, so the official layer_list [8, 16, 24] runs) is built
 from a seed with the same decoder weights as the official run (`golden_param`), its image features are the
 same seeded tensor (`golden_inputs`, fed through the projector's output). For every case (official lambda 0.5
-at [8, 16, 24]; the solved lambdas of the budget entries at [2, 8, 16, 24]; a LLaVA-NeXT-sized image; 3
-seeds each) the kept image tokens at every stage (set and order, in original and stage coordinates), the
-RoPE positions every stage's attention uses in prefill and decoding, the logits of every generated step and
-the greedy tokens equal the official ones.
+at [8, 16, 24] and the three solved lambdas of the budget entries at [2, 8, 16, 24], 3 seeds each; one
+LLaVA-NeXT-sized image) the kept image tokens at every stage (set and order, in original and stage
+coordinates), the RoPE positions every stage's attention uses in prefill and decoding, the logits of every
+generated step and the greedy tokens equal the official ones.
 """
 from __future__ import annotations
 
