@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from vlmeval_dop import DOPPolicy, apply_dop
-from vlmeval_dop.reducers import ImageSpan, ReductionContext
-from vlmeval_dop.reducers.prumerge import _ATTN_KEY, PruMergePlus, budget_ratio, outlier_ratio
+from vlmeval_dop.reducers import ImageSpan, ReducerError, ReductionContext
+from vlmeval_dop.reducers.prumerge import _ATTN_KEY, PruMergePlus, budget_ratio, outlier_ratio, prumerge_plus_select
 
 from stock_reference import replaced_span_logits, stock_embeds  # tests/stock_reference.py
 
@@ -49,6 +49,8 @@ def golden_pixels(seed: int) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def golden_cases() -> list[dict]:
+    """The official outputs: per seed and ratio mode, `ratio`, `kept` (patch indices in the official order),
+    `rows` ((K + 1, 64) pre-projector rows, the extra row last) and the tower's `feature_sum`."""
     return torch.load(GOLDEN, weights_only=True)
 
 
@@ -57,12 +59,13 @@ def golden_llava(seed: int):
     """A tiny LLaVA-1.5 whose vision tower is the golden tower of `seed` (feature layer -2, patches only)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    torch.manual_seed(seed)  # projector and language model: any weights, they only map the rows on
     text = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)  # fmt: skip
     config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text, image_token_id=IMAGE_TOKEN,
                          vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576)  # fmt: skip
-    model = LlavaForConditionalGeneration(config).eval()
+    with torch.random.fork_rng():  # projector and language model: any weights (they only map the rows on)
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
     fill_tower(model.model.vision_tower, seed)
     ids = torch.tensor([PROMPT[0] + [IMAGE_TOKEN] * 576 + PROMPT[1]])
     return model, {"input_ids": ids, "pixel_values": golden_pixels(seed)}
@@ -122,6 +125,11 @@ def test_reducer_equals_official(case):
         want = model.model.multi_modal_projector(case["rows"][None])[0]
     torch.testing.assert_close(sel.embeds, want, atol=1e-5, rtol=1e-5)
     assert sel.embeds.shape[0] <= n_keep  # the budget bounds the rows the LLM sees
+    # the pre-projector rows themselves, from the attention / keys / features the reducer used
+    cap, attn, keys = _stock(case["seed"])[2][_ATTN_KEY]
+    kept, rows = prumerge_plus_select(attn[0], keys[0], cap.features[0, 1:], case["ratio"])
+    assert kept.tolist() == case["kept"]
+    torch.testing.assert_close(rows, case["rows"], atol=1e-5, rtol=1e-5)
 
 
 def test_ratios_are_the_official_ones():
@@ -133,6 +141,8 @@ def test_ratios_are_the_official_ones():
             continue
         _select(case["seed"], PruMergePlus(adaptive=True), 576)
         assert outlier_ratio(_stock(case["seed"])[2][_ATTN_KEY][1][0]) == case["ratio"]
+        with pytest.raises(ReducerError, match=f"adaptive PruMerge\\+ gave {len(case['kept']) + 1} rows"):
+            _select(case["seed"], PruMergePlus(adaptive=True), len(case["kept"]))  # n_v bounds the rows
 
 
 @pytest.mark.parametrize("seed,mode", [(0, "budget64"), (1, "adaptive")])

@@ -129,9 +129,10 @@ def max_rows(num_patches: int, ratio: float) -> int:
 def budget_ratio(num_patches: int, n_rows: int) -> float:
     """The largest ratio r whose `max_rows(num_patches, r)` is at most `n_rows` (the budget's only knob).
 
-    `max_rows` is a non-decreasing step function of r that changes only at r = T / P (the top count) and
-    r = 1 / k (the sample step); every piece between two such points holds one of the points or its
-    midpoint, and the largest feasible of those is returned.
+    The selection depends on r only through the top count `int(P r)` and `int(1 / r)`, which change at
+    r = T / P and r = 1 / k; `max_rows` is non-decreasing in r. Every piece between two consecutive such
+    points holds one of them or their midpoint; the largest feasible of those is returned (a midpoint when
+    the highest feasible piece is open at the top: larger ratios in it make the same selection).
     """
     P = num_patches
     points = sorted({t / P for t in range(1, P + 1) if 3 * t <= P} | {1 / k for k in range(3, 3 * P + 4)})
