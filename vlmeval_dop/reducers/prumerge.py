@@ -33,7 +33,7 @@ some budgets cannot be filled exactly (e.g. 144 -> at most 129 rows on 576 patch
 `PruMergePlus(adaptive=True)` runs the official adaptive ratio instead (`n_keep` then only bounds the
 row count: more rows than `n_keep` is an error).
 
-Choices where the official code has no answer (none changes a result the official code produces):
+Details, and choices where the official code has no answer (it crashes, or leaves the order open):
 - Ties in attention (official `topk`) and in similarity are broken towards the lower patch index.
 - Zero outliers (official: division by zero) or `r > 1/3` (official: `arange` step 0) raise
   `ReducerError`; so does a budget below 2 rows per crop (one sample + the extra row).
@@ -42,8 +42,8 @@ Choices where the official code has no answer (none changes a result the officia
 - On a crop of P patches the sequence bound is `P - 1` (575 on 576 patches, the official literal) and the
   top count `int(P r)` (official `int(N * r)`, N = 576).
 - The quartiles use the installed numpy's `np.percentile` on float32 attention, as the official code;
-  the official environment (torch 2.0.1) had numpy 1.x, whose scalar promotion rounds the outlier bound
-  differently by at most one float32 ulp (no fixture attention lies that close to its bound).
+  the official environment (torch 2.0.1) had numpy 1.x, whose scalar promotion may round the outlier bound
+  differently, by about one float32 ulp (no fixture attention lies that close to its bound).
 - Compute dtype: attention, similarity and merging run in the vision tower's dtype, as the official code
   (fp16 models: fp16).
 - LLaVA-NeXT (the official repo is LLaVA-1.5 only, its function takes one crop): every crop (base image,
