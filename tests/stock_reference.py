@@ -71,6 +71,14 @@ def assert_all_tokens_is_stock(model, inputs, reducer: str) -> None:
     torch.testing.assert_close(got, stock, atol=1e-5, rtol=1e-5)
 
 
+def replaced_span_logits(model, emb, vis, rows):
+    """Stock model on inputs_embeds with the image placeholders `vis` (one contiguous span) replaced by
+    `rows`, in order: the sequence the official LLaVA code builds with len(rows) image tokens."""
+    seq = torch.cat([emb[0, : vis[0]], rows.to(emb), emb[0, vis[-1] + 1 :]])[None]
+    with torch.no_grad():
+        return model(inputs_embeds=seq).logits[0, -1]
+
+
 # --- golden CLIP inputs (VisionZip, TRIM golden tests) ----------------------------------------------------
 # A CLIP-shaped vision tower with LLaVA's 577 tokens (336 px, patch 14: 24x24 patches + [CLS]) at a tiny
 # width, weights and pixels from seeds. The out-of-tree generators of tests/golden/{visionzip,trim} rebuild
@@ -147,12 +155,3 @@ def golden_inputs(model, num_image_tokens: int, pixel_values: torch.Tensor, **ex
     """Prompt `[1, 5, 6] + image placeholders + [7, 8, 9, 10]` for a golden model."""
     ids = [1, 5, 6] + [GOLDEN_IMAGE_TOKEN] * num_image_tokens + [7, 8, 9, 10]
     return dict(input_ids=torch.tensor([ids]), pixel_values=pixel_values, **extra)
-
-
-def replaced_span_logits(model, emb: torch.Tensor, vis: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
-    """Last-token logits of the stock model on the sequence the official LLaVA code builds: the stock decoder
-    inputs `emb` (1, N, H) before the image placeholders `vis`, then `image_rows` (decoder-input rows in the
-    official order), then the inputs after the image."""
-    seq = torch.cat([emb[0, : vis[0]], image_rows.to(emb), emb[0, vis[-1] + 1 :]])[None]
-    with torch.no_grad():
-        return model(inputs_embeds=seq).logits[0, -1]
