@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import KeptTokens, ReducerError, ReductionContext, ReplacedSpan, check_family, check_n_keep
+from .base import ReducerError, ReductionContext, ReplacedSpan, check_family, check_n_keep
 from .vision import CLIP_FAMILIES, VisionCapture, vision_capture
 
 #: official (dominant, contextual) = (54, 10) for 64 tokens: the contextual share of the budget
@@ -179,72 +179,7 @@ def next_official_order(parts: list[VisionZipRows], grid_rows: int, grid_cols: i
     return torch.cat(rows), torch.cat(crop_of), torch.cat(patch_of)
 
 
-# --- mapping crops onto an image span (shared with PruMerge+) -------------------------------------------
-# (VisionZip itself packs `VisionZipRows` above; PruMerge+ keeps these for its per-crop merging)
-
-
-@dataclass
-class Merged:
-    """Result of a merging selection on one crop.
-
-    Attributes:
-        kept: (K,) sorted local indices of the kept tokens.
-        features: (K, D) pre-projector features of the kept tokens (merged where `changed`).
-        changed: (K,) bool, the kept tokens whose feature differs from their own (merge targets).
-    """
-
-    kept: torch.Tensor
-    features: torch.Tensor
-    changed: torch.Tensor
-
-
-@dataclass
-class CropTokens:
-    """The placeholders of one image span that come from one vision-tower crop.
-
-    Attributes:
-        positions: (M,) span-local indices of those placeholders, in span order.
-        row: the crop's row in `VisionCapture.features`.
-        patches: (M,) patch index (0..P-1, without [CLS]) of each placeholder inside the crop.
-    """
-
-    positions: torch.Tensor
-    row: int
-    patches: torch.Tensor
-
-
-def span_crops(ctx: ReductionContext, cap: VisionCapture, image: int) -> tuple[list[CropTokens], torch.Tensor]:
-    """The crops of image number `image` (index into `ctx.images`) and its newline placeholders.
-
-    LLaVA-1.5: one crop whose P patches are the span. LLaVA-NeXT: from `llava_next_layout` (base crop, then
-    the unpadded grid crops; newline placeholders returned separately).
-    """
-    span = ctx.images[image]
-    crops = cap.image_crops(image)
-    P = cap.features.shape[1] - 1
-    if getattr(ctx.model.config, "vision_feature_select_strategy", "default") != "default":
-        raise ReducerError(
-            "vision-side merging reducers need vision_feature_select_strategy='default' (no [CLS] token in the span)"
-        )
-    if ctx.family == "llava":
-        if crops.stop - crops.start != 1 or span.num_tokens != P:
-            raise ReducerError(f"LLaVA image span has {span.num_tokens} tokens but the vision tower produced {P} patches")
-        ar = torch.arange(P)
-        return [CropTokens(ar, crops.start, ar)], ar[:0]
-    from .llava_next_layout import llava_next_layout
-
-    sizes = ctx.model_inputs.get("image_sizes")
-    if sizes is None:
-        raise ReducerError("LLaVA-NeXT reducers need the image_sizes input")
-    lay = llava_next_layout(ctx.model, image_size=sizes[image], num_tokens=span.num_tokens)
-    if lay.num_crops != crops.stop - crops.start or lay.side * lay.side != P:
-        raise ReducerError(f"LLaVA-NeXT layout has {lay.num_crops} crops of {lay.side}^2 patches, the tower gave "
-                           f"{crops.stop - crops.start} of {P}")  # fmt: skip
-    out = []
-    for c in range(lay.num_crops):
-        pos = lay.crop_positions(c)
-        out.append(CropTokens(pos, crops.start + c, lay.patch[pos]))
-    return out, torch.nonzero(lay.newline, as_tuple=False).flatten()
+# --- per-crop budget split (PruMerge+'s LLaVA-NeXT path) ------------------------------------------------
 
 
 def split_budget(n_keep: int, sizes: list[int]) -> list[int]:
@@ -261,49 +196,6 @@ def split_budget(n_keep: int, sizes: list[int]) -> list[int]:
             give = min(sizes[i] - out[i], share + (1 if j < extra else 0))
             out[i] += give
             left -= give
-    return out
-
-
-def merge_per_crop(
-    reducer, ctx: ReductionContext, n_keep: int, per_crop, full_is_identity: bool = False
-) -> list[KeptTokens]:
-    """Run `per_crop(capture, crop, k) -> Merged` on every crop of every image and assemble `KeptTokens`:
-    unchanged kept tokens keep their decoder-input embedding, merged ones get projector(merged feature).
-    `full_is_identity`: an image with `n_keep` = all its tokens is returned unchanged (no merging)."""
-    name = reducer.name
-    check_family(reducer, ctx.family)
-    cap = vision_capture(ctx)
-    projector = ctx.model.model.multi_modal_projector
-    out = []
-    for i, span in enumerate(ctx.images):
-        N = span.num_tokens
-        if not 0 <= n_keep <= N:
-            raise ReducerError(f"{name} cannot keep {n_keep} of the {N} visual tokens of image {i}; valid: 0..{N}")
-        if full_is_identity and n_keep == N:
-            out.append(KeptTokens(torch.arange(N), None))
-            continue
-        crops, newlines = span_crops(ctx, cap, i)
-        sizes = [c.positions.numel() for c in crops]
-        n_vision = sum(sizes)
-        budgets = split_budget(min(n_keep, n_vision), sizes)
-        kept_pos, merged_pos, merged_feats = [], [], []
-        for crop, k in zip(crops, budgets):
-            res = per_crop(cap, crop, k)
-            pos = crop.positions[res.kept.cpu()]
-            kept_pos.append(pos)
-            merged_pos.append(pos[res.changed.cpu()])
-            merged_feats.append(res.features[res.changed])
-        kept_pos.append(newlines[: max(0, n_keep - n_vision)])  # only when n_keep exceeds the vision tokens
-        idx = torch.sort(torch.cat(kept_pos)).values
-        embeds = ctx.image_embeds(span)[idx.to(ctx.inputs_embeds.device)].clone()
-        mpos, mfeat = torch.cat(merged_pos), torch.cat(merged_feats)
-        if mpos.numel():
-            proj_dtype = next(projector.parameters()).dtype
-            with torch.no_grad():
-                new = projector(mfeat.to(proj_dtype)[None])[0]
-            rows = torch.searchsorted(idx, mpos)
-            embeds[rows.to(embeds.device)] = new.to(embeds)
-        out.append(KeptTokens(idx.cpu(), embeds))
     return out
 
 
