@@ -20,6 +20,8 @@ class DOPCache(DynamicCache):
         dop_key_valid: per layer, (B, K_l) False for filler slots of heterogeneous batches.
         dop_pos_shift: (B,) tokens removed by the reducer before the current end of each sample; later
             tokens' RoPE positions are shifted down by it (contiguous positions, 1D-RoPE families).
+        dop_layer_pos_shift: per layer renumbered by a decoder-side pruner (`PruneDecision.renumber`), the
+            (B,) shift of that layer's positions for later tokens; it replaces `dop_pos_shift` there.
     """
 
     def __init__(self, *args, **kwargs):
@@ -28,6 +30,7 @@ class DOPCache(DynamicCache):
         self.dop_key_index: dict[int, torch.Tensor] = {}
         self.dop_key_valid: dict[int, torch.Tensor] = {}
         self.dop_pos_shift: torch.Tensor | None = None
+        self.dop_layer_pos_shift: dict[int, torch.Tensor] = {}
         self.dop_layer_all_valid: dict[int, bool] = {}  # host flag: no filler slot cached in the layer
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -28,7 +28,7 @@ from .._compat import check_transformers_version
 from ..arch import ArchSpec
 from ..policy import DOPPolicy, OperationMask, PolicyError
 from ..reducers import ReductionContext, VisualTokenReducer, check_family, check_selection, get_reducer
-from ..reducers.base import KeptTokens, ReducerError, selection_indices
+from ..reducers.base import ReducerError, ReplacedSpan, reported_indices, selection_embeds, selection_indices
 from ..reducers.vision import CLIP_FAMILIES, VISION_CAPTURE_KEY, VisionRecorder
 from .cache import DOPCache
 from .families import FamilyAdapter, adapter_for
@@ -112,6 +112,20 @@ class _CallPlan:
     groups: _Groups | None = None
     alive: torch.Tensor | None = None  # (B, N) tokens not dropped (by the reducer or a token pruner)
     stats: list[list[tuple[int, int]]] = field(default_factory=list)  # per layer, per sample (n_attn, n_mlp)
+    # 1D-RoPE families: the model's own positions of this call and the positions layers use now (after the
+    # reducer's and any decoder-side renumbering); None for M-RoPE
+    orig_positions: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    # (B, N) float sequence-order keys set by a decoder-side pruner (None = index order); prefill only
+    order: torch.Tensor | None = None
+    # decoding: per layer renumbered by a decoder-side pruner at prefill, its own (cos, sin)
+    layer_position_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # prefill: per layer, the (B,) decode-position shift a renumbering pruner set (stored in the cache)
+    layer_pos_shift: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def custom_positions(self, i: int) -> bool:
+        """Layer i cannot use the stock layer call: its positions or its sequence order are not the model's."""
+        return self.position_embeddings is not None or i in self.layer_position_embeddings or self.order is not None
 
 
 class DOPHandle:
@@ -123,7 +137,8 @@ class DOPHandle:
             the batch (filler slots excluded): evidence of what actually ran. `(0, 0)` marks a layer
             replayed from a cached unpruned run (`run_decoder(replay=...)`).
         last_sample_layer_tokens: the same per layer and per sample.
-        last_kept: per image of the last prefill, the kept local visual indices (None without reducer).
+        last_kept: per image of the last prefill, the kept local visual indices (None without reducer; for a
+            `ReplacedSpan`, the source index of each row, -1 for synthetic rows).
     """
 
     def __init__(
@@ -354,35 +369,56 @@ class DOPHandle:
             )
             kept = self.reducer.select(ctx, self.policy.n_v)
             check_selection(self.reducer, ctx, self.policy.n_v, kept)
+            if not self.adapter.contiguous_positions and any(isinstance(k, ReplacedSpan) for k in kept):
+                raise ReducerError(
+                    f"reducer {self.reducer.name!r} replaced an image span by new rows, which needs renumbered 1D "
+                    f"positions; family {self.adapter.family!r} keeps each placeholder's own (M-RoPE) position"
+                )
             merged = None
             for span, sel in zip(spans, kept):
                 idx = selection_indices(sel).to(device)
                 drop = torch.ones(span.num_tokens, dtype=torch.bool, device=device)
                 drop[idx] = False
                 dropped[span.batch_index, span.positions.to(device)] = drop
-                if isinstance(sel, KeptTokens) and sel.embeds is not None:
+                rows = selection_embeds(sel)
+                if rows is not None:
                     if merged is None:  # never write into the caller's / the model's tensor
                         merged = embeds.clone()
-                    merged[span.batch_index, span.positions.to(device)[idx]] = sel.embeds.to(merged)
+                    # ReplacedSpan: rows fill the first m slots; with renumbered positions that is the
+                    # rebuilt sequence with m image tokens
+                    merged[span.batch_index, span.positions.to(device)[idx]] = rows.to(merged)
             if merged is not None:
                 embeds = kwargs["inputs_embeds"] = merged
-            self.last_kept = [selection_indices(k).cpu() for k in kept]
+            self.last_kept = [reported_indices(k).cpu() for k in kept]
 
         # --- RoPE positions: model's own, or renumbered as if dropped tokens had never been there
         position_ids = kwargs.get("position_ids")
         position_embeddings = None
-        shift_before = None
+        orig_positions = positions = None
+        layer_position_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.adapter.contiguous_positions:
+            if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2:
+                orig_positions = position_ids.to(device).expand(B, N)
+            else:
+                orig_positions = (torch.arange(N, device=device) + past).unsqueeze(0).expand(B, N)
+            positions = orig_positions
             prior = cache.dop_pos_shift if cache is not None and cache.dop_pos_shift is not None else None
             if bool(dropped.any()) or prior is not None:
                 if position_ids is None:
-                    position_ids = (torch.arange(N, device=device) + past).unsqueeze(0).expand(B, N)
+                    position_ids = orig_positions
                 base = prior.to(device)[:, None] if prior is not None else torch.zeros(B, 1, dtype=torch.long, device=device)
                 shift_before = base + torch.cumsum(dropped.long(), dim=1) - dropped.long()
-                new_pos = position_ids.expand(B, N) - shift_before
-                position_embeddings = module.rotary_emb(embeds, new_pos)
+                positions = orig_positions - shift_before
+                position_embeddings = module.rotary_emb(embeds, positions)
                 if cache is not None:
                     cache.dop_pos_shift = base[:, 0] + dropped.long().sum(1)
+            if cache is not None and cache.dop_layer_pos_shift and past > 0:
+                # layers a decoder-side pruner renumbered at prefill continue from their own sequence length
+                by_shift: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                for layer_idx, shift in cache.dop_layer_pos_shift.items():
+                    if id(shift) not in by_shift:
+                        by_shift[id(shift)] = module.rotary_emb(embeds, orig_positions - shift.to(device)[:, None])
+                    layer_position_embeddings[layer_idx] = by_shift[id(shift)]
 
         # --- per-layer token sets
         sys_mask = self._system_mask(visual, pad_valid[:, past:]) if self.policy.has_system_depths and past == 0 else None
@@ -401,6 +437,9 @@ class DOPHandle:
             replay=pending.get("replay"),
             groups=groups,
             alive=~dropped,
+            orig_positions=orig_positions,
+            positions=positions,
+            layer_position_embeddings=layer_position_embeddings,
         )
         return args, kwargs
 
@@ -436,6 +475,8 @@ class DOPHandle:
             return None
         if plan.cache is not None:
             plan.cache.dop_seen = plan.past + plan.length
+            if plan.past == 0:
+                plan.cache.dop_layer_pos_shift = dict(plan.layer_pos_shift)
         if plan.past == 0:
             self.last_sample_layer_tokens = plan.stats
             self.last_layer_tokens = [
@@ -473,6 +514,9 @@ class DOPHandle:
         attn = plan.attn[i]
         took_part = torch.zeros_like(plan.alive)
         took_part.scatter_(1, attn.index, attn.valid)
+        layers = self.adapter.decoder_layers(self.model)
+        B, N = plan.alive.shape
+        order = plan.order if plan.order is not None else _index_order(B, N, plan.alive.device)
         ctx = DecoderPruneContext(
             layer_idx=i,
             layer=layer,
@@ -483,12 +527,17 @@ class DOPHandle:
             pad_valid=plan.pad_valid[:, plan.past :],
             position_embeddings=plan.position_embeddings or kwargs.get("position_embeddings"),
             model=self.model,
+            position_ids=plan.positions,
+            order=order,
+            next_layer=layers[i + 1] if i + 1 < len(layers) else None,
         )
         result = self.token_pruner.select(ctx)
         if result is None:
             return
+        renumber, new_order = False, None
         if isinstance(result, PruneDecision):
             drop, upd, values = result.drop, result.update_mask, result.update_values
+            renumber, new_order = result.renumber, result.order
         elif isinstance(result, torch.Tensor):
             drop, upd, values = result, None, None
         else:
@@ -516,12 +565,43 @@ class DOPHandle:
                 raise ValueError(f"layer {i} is replayed from a cached run; its output cannot be overwritten")
             b, n = torch.nonzero(upd, as_tuple=True)
             hidden_out[b, n] = values.to(device=hidden_out.device, dtype=hidden_out.dtype)
-        if drop is None:
-            return
-        plan.alive = plan.alive & ~drop.to(plan.alive.device)
-        attn_sets, mlp_sets = self._layer_sets(plan.alive, plan.groups, i + 1)
-        plan.attn[i + 1 :] = attn_sets
-        plan.mlp_in_attn[i + 1 :] = mlp_sets
+        if new_order is not None:
+            if tuple(new_order.shape) != shape or new_order.is_complex() or new_order.dtype == torch.bool:
+                raise ValueError(f"token pruner {self.token_pruner.name!r}: order must be a {shape} real tensor")
+            plan.order = new_order.to(device=plan.alive.device, dtype=torch.float64)
+        if drop is not None:
+            plan.alive = plan.alive & ~drop.to(plan.alive.device)
+            attn_sets, mlp_sets = self._layer_sets(plan.alive, plan.groups, i + 1)
+            plan.attn[i + 1 :] = attn_sets
+            plan.mlp_in_attn[i + 1 :] = mlp_sets
+        if renumber:
+            self._renumber(i, plan, hidden_out)
+
+    def _renumber(self, i: int, plan: _CallPlan, hidden_out: torch.Tensor) -> None:
+        """Contiguous positions for the survivors from layer i+1 on, in sequence order (the official
+        `position_ids = arange(len)` of a rebuilt sequence), and the matching decode-position shift."""
+        if plan.positions is None:
+            raise ValueError(
+                f"token pruner {self.token_pruner.name!r} renumbers positions, which needs 1D RoPE; family "
+                f"{self.adapter.family!r} uses M-RoPE"
+            )
+        B, N = plan.alive.shape
+        dev = plan.alive.device
+        # padding occupies positions as in the model's own numbering; dropped tokens do not
+        counted = plan.alive | ~plan.pad_valid[:, plan.past :]
+        keys = plan.order if plan.order is not None else _index_order(B, N, dev)
+        keys = keys.masked_fill(~counted, float("inf"))
+        perm = torch.sort(keys, dim=1, stable=True).indices  # ties keep index order
+        rank = torch.empty_like(perm).scatter_(1, perm, torch.arange(N, device=dev).expand(B, N))
+        first = plan.positions.masked_fill(~counted, torch.iinfo(torch.long).max).min(1, keepdim=True).values
+        new_pos = first + rank
+        plan.positions = new_pos
+        plan.position_embeddings = self._lm.rotary_emb(hidden_out, new_pos)
+        # decoding: the next token follows the last token of this layer's (rebuilt) sequence
+        last = torch.gather(perm, 1, (counted.sum(1, keepdim=True) - 1).clamp(min=0))
+        shift = (torch.gather(plan.orig_positions, 1, last) - torch.gather(new_pos, 1, last))[:, 0]
+        for layer in range(i + 1, self.spec.num_layers):
+            plan.layer_pos_shift[layer] = shift
 
     def _layer_forward(self, i, layer, original, plan: _CallPlan, hidden, args, kwargs) -> torch.Tensor:
         attn = plan.attn[i]
@@ -535,7 +615,7 @@ class DOPHandle:
                 raise ValueError(f"layer {i} is pruned under {self.policy}; only an unpruned prefix can be replayed")
             plan.stats[-1] = [(0, 0)] * B  # nothing computed
             return plan.replay[i]
-        if attn.everything and mlp_sub is None and plan.position_embeddings is None and cache_full:
+        if attn.everything and mlp_sub is None and not plan.custom_positions(i) and cache_full:
             out = original(hidden, *args, **kwargs)
             if cache is not None and kwargs.get("use_cache", True):
                 self._record(cache, i, plan, attn)
@@ -545,7 +625,7 @@ class DOPHandle:
             raise TypeError("DOP layer forward expects keyword arguments after hidden_states")
         kwargs = dict(kwargs)
         kwargs.pop("attention_mask", None)
-        pos_emb = plan.position_embeddings or kwargs.pop("position_embeddings")
+        pos_emb = plan.layer_position_embeddings.get(i) or plan.position_embeddings or kwargs.pop("position_embeddings")
         kwargs.pop("position_embeddings", None)
         position_ids = kwargs.pop("position_ids", None)
         use_cache = kwargs.pop("use_cache", False)
@@ -602,12 +682,19 @@ class DOPHandle:
         else:
             k_pos, k_slot = q_pos, q_valid
         past_ok = cache is None or cache.dop_layer_all_valid.get(i, True)
-        if self.attn_impl == "sdpa" and plan.no_padding and attn.all_valid and past_ok:
+        if self.attn_impl == "sdpa" and plan.no_padding and attn.all_valid and past_ok and plan.order is None:
             # causal order survives gathering, so sdpa's own causal path (and fast kernels) apply
             if k_pos.shape[1] == q_pos.shape[1] or q_pos.shape[1] == 1:
                 return None
         k_valid = k_slot & torch.gather(plan.pad_valid, 1, k_pos)
-        allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+        if plan.order is not None:  # a pruner reordered the sequence (prefill only: no cached keys yet)
+            q_ord = torch.gather(plan.order, 1, attn.index)
+            before = (q_ord[:, None, :] < q_ord[:, :, None]) | (
+                (q_ord[:, None, :] == q_ord[:, :, None]) & (k_pos[:, None, :] <= q_pos[:, :, None])
+            )
+            allowed = k_valid[:, None, :] & before
+        else:
+            allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
         # a row with no visible key (left padding, filler) would give NaNs that leak through V; let it see all
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         allowed = allowed[:, None]
@@ -616,6 +703,11 @@ class DOPHandle:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
         )
+
+
+def _index_order(B: int, N: int, device) -> torch.Tensor:
+    """Sequence-order keys of an unreordered call: the token index."""
+    return torch.arange(N, device=device, dtype=torch.float64).expand(B, N)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

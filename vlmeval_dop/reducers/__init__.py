@@ -11,10 +11,13 @@ from .base import (
     KeptTokens,
     ReducerError,
     ReductionContext,
+    ReplacedSpan,
     Selection,
     VisualTokenReducer,
     check_family,
     check_selection,
+    reported_indices,
+    selection_embeds,
     selection_indices,
 )
 from .cdpruner import CDPruner
@@ -51,10 +54,13 @@ __all__ = [
     "KeptTokens",
     "ReducerError",
     "ReductionContext",
+    "ReplacedSpan",
     "Selection",
     "VisualTokenReducer",
     "check_family",
     "check_selection",
     "get_reducer",
+    "reported_indices",
+    "selection_embeds",
     "selection_indices",
 ]

@@ -82,12 +82,60 @@ class KeptTokens:
     embeds: torch.Tensor | None = None
 
 
-Selection = torch.Tensor | KeptTokens
+@dataclass
+class ReplacedSpan:
+    """A selection that replaces the whole image span by `m` new rows, in the given order.
+
+    The decoder then sees exactly the sequence the official LLaVA-style code builds with `m` image tokens:
+    `embeds[0], ..., embeds[m-1]` at contiguous 1D positions right after the tokens before the image. Use it
+    when the official output is not "a sorted subset of the patches with some rows replaced": a kept [CLS]
+    row (VisionZip), appended synthetic rows (TRIM's mean token, PruMerge+'s extra token), an order other
+    than patch order ([CLS, dominant, contextual]), or rows taken from features the span does not hold
+    (LLaVA-NeXT's official packing without unpadding or newline rows).
+
+    Only for families whose positions are renumbered 1D RoPE (`FamilyAdapter.contiguous_positions`):
+    M-RoPE (Qwen2.5-VL) gives every placeholder a fixed (t, h, w) position that a new row has no claim to.
+    Internally the rows occupy the first `m` placeholder slots and the rest are dropped, which under
+    renumbered positions is the rebuilt sequence itself.
+
+    Attributes:
+        embeds: (m, H) decoder-input rows, 1 <= m <= the span's placeholder count.
+        sources: optional (m,) long, the local placeholder index each row stands for (-1 for synthetic
+            rows: CLS, mean, extra, or features that have no placeholder); reported in `handle.last_kept`.
+    """
+
+    embeds: torch.Tensor
+    sources: torch.Tensor | None = None
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """The placeholder slots the rows occupy (the first `m`)."""
+        return torch.arange(self.embeds.shape[0])
+
+    @property
+    def reported(self) -> torch.Tensor:
+        """What `handle.last_kept` shows: `sources`, or -1 for every row when none were given."""
+        if self.sources is not None:
+            return self.sources.to(torch.long)
+        return torch.full((self.embeds.shape[0],), -1, dtype=torch.long)
+
+
+Selection = torch.Tensor | KeptTokens | ReplacedSpan
 
 
 def selection_indices(sel: Selection) -> torch.Tensor:
-    """The kept local indices of a plain or merging selection."""
-    return sel.indices if isinstance(sel, KeptTokens) else sel
+    """The placeholder slots a selection keeps (for `ReplacedSpan`, the first `m` slots)."""
+    return sel.indices if isinstance(sel, (KeptTokens, ReplacedSpan)) else sel
+
+
+def selection_embeds(sel: Selection) -> torch.Tensor | None:
+    """The rows a selection writes into its kept slots (None = the original embeddings stay)."""
+    return sel.embeds if isinstance(sel, (KeptTokens, ReplacedSpan)) else None
+
+
+def reported_indices(sel: Selection) -> torch.Tensor:
+    """What a selection kept, as reported in `handle.last_kept` (sources for `ReplacedSpan`)."""
+    return sel.reported if isinstance(sel, ReplacedSpan) else selection_indices(sel)
 
 
 @runtime_checkable
@@ -96,8 +144,10 @@ class VisualTokenReducer(Protocol):
 
     `families` lists the supported model families (None = all). `select` returns, for each image span
     of `ctx.images` in order, a sorted, unique LongTensor of local indices (0 .. span.num_tokens-1) of
-    length exactly `min(n_keep, span.num_tokens)`, or a `KeptTokens` carrying those indices plus the
-    embeddings that replace them (merging methods).
+    length exactly `min(n_keep, span.num_tokens)`, a `KeptTokens` carrying those indices plus the
+    embeddings that replace them (merging methods), or a `ReplacedSpan` of 1..span.num_tokens new rows in
+    the official order (1D-RoPE families only; its count is the method's own, e.g. n_keep + 1 with an
+    appended token, and is what the decoder sees).
 
     Optional attribute `needs_vision_capture = True`: the executor then records the vision tower's
     feature layer during the model's own forward (`vlmeval_dop.reducers.vision`) and hands it over in
@@ -116,6 +166,9 @@ def check_selection(reducer: VisualTokenReducer, ctx: ReductionContext, n_keep: 
     if len(kept) != len(ctx.images):
         raise ReducerError(f"reducer {reducer.name!r} returned {len(kept)} selections for {len(ctx.images)} images")
     for span, sel in zip(ctx.images, kept):
+        if isinstance(sel, ReplacedSpan):
+            _check_replaced(reducer, ctx, span, sel)
+            continue
         idx = selection_indices(sel)
         if isinstance(sel, KeptTokens) and sel.embeds is not None:
             want_shape = (idx.numel(), ctx.inputs_embeds.shape[-1])
@@ -129,6 +182,22 @@ def check_selection(reducer: VisualTokenReducer, ctx: ReductionContext, n_keep: 
             raise ReducerError(f"reducer {reducer.name!r} kept {idx.numel()} tokens, expected {want}")
         if want and (idx.min() < 0 or idx.max() >= span.num_tokens or not bool((idx[1:] > idx[:-1]).all())):
             raise ReducerError(f"reducer {reducer.name!r} must return sorted unique indices in [0, {span.num_tokens})")
+
+
+def _check_replaced(reducer: VisualTokenReducer, ctx: ReductionContext, span: ImageSpan, sel: ReplacedSpan) -> None:
+    hidden = ctx.inputs_embeds.shape[-1]
+    if sel.embeds.ndim != 2 or sel.embeds.shape[1] != hidden:
+        raise ReducerError(
+            f"reducer {reducer.name!r} returned replacement rows of shape {tuple(sel.embeds.shape)}, expected (m, {hidden})"
+        )
+    m = sel.embeds.shape[0]
+    if not 1 <= m <= span.num_tokens:
+        raise ReducerError(
+            f"reducer {reducer.name!r} replaced image {span.image_index} of sample {span.batch_index} by {m} rows; "
+            f"valid: 1..{span.num_tokens} (its placeholder count)"
+        )
+    if sel.sources is not None and tuple(sel.sources.shape) != (m,):
+        raise ReducerError(f"reducer {reducer.name!r}: sources must have shape ({m},), got {tuple(sel.sources.shape)}")
 
 
 def check_n_keep(label: str, ctx: ReductionContext, n_keep: int) -> None:
