@@ -95,10 +95,17 @@ class _Spy:
         return self.pruner.select(ctx) if ctx.layer_idx in self.pruner.layers else None
 
 
-@pytest.fixture(scope="module", params=[0, 1, 2])
-def golden(request):
-    from vlmeval_dop.baselines.sparsevlm import SparseVLM  # noqa: F401  (import check before the model build)
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: these small matmuls run ~10x faster than with threads competing for shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
+
+@pytest.fixture(scope="module", params=[0, 1, 2])
+def golden(request, one_thread):
     seed = request.param
     with open(GOLDEN / f"seed{seed}.json") as f:
         fixture = json.load(f)
