@@ -22,8 +22,9 @@ The kept tokens stay in sequence order at their original RoPE positions (officia
 `position_ids = keep_indexs`): no renumbering. Only `keep` (and, below the budgets K=2 can reach, `k`) is
 solved for the TFLOPs labels (eval_configs/baselines.yaml).
 
-Matched against the official `get_retained_image_token` on golden inputs (tests/golden/dart/, a 16-layer
-LLaMA decoder under a LLaVA-1.5-shaped sequence, 3 seeds x 4 settings): kept sets and positions identical.
+Matched against `get_retained_image_token` run out of tree on golden inputs (tests/golden/dart/README.md says
+which copy of the official code; a 16-layer LLaMA decoder under a LLaVA-1.5-shaped sequence, 3 seeds x 5
+settings of K and max_num_trunction): kept sets, positions and logits identical.
 
 Beyond the official code (which runs batch size 1 at fixed offsets and fails where noted):
 - per sample in a batch: text pivots are the real non-visual tokens after the sample's first visual token,
