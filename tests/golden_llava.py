@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib
 
+import pytest
 import torch
 
 SEEDS = (0, 1, 2)
@@ -28,6 +29,16 @@ VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=336,
     patch_size=14, projection_dim=64, hidden_act="quick_gelu",
 )  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it on one intra-op thread: these forwards are many small ops (631 x 64),
+    where a second thread costs more than it gains, by far on a busy machine (measured 40x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def text_len(seed: int) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from golden_llava import SEEDS, SameContext, golden_inputs, golden_model  # tests/golden_llava.py
+from golden_llava import SEEDS, SameContext, golden_inputs, golden_model, one_thread  # noqa: F401 (tests/golden_llava.py)
 from vlmeval_dop import DOPPolicy, apply_dop
 from vlmeval_dop.baselines.dart import DART, dart_retained
 
