@@ -101,7 +101,7 @@ def main(argv=None) -> None:
 
             rows.append(("vispruner (per crop)",
                          lambda: [vispruner_select(cls_attn[c], clip_feats[c], q) for c, q in enumerate(quotas)]))
-        from vlmeval_dop.reducers.prumerge import prumerge_plus_select
+        from vlmeval_dop.reducers.prumerge import budget_ratio, prumerge_plus_select
         from vlmeval_dop.reducers.trim import trim_scores, trim_select
         from vlmeval_dop.reducers.visionzip import visionzip_select, visionzip_split
 
@@ -119,7 +119,8 @@ def main(argv=None) -> None:
             return out
 
         def prumerge():
-            out = [prumerge_plus_select(cls_attn[c], full_keys[c], clip_feats[c], q) for c, q in enumerate(quotas)]
+            out = [prumerge_plus_select(cls_attn[c], full_keys[c], clip_feats[c], budget_ratio(P, max(q, 2)))
+                   for c, q in enumerate(quotas)]  # the ratio solved for q rows
             with torch.no_grad():
                 proj(clip_feats[0, : n_keep // crops])
             return out

@@ -69,3 +69,11 @@ def assert_all_tokens_is_stock(model, inputs, reducer: str) -> None:
         got = model(**inputs).logits
     assert handle.last_kept[0].tolist() == list(range(n_all))
     torch.testing.assert_close(got, stock, atol=1e-5, rtol=1e-5)
+
+
+def replaced_span_logits(model, emb, vis, rows):
+    """Stock model on inputs_embeds with the image placeholders `vis` (one contiguous span) replaced by
+    `rows`, in order: the sequence the official LLaVA code builds with len(rows) image tokens."""
+    seq = torch.cat([emb[0, : vis[0]], rows.to(emb), emb[0, vis[-1] + 1 :]])[None]
+    with torch.no_grad():
+        return model(inputs_embeds=seq).logits[0, -1]
