@@ -153,17 +153,25 @@ def load_checked_dataset(name: str):
     dup = counts[counts > 1]
     if len(dup):
         idx = dup.index[0]
-        rows = [str(i + 1) for i in np.flatnonzero(data["index"].astype(str).to_numpy() == idx)]
+        rows = [str(_row_number(data, label)) for label in data.index[data["index"].astype(str) == idx]]
         raise DatasetError(f"{where}: index {idx} appears {int(dup.iloc[0])} times (rows {', '.join(rows)})"
                            f"{f' and {len(dup) - 1} other indices repeat' if len(dup) > 1 else ''}; "
                            "every row needs its own index")
     return dataset
 
 
+def _row_number(data: pd.DataFrame, label) -> int | str:
+    # rows read from a TSV keep their 0-based file row as label (also after VLMEvalKit drops image-less rows)
+    if isinstance(label, (int, np.integer)):
+        return int(label) + 1
+    pos = data.index.get_loc(label)
+    return pos + 1 if isinstance(pos, int) else "?"
+
+
 def row_label(dataset, row) -> str:
-    """`<file> row <n> (index <i>)` of a row of `dataset.data` (n counts data rows from 1)."""
-    pos = dataset.data.index.get_loc(row.name) + 1 if row.name in dataset.data.index else "?"
-    return f"{dataset_source(dataset.dataset_name, dataset)} row {pos} (index {row['index']})"
+    """`<file> row <n> (index <i>)` of a row of `dataset.data` (n counts the file's data rows from 1)."""
+    return f"{dataset_source(dataset.dataset_name, dataset)} row {_row_number(dataset.data, row.name)} " \
+           f"(index {row['index']})"
 
 
 def checked_messages(dataset, rows: pd.DataFrame, message_of, single_image: bool = False) -> list:
@@ -182,9 +190,11 @@ def checked_messages(dataset, rows: pd.DataFrame, message_of, single_image: bool
             raise DatasetError(f"{label}: empty question")
         try:
             message = message_of(row)
-        except (binascii.Error, ValueError, OSError) as exc:  # bad base64, not an image, truncated file
+        except (binascii.Error, OSError) as exc:  # bad base64, not an image, truncated file
             raise DatasetError(f"{label}: the image does not decode ({type(exc).__name__}: {exc}); the file may be "
                                "truncated, or the cell is not base64 of an image") from None
+        except AssertionError as exc:  # VLMEvalKit's dump_image: an image_path that does not exist
+            raise DatasetError(f"{label}: the image cannot be found ({exc})") from None
         images = [m["value"] for m in message if m["type"] == "image"]
         if single_image and len(images) != 1:
             raise DatasetError(

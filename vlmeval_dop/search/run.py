@@ -185,8 +185,9 @@ def check_search_args(entry: str, reducer: str, budgets, samples: int, out_dir, 
     check_min(max_new_tokens, "--max-new-tokens", 1)
     L, n_v = _model_shape(e)
     for d in depths or []:
-        if not 0 <= d <= L:
-            raise UsageError(f"--depths {d}: sampling depths of {e.model.name} are in 0..{L}")
+        if d < 0 or (L is not None and d > L):
+            top = L if L is not None else "its layer count"
+            raise UsageError(f"--depths {d}: sampling depths of {e.model.name} are in 0..{top}")
     for n in visual or []:
         if n < 1 or (n_v is not None and n > n_v):
             raise UsageError(f"--visual {n}: sampling n_v values are in 1..{n_v or 'the visual tokens'}")
@@ -196,10 +197,13 @@ def check_search_args(entry: str, reducer: str, budgets, samples: int, out_dir, 
         _check_install_target(install, reducer, config_dir)
 
 
-def _model_shape(entry) -> tuple[int, int | None]:
-    """(decoder layers, visual tokens or None if they vary) of an entry's model, without loading it."""
+def _model_shape(entry) -> tuple[int | None, int | None]:
+    """(decoder layers, visual tokens) of an entry's model without loading it; None where unknown or varying."""
     if entry.model.paper:
-        arch = load_models()[entry.model.name].arch
+        papers = load_models()
+        if entry.model.name not in papers:  # a model of entries.yaml outside models.yaml: checked later
+            return None, None
+        arch = papers[entry.model.name].arch
         return arch.num_layers, arch.visual_tokens
     from ..registry import _tiny_arch
 
