@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from vlmeval_dop import DOPPolicy, apply_dop
 from vlmeval_dop.reducers import ImageSpan, ReductionContext
 from vlmeval_dop.reducers.base import ReplacedSpan
-from vlmeval_dop.reducers.divprune import DivPrune, divprune_order, divprune_select
+from vlmeval_dop.reducers.divprune import DivPrune, divprune_order, divprune_select, official_compute_dtype
 from vlmeval_dop.tiny import load_tiny, tiny_image, tiny_inputs
 
 GOLDEN = Path(__file__).parent / "golden" / "divprune"
@@ -204,3 +204,6 @@ def test_bfloat16_model_selects_in_float16():
     assert kept.tolist() != divprune_select(rows, 16).tolist()
     kept32, _ = _run_tiny(model, processor, "llavanext", tiny_image(0), 16, reducer=DivPrune(torch.float32))
     assert kept32.tolist() == divprune_select(rows, 16, torch.float32).tolist()
+    # rows whose norm overflows float16 are selected in float32 instead of giving inf norms
+    big = torch.full((4, 8), 3.0e4, dtype=torch.bfloat16)
+    assert official_compute_dtype(big) is torch.float32 and official_compute_dtype(big / 1e3) is torch.float16
