@@ -1,15 +1,17 @@
 """DivPrune against golden outputs of the official code (vbdi/divprune `LlavaMetaForCausalLM.DivPrune`).
 
 Fixtures: tests/golden/divprune/ (README there: commit, function, inputs, steps). Three input sets:
-- LLaVA-1.5 shaped: 576 x 4096 decoder inputs (a 24 x 24 patch grid), seeds 0-2, 56 (the official
+- LLaVA-1.5 shaped: 576 x 1024 decoder inputs (a 24 x 24 patch grid), seeds 0-2, 56 (the official
   SUBSET_RATIO 0.098), 64, 128, 192 tokens, float32 and float16.
 - LLaVA-NeXT packed: base 576 + unpadded 2 x 2 crop grid with one shared newline row per grid row (the
   official DivPrune runs on that whole sequence), three image shapes, ratios 0.05, 0.098, 0.2, fp32/fp16.
 - Tiny models through `apply_dop` (the product path): tiny LLaVA-1.5 / LLaVA-NeXT, three images each
-  (square and non-square for NeXT), three budgets, the model loaded in float32 and in float16.
+  (square and non-square for NeXT), ratios 0.098, 0.5 and 1.0 (official repeated rows), the model loaded
+  in float32 and in float16.
+Plus hand-made duplicate rows (degenerate.json) where the official greedy repeats a pick.
 The synthetic inputs are rebuilt here from their seed by `smooth_features` (the generator script
-reimplements it; the fixture stores a fingerprint that `test_inputs_are_the_fixture_inputs` checks), the
-tiny models' decoder inputs are stored (embeds.pt) and compared with what the model feeds now.
+reimplements it; the fixture stores a fingerprint of the float32 input, checked first), the tiny models'
+decoder inputs are stored (tiny_embeds.pt) and compared with what the model feeds now.
 Everything asserts exact equality of the official pick order and of the kept set / order.
 """
 from __future__ import annotations
@@ -187,8 +189,7 @@ def test_tiny_model_product_path_equals_official(family, dtype, tiny_embeds):
         stored = tiny_embeds[case["embeds_key"]]
         kept, rows = _run_tiny(model, processor, family, tiny_image(case["seed"], tuple(case["size"])), case["n_keep"])
         where = f"{family} {dtype} seed {case['seed']} n {case['n_keep']}"
-        if case["n_keep"] < case["n_tokens"]:  # the decoder inputs are the fixture's inputs (with all kept, rows are replaced)
-            assert torch.equal(rows, stored), where
+        assert torch.equal(rows, stored), where  # the model feeds the fixture's inputs (else the rest is moot)
         assert divprune_order(stored, case["n_keep"]).tolist() == case["order"], where
         assert kept.tolist() == case["kept"], where
     # the fixtures include the official repeated rows (LLaVA-NeXT with every token kept: shared newlines)
