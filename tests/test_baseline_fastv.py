@@ -73,32 +73,3 @@ def test_fastv_bad_input():
     with pytest.raises(ValueError, match="valid: .*fastv"):
         get_decoder_pruner("fastvv")
 
-
-def test_pdrop_pyramid_by_hand_and_flops():
-    from vlmeval_dop.baselines.pdrop import PDrop, pdrop_layer_tokens, pdrop_schedule
-
-    # LLaVA-1.5 default: 4 stages of 8 layers, lambda 0.5: 576 -> 288 -> 144 -> 72
-    assert pdrop_schedule([8, 16, 24], 576, 0.5) == {7: 288, 15: 144, 23: 72}
-    counts = pdrop_layer_tokens(32, [8, 16, 24], 576, 0.5, 100)
-    assert [c[0] for c in counts[6:10]] == [676, 676, 388, 388] and counts[-1] == (172, 172)
-
-    family = "llava15"
-    model, processor = load_tiny(family, attn_implementation="eager")
-    inputs = tiny_inputs(family, processor, ["What is shown in the picture?"], [tiny_image(0)])
-    n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    n = inputs["input_ids"].shape[1]
-    L = model.config.get_text_config(decoder=True).num_hidden_layers
-    pruner = PDrop(boundaries=[1, 2, 3], n_visual=n_vis, ratio=0.5)
-    with apply_dop(model, DOPPolicy.full(L), token_pruner=pruner) as handle, torch.no_grad():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(**inputs, use_cache=False)
-    expect = pdrop_layer_tokens(L, [1, 2, 3], n_vis, 0.5, n - n_vis)
-    assert handle.last_layer_tokens == expect
-    measured = sum(
-        sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-        if name.split(".")[-2:-1] == ["layers"] and "language_model" in name
-    )
-    spec = ArchSpec.from_model(model, visual_tokens=n_vis)
-    selection = sum(fastv_selection_flops(spec, expect[i][0]) for i in (0, 1, 2))
-    assert abs(measured - schedule_flops(spec, expect) - selection) <= 0.01 * measured
