@@ -103,3 +103,13 @@ def test_fastv_per_step_entry_generates_without_cache(lmu_root):
             new.append(tok)
             ids = torch.cat([ids, ids.new_tensor([[tok]])], dim=1)
     assert out == wrapper.decode(torch.tensor(new))
+
+
+def test_fastv_per_step_refuses_a_cache():
+    """A per-step pruner under a KV cache would silently rank once at prefill: refused by name."""
+    model, processor = load_tiny("llava15")
+    inputs = tiny_inputs("llava15", processor, ["What?"], [tiny_image(seed=0)])
+    with apply_dop(model, DOPPolicy.full(4), token_pruner=FastV(k=2, keep=16, per_step=True)), torch.no_grad():
+        model(**inputs, use_cache=False)  # fine without a cache
+        with pytest.raises(ValueError, match="per_step=True.*use_cache=False"):
+            model.generate(**inputs, max_new_tokens=2)
