@@ -29,6 +29,9 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--visual-tokens", type=int, default=576)
     p.add_argument("--text-tokens", type=int, default=135)
+    p.add_argument("--system-tokens", type=int, default=35,
+                   help="text tokens before the image (default 35: LLaVA-1.5's prompt, BOS + Vicuna system prompt + "
+                        "'USER:'); the search never recomputes them (their keys/values come from the unpruned run)")
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -54,6 +57,12 @@ def main(argv=None) -> None:
     else:
         model, one = build(args)
     weigh = paper.arch if args.narrow else None  # layer-equivalents of the real 7B-shaped layers
+    if not 0 <= args.system_tokens <= args.text_tokens:
+        raise SystemExit(f"--system-tokens must be in 0..--text-tokens={args.text_tokens}")
+    image = torch.zeros_like(one["input_ids"][0], dtype=torch.bool)
+    image[args.system_tokens : args.system_tokens + args.visual_tokens] = True
+    one["input_ids"][0][image] = 32000  # the prompt's layout: system text, image, instruction
+    one["input_ids"][0][~image] = torch.randint(1, 31000, (int((~image).sum()),)).to(args.device)
 
     def batch_of(n: int) -> dict:
         out = {k: v.repeat(n, *([1] * (v.ndim - 1))) for k, v in one.items()}
@@ -65,7 +74,8 @@ def main(argv=None) -> None:
         return out
 
     width = "64-wide stand-in layers, counts weighted by the " + args.model if args.narrow else args.model
-    print(f"# {width} width, {args.layers} layers, {args.visual_tokens}+{args.text_tokens} tokens, "
+    print(f"# {width} width, {args.layers} layers, {args.visual_tokens}+{args.text_tokens} tokens "
+          f"({args.system_tokens} before the image), "
           f"{args.samples} samples, {args.device} {args.dtype}; depths {depths}, n_v {visual}")
     ours, t0 = ProfileCounter(flops_spec=weigh), time.perf_counter()
     done = 0

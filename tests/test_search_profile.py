@@ -29,8 +29,9 @@ def test_prefix_sharing_equals_naive_with_fewer_forwards(family):
     assert naive_c.model_runs == shared_c.model_runs == 2 * (1 + 3 * 4)  # per sample
     assert shared_c.layer_forwards < naive_c.layer_forwards
     assert shared_c.layer_equivalents < naive_c.layer_equivalents
-    # prefix sharing skips exactly the unpruned prefixes: sum of depths, for D_A and D_P, per sample
-    assert naive_c.layer_forwards - shared_c.layer_forwards == 2 * 2 * sum(DEPTHS)
+    # prefix sharing skips exactly the unpruned prefixes (sum of depths, for D_A and D_P) and, at a D_P point d,
+    # layer d itself (known from the unpruned run), per sample
+    assert naive_c.layer_forwards - shared_c.layer_forwards == 2 * (2 * sum(DEPTHS) + len(DEPTHS))
 
 
 def _batches(family, processor, n):

@@ -95,6 +95,42 @@ class _MLPBeyondAttn:
 
 
 @dataclass
+class FrozenTokens:
+    """Tokens whose states equal a reference run's in every layer, handed to `DOPHandle.run_decoder` as their
+    per-layer keys/values: they are no query and no MLP token of any layer, only keys/values.
+
+    The policy search uses it for the tokens before the first image: under causal attention nothing before
+    them changes in any variant of a sample, so their keys/values are the unpruned run's, computed once per
+    sample. Their own outputs are never computed (the search reads the last position only).
+
+    Attributes:
+        index: (B, K) positions in the call's sequence; valid: (B, K) bool, False for filler slots.
+        kv: per decoder layer `(keys, values)`, each (B, kv_heads, K, head_dim) with RoPE applied (as the
+            layer's cache holds them), slot k for position index[:, k].
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    kv: list
+
+    @property
+    def counts(self) -> list[int]:
+        return self.valid.sum(1).tolist()
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, kv: list) -> "FrozenTokens":
+        """The tokens of (B, N) bool `mask`, their keys/values gathered from per-layer full-sequence
+        `(keys, values)` (B, kv_heads, N, head_dim), e.g. the layers of an unpruned run's cache."""
+        tokens = _TokenSet.from_mask(mask)
+        idx = tokens.index[:, None, :, None]
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return torch.gather(t, 2, idx.to(t.device).expand(-1, t.shape[1], -1, t.shape[3]))
+
+        return cls(tokens.index, tokens.valid, [(take(k), take(v)) for k, v in kv])
+
+
+@dataclass
 class _CallPlan:
     """Everything layers need for one forward call of the decoder stack."""
 
@@ -125,6 +161,13 @@ class _CallPlan:
     layer_position_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # prefill: per layer, the (B,) decode-position shift a renumbering pruner set (stored in the cache)
     layer_pos_shift: dict[int, torch.Tensor] = field(default_factory=dict)
+    # run_decoder only: keys/values handed in for tokens that are never computed; replayed layers used as
+    # given (the caller vouches for them); per layer, per sample (queries, K/V projected, keys, MLP tokens)
+    frozen: FrozenTokens | None = None
+    frozen_counts: list[int] | None = None
+    check_replay: bool = True
+    last_only: bool = False
+    work: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
 
     def custom_positions(self, i: int) -> bool:
         """Layer i cannot use the stock layer call: its positions or its sequence order are not the model's."""
@@ -140,6 +183,9 @@ class DOPHandle:
             the batch (filler slots excluded): evidence of what actually ran. `(0, 0)` marks a layer
             replayed from a cached unpruned run (`run_decoder(replay=...)`).
         last_sample_layer_tokens: the same per layer and per sample.
+        last_sample_layer_work: per layer and per sample `(queries, tokens whose keys/values were projected,
+            keys attended over, MLP tokens)` of the last prefill: the FLOPs-relevant counts, keys/values-only
+            and frozen tokens included (`(0, 0, 0, 0)` for a replayed layer).
         last_kept: per image of the last prefill, the kept local visual indices (None without reducer; for a
             `ReplacedSpan`, the source index of each row, -1 for synthetic rows).
     """
@@ -185,6 +231,7 @@ class DOPHandle:
         self.image_token_ids = torch.tensor(self.adapter.image_token_ids(model))
         self.last_layer_tokens: list[tuple[int, int]] = []
         self.last_sample_layer_tokens: list[list[tuple[int, int]]] = []
+        self.last_sample_layer_work: list[list[tuple[int, int, int, int]]] = []
         self.last_layer_kv_only: list[int] = []
         self.last_kept: list[torch.Tensor] | None = None
         self._pending: dict[str, Any] | None = None
@@ -263,6 +310,9 @@ class DOPHandle:
         replay: dict[int, torch.Tensor] | None = None,
         model_inputs: dict[str, Any] | None = None,
         reducer_cache: dict[str, Any] | None = None,
+        check_replay: bool = True,
+        frozen: FrozenTokens | None = None,
+        last_position_only: bool = False,
     ) -> torch.Tensor:
         """Run only the decoder stack under this policy and return last-position logits (no cache).
 
@@ -277,13 +327,24 @@ class DOPHandle:
             replay: outputs of unpruned layers to reuse; a pruned layer in it raises ValueError.
             model_inputs: pixel_values etc., for reducers that look at the vision tower.
             reducer_cache: dict a reducer may use to keep scores across calls on the same sample.
+            check_replay: False uses replayed layers as given, pruned ones too: the caller guarantees each holds
+                this policy's output of that layer at every token a later layer reads (e.g. an earlier run of
+                the same policy prefix, or a layer whose pruned outputs are known from the unpruned run).
+            frozen: `FrozenTokens` taking part as keys/values only, with the keys/values given (no token pruner).
+            last_position_only: the last layer runs queries and MLP for each sample's last position only (the
+                other tokens are keys/values only): exactly the returned logits, for less work.
         """
         kwargs = {k: v for k, v in decoder_kwargs.items() if k not in ("cache", "use_cache")}
+        if frozen is not None and self.token_pruner is not None:
+            raise ValueError("frozen tokens cannot be combined with a decoder-side token pruner")
         self._pending = {
             "input_ids": input_ids,
             "model_inputs": model_inputs or {},
             "replay": replay,
             "reducer_cache": reducer_cache,
+            "check_replay": check_replay,
+            "frozen": frozen,
+            "last_only": last_position_only,
         }
         out = self._lm(**kwargs, use_cache=False)
         return self.adapter.lm_head(self.model)(out.last_hidden_state[:, -1])
@@ -434,7 +495,18 @@ class DOPHandle:
         # --- per-layer token sets
         sys_mask = self._system_mask(visual, pad_valid[:, past:]) if self.policy.has_system_depths and past == 0 else None
         groups = _Groups(visual, sys_mask, bool(visual.any()), sys_mask is not None and bool(sys_mask.any()))
-        attn_sets, kv_sets, mlp_sets = self._layer_sets(~dropped, groups, 0)
+        alive = ~dropped
+        frozen, frozen_counts = pending.get("frozen"), None
+        if frozen is not None:
+            fmask = torch.zeros(B, N, dtype=torch.bool, device=device)
+            fmask.scatter_(1, frozen.index.to(device), frozen.valid.to(device))
+            if bool((fmask & (visual | dropped)).any()) or bool(fmask[:, -1].any()):
+                raise ValueError("frozen tokens must be kept, non-visual tokens before each sample's last position")
+            if len(frozen.kv) != self.spec.num_layers:
+                raise ValueError(f"frozen tokens need keys/values for all {self.spec.num_layers} layers, got {len(frozen.kv)}")
+            alive, frozen_counts = alive & ~fmask, frozen.counts
+        last_only = bool(pending.get("last_only"))
+        attn_sets, kv_sets, mlp_sets = self._layer_sets(alive, groups, 0, last_only)
         self._plan = _CallPlan(
             past=past,
             length=N,
@@ -448,16 +520,22 @@ class DOPHandle:
             cache=cache,
             replay=pending.get("replay"),
             groups=groups,
-            alive=~dropped,
+            alive=alive,
             orig_positions=orig_positions,
             positions=positions,
             layer_position_embeddings=layer_position_embeddings,
+            frozen=frozen,
+            frozen_counts=frozen_counts,
+            check_replay=pending.get("check_replay", True),
+            last_only=last_only,
         )
         return args, kwargs
 
-    def _layer_sets(self, alive: torch.Tensor, groups: "_Groups", start: int) -> tuple[list, list, list]:
+    def _layer_sets(self, alive: torch.Tensor, groups: "_Groups", start: int,
+                    last_only: bool = False) -> tuple[list, list, list]:
         """Token sets of layers `start..L-1` given the tokens still alive (not dropped before the decoder
-        or by a decoder-side pruner): attention queries, keys/values-only tokens, MLP."""
+        or by a decoder-side pruner): attention queries, keys/values-only tokens, MLP. `last_only`: the last
+        layer's queries and MLP are each sample's last position only, its other tokens keys/values only."""
         p, L = self.executed_policy, self.spec.num_layers
         kv_vis_layer, kv_sys_layer = self.kv_only_layers
         sets: dict[tuple[bool, bool], _TokenSet] = {}
@@ -474,6 +552,17 @@ class DOPHandle:
             kv_vis = a_vis and groups.any_visual and layer == kv_vis_layer
             kv_sys = a_sys and groups.any_system and layer == kv_sys_layer
             q_vis, q_sys = a_vis and not kv_vis, a_sys and not kv_sys
+            if last_only and layer == L - 1:
+                q = groups.keep(alive, q_vis, q_sys)
+                if bool(q[:, -1].all()):  # else (a pruned last position) the layer runs as the policy says
+                    last = torch.zeros_like(q)
+                    last[:, -1] = True
+                    attn = _TokenSet.from_mask(last)
+                    attn_sets.append(attn)
+                    kv_sets.append(_TokenSet.from_mask(groups.keep(alive, a_vis, a_sys) & ~last))
+                    m = groups.keep(alive, m_vis, m_sys)[:, -1:]
+                    mlp_sets.append(None if bool(m.all()) else _TokenSet.from_mask(m))
+                    continue
             if (q_vis, q_sys) not in sets:
                 sets[(q_vis, q_sys)] = _TokenSet.from_mask(groups.keep(alive, q_vis, q_sys))
             attn = sets[(q_vis, q_sys)]
@@ -506,6 +595,7 @@ class DOPHandle:
                 (sum(a for a, _ in layer), sum(m for _, m in layer)) for layer in plan.stats
             ]
             self.last_layer_kv_only = [0 if kv is None else sum(kv.counts) for kv in plan.kv_only]
+            self.last_sample_layer_work = plan.work
         return None
 
     @staticmethod
@@ -597,7 +687,7 @@ class DOPHandle:
             plan.order = new_order.to(device=plan.alive.device, dtype=torch.float64)
         if drop is not None:
             plan.alive = plan.alive & ~drop.to(plan.alive.device)
-            attn_sets, kv_sets, mlp_sets = self._layer_sets(plan.alive, plan.groups, i + 1)
+            attn_sets, kv_sets, mlp_sets = self._layer_sets(plan.alive, plan.groups, i + 1, plan.last_only)
             plan.attn[i + 1 :] = attn_sets
             plan.kv_only[i + 1 :] = kv_sets
             plan.mlp_in_attn[i + 1 :] = mlp_sets
@@ -637,15 +727,20 @@ class DOPHandle:
         cache = plan.cache
         B = hidden.shape[0]
         n_attn = attn.counts if kv_only is None else [a + k for a, k in zip(attn.counts, kv_only.counts)]
-        plan.stats.append(list(zip(n_attn, attn.counts if mlp_sub is None else mlp_sub.counts)))
+        n_mlp = attn.counts if mlp_sub is None else mlp_sub.counts
+        plan.stats.append(list(zip(n_attn, n_mlp)))
+        n_keys = n_attn if plan.frozen_counts is None else [a + f for a, f in zip(n_attn, plan.frozen_counts)]
+        plan.work.append(list(zip(attn.counts, n_attn, n_keys, n_mlp)))
         cache_full = cache is None or cache.is_full_layer(i)
         if plan.replay is not None and i in plan.replay:
-            # a keys/values-only layer may be replayed too: its other tokens' outputs equal the unpruned run's,
-            # and the keys/values-only tokens' outputs are read by nobody
-            unpruned = attn.everything or (kv_only is not None and bool((plan.alive | ~plan.pad_valid[:, plan.past :]).all()))
-            if not (unpruned and mlp_sub is None and plan.position_embeddings is None and cache is None):
-                raise ValueError(f"layer {i} is pruned under {self.policy}; only an unpruned prefix can be replayed")
+            if plan.check_replay:
+                # a keys/values-only layer may be replayed too: its other tokens' outputs equal the unpruned
+                # run's, and the keys/values-only (or frozen) tokens' outputs are read by nobody
+                unpruned = all(k == hidden.shape[1] for k in n_keys)  # every token a query, keys-only or frozen
+                if not (unpruned and mlp_sub is None and plan.position_embeddings is None and cache is None):
+                    raise ValueError(f"layer {i} is pruned under {self.policy}; only an unpruned prefix can be replayed")
             plan.stats[-1] = [(0, 0)] * B  # nothing computed
+            plan.work[-1] = [(0, 0, 0, 0)] * B
             return plan.replay[i]
         if attn.everything and kv_only is None and mlp_sub is None and not plan.custom_positions(i) and cache_full:
             out = original(hidden, *args, **kwargs)
@@ -672,6 +767,10 @@ class DOPHandle:
             position_ids = None
         attn_cache = cache
         prefix = None
+        given: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (k, v, positions, valid)
+        if plan.frozen is not None:  # keys/values handed in (run_decoder), placed before everything else
+            fk, fv = plan.frozen.kv[i]
+            given.append((fk.to(x), fv.to(x), plan.frozen.index.to(x.device) + plan.past, plan.frozen.valid.to(x.device)))
         if kv_only is not None:
             # keys/values of the keys-only tokens, placed before this call's queries' own in the layer's cache
             k, v = _project_kv(
@@ -683,9 +782,14 @@ class DOPHandle:
                 cache.update(k, v, i)
                 cache.record(i, kv_only.index + plan.past, kv_only.valid, kv_only.all_valid, ordered=False)
             else:
-                attn_cache = _PrefixKV(k, v)
-                prefix = (kv_only.index + plan.past, kv_only.valid)
-        mask = self._attention_mask(i, plan, attn, x.dtype, prefix=prefix)
+                given.append((k, v, kv_only.index + plan.past, kv_only.valid))
+        prefix_all_valid = True
+        if given:
+            attn_cache = _PrefixKV(torch.cat([g[0] for g in given], dim=2), torch.cat([g[1] for g in given], dim=2))
+            prefix = (torch.cat([g[2] for g in given], dim=1), torch.cat([g[3] for g in given], dim=1))
+            prefix_all_valid = (kv_only is None or kv_only.all_valid) and (
+                plan.frozen_counts is None or min(plan.frozen_counts) == plan.frozen.index.shape[1])
+        mask = self._attention_mask(i, plan, attn, x.dtype, prefix=prefix, prefix_all_valid=prefix_all_valid)
 
         residual = x
         h = layer.input_layernorm(x)
@@ -725,9 +829,11 @@ class DOPHandle:
         attn: _TokenSet,
         dtype: torch.dtype,
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prefix_all_valid: bool = True,
     ) -> torch.Tensor | None:
         """Mask over (this call's kept queries) x (cached or `prefix` keys + current kept keys), in original
-        coordinates. `prefix`: (positions, valid) of keys-only tokens handed to attention without a cache."""
+        coordinates. `prefix`: (positions, valid) of keys-only tokens handed to attention without a cache
+        (`prefix_all_valid`: host flag, no filler slot among them)."""
         cache = plan.cache
         q_pos = attn.index + plan.past
         q_valid = attn.valid
@@ -740,7 +846,8 @@ class DOPHandle:
         else:
             k_pos, k_slot = q_pos, q_valid
         past_ok = cache is None or cache.dop_layer_all_valid.get(i, True)
-        if self.attn_impl == "sdpa" and plan.no_padding and attn.all_valid and past_ok and plan.order is None:
+        if self.attn_impl == "sdpa" and plan.no_padding and attn.all_valid and past_ok and plan.order is None \
+                and prefix_all_valid:
             # causal order survives gathering, so sdpa's own causal path (and fast kernels) apply
             if k_pos.shape[1] == q_pos.shape[1] or q_pos.shape[1] == 1:
                 return None

@@ -7,12 +7,15 @@ imported on first use of :func:`plot_profile`.
 from .curves import Curve, DivergenceProfile, DivergenceTables, interpolate, profile_from_measurements
 from .divergence import EPS, TOP_K, SampleStat, TopKReference, accuracy_drop, probs_from_logits, topk_kl
 from .extensions import (
+    GridPolicies,
     JointGridResult,
     JointRecord,
     SpearmanResult,
     additive_divergence,
     brute_force_optimize_with_system,
     f3_grid,
+    grid_additive_search,
+    grid_policies,
     joint_grid_search,
     optimize_accuracy,
     optimize_with_system,
@@ -37,8 +40,8 @@ from .transfer import rescale_points, transfer_profile, transfer_tables, transfe
 __all__ = [
     "Curve", "DivergenceProfile", "DivergenceTables", "interpolate", "profile_from_measurements",
     "EPS", "TOP_K", "SampleStat", "TopKReference", "accuracy_drop", "probs_from_logits", "topk_kl",
-    "JointGridResult", "JointRecord", "SpearmanResult", "additive_divergence", "brute_force_optimize_with_system",
-    "f3_grid", "joint_grid_search", "optimize_accuracy", "optimize_with_system", "spearman",
+    "GridPolicies", "JointGridResult", "JointRecord", "SpearmanResult", "additive_divergence", "brute_force_optimize_with_system",
+    "f3_grid", "grid_additive_search", "grid_policies", "joint_grid_search", "optimize_accuracy", "optimize_with_system", "spearman",
     "spearman_additive_vs_joint", "table7_policies",
     "InfeasibleBudgetError", "PolicySearch", "SearchResult", "brute_force_optimize", "budget_for_uniform_tokens",
     "closed_form_flops", "optimize", "optimize_for_model", "resolve_n_min", "write_policy",

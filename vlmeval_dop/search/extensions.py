@@ -3,7 +3,8 @@
 * :func:`optimize_with_system` -- Eq. 14: system-token depths ``d_A_sys, d_P_sys`` as two more additive terms.
 * :func:`optimize_accuracy` -- Eq. 13: the same search on accuracy-drop curves instead of divergences.
 * :func:`joint_grid_search` -- F.3: evaluate the *joint* divergence of every budget-feasible policy of a
-  coarse grid (a callable does the model runs) and pick the best, to compare with the additive optimum.
+  coarse grid (a callable does the model runs; search/joint.py measures them with prefix sharing) and pick
+  the best; :func:`grid_additive_search` is the additive optimum on the same grid (Table 22's two rows).
 * :func:`spearman_additive_vs_joint` -- E.1 / Table 7: rank correlation between ``D_sum`` and ``D``.
 """
 from __future__ import annotations
@@ -261,6 +262,60 @@ def f3_grid(L: int, N_v: int, *, depth_step: int = 2, n_step: int = 16) -> tuple
     return list(range(depth_step, L + 1, depth_step)), list(range(n_step, N_v + 1, n_step))
 
 
+@dataclass(frozen=True)
+class GridPolicies:
+    """The budget-feasible policies of an F.3 grid (:func:`grid_policies`).
+
+    Attributes:
+        policies: the distinct effective forms, in enumeration order (each one set of model runs).
+        n_feasible: grid points satisfying the budget and ``n_min`` before merging dominated ones.
+        n_e, n_min: Appendix C.4 for the budget.
+    """
+
+    policies: tuple[DOPPolicy, ...]
+    n_feasible: int
+    n_e: int
+    n_min: float
+
+
+def grid_policies(
+    spec: ArchSpec,
+    budget: float,
+    *,
+    text_tokens: int,
+    alpha: float,
+    depths: Sequence[int] | None = None,
+    n_values: Sequence[int] | None = None,
+    clamp_n_min: bool = True,
+    n_min: float | None = None,
+) -> GridPolicies:
+    """Every grid policy ``(d_A, d_P, n_v)`` within the Eq. 11 budget and ``n_v >= n_min`` (Eq. 7's
+    constraints), as its effective form (``DOPPolicy.effective``: a grid point with ``d_P >= d_A`` has the
+    outputs of ``(d_A, d_A - 1, n_v)`` and is run as that). Default grid: :func:`f3_grid`."""
+    L, N_v = spec.num_layers, spec.visual_tokens
+    if depths is None or n_values is None:
+        dd, nn = f3_grid(L, N_v)
+        depths = dd if depths is None else depths
+        n_values = nn if n_values is None else n_values
+    n_e, n_min_eff = resolve_n_min(spec, budget, text_tokens, alpha, clamp_n_min=clamp_n_min)
+    if n_min is not None:
+        n_min_eff = float(n_min)
+    limit = budget * full_flops(spec, text_tokens)
+    grid = [(a, p, n) for a in depths for p in depths for n in n_values if n >= max(n_min_eff, 1)]
+    if grid:
+        g = np.asarray(grid, dtype=np.float64)
+        fl = closed_form_flops(spec, text_tokens, g[:, 0], g[:, 1], g[:, 2])
+        grid = [t for t, f in zip(grid, fl) if f <= limit]
+    seen: dict[DOPPolicy, None] = {}
+    for a, p, n in grid:
+        seen.setdefault(DOPPolicy(int(a), int(p), int(n)).validate(L, N_v).effective(L), None)
+    return GridPolicies(tuple(seen), len(grid), n_e, n_min_eff)
+
+
+def _pick(records: Sequence[JointRecord]) -> JointRecord:
+    return min(records, key=lambda r: (r.divergence, r.paper_ratio, (r.policy.d_A, r.policy.d_P, r.policy.n_v)))
+
+
 def joint_grid_search(
     joint_divergence: Callable[[DOPPolicy], float],
     spec: ArchSpec,
@@ -276,39 +331,44 @@ def joint_grid_search(
     """F.3: direct grid search on the joint divergence ``D(d_A, d_P, n_v)`` under Eq. 7's constraints.
 
     ``joint_divergence(policy)`` runs the pruned model on the validation set and returns the mean Eq. 10
-    divergence (the costly part; it is called once per distinct *effective* feasible policy: a grid point
-    with ``d_P > d_A`` has the outputs of ``(d_A, d_A, n_v)`` and is evaluated as that). Default grid:
-    :func:`f3_grid`. The paper reports 658 / 384 feasible policies at 28 % / 23 % on LLaVA-1.5-7B; we could
-    not reproduce those counts with any reading of its grid (see the tests' notes), so compare optima, not
-    counts.
+    divergence (the costly part; it is called once per distinct *effective* feasible policy of
+    :func:`grid_policies`; `vlmeval-dop search --joint-grid` measures them all with prefix sharing first,
+    search/joint.py). Ties: fewer Eq. 11 FLOPs, then the smallest ``(d_A, d_P, n_v)``. The paper reports
+    658 / 384 feasible policies at 28 % / 23 % on LLaVA-1.5-7B; we could not reproduce those counts with
+    any reading of its grid (see docs/search.md), so compare optima, not counts.
     """
-    L, N_v = spec.num_layers, spec.visual_tokens
-    if depths is None or n_values is None:
-        dd, nn = f3_grid(L, N_v)
-        depths = dd if depths is None else depths
-        n_values = nn if n_values is None else n_values
-    n_e, n_min_eff = resolve_n_min(spec, budget, text_tokens, alpha, clamp_n_min=clamp_n_min)
-    if n_min is not None:
-        n_min_eff = float(n_min)
+    grid = grid_policies(spec, budget, text_tokens=text_tokens, alpha=alpha, depths=depths, n_values=n_values,
+                         clamp_n_min=clamp_n_min, n_min=n_min)
     full = full_flops(spec, text_tokens)
-    limit = budget * full
-    grid = [(a, p, n) for a in depths for p in depths for n in n_values if n >= max(n_min_eff, 1)]
-    if grid:
-        g = np.asarray(grid, dtype=np.float64)
-        fl = closed_form_flops(spec, text_tokens, g[:, 0], g[:, 1], g[:, 2])
-        grid = [t for t, f in zip(grid, fl) if f <= limit]
-    seen: dict[tuple[int, int, int], None] = {}
-    for a, p, n in grid:
-        seen.setdefault((a, DOPPolicy(a, p, n).effective(L).d_P, n), None)
-    records = []
-    for a, p, n in seen:
-        pol = DOPPolicy(int(a), int(p), int(n)).validate(L, N_v)
-        ratio = policy_flops(spec, pol, text_tokens) / full
-        records.append(JointRecord(pol, float(joint_divergence(pol)), ratio))
+    records = [JointRecord(pol, float(joint_divergence(pol)), policy_flops(spec, pol, text_tokens) / full)
+               for pol in grid.policies]
     if not records:
-        raise BudgetError(f"no grid policy satisfies budget {budget!r} and n_v >= {n_min_eff:g}; widen the grid or the budget")
-    best = min(records, key=lambda r: (r.divergence, r.paper_ratio, (r.policy.d_A, r.policy.d_P, r.policy.n_v)))
-    return JointGridResult(best.policy, best.divergence, tuple(records), len(grid), n_e, n_min_eff)
+        raise BudgetError(f"no grid policy satisfies budget {budget!r} and n_v >= {grid.n_min:g}; widen the grid or the budget")
+    best = _pick(records)
+    return JointGridResult(best.policy, best.divergence, tuple(records), grid.n_feasible, grid.n_e, grid.n_min)
+
+
+def grid_additive_search(
+    tables: DivergenceTables | DivergenceProfile,
+    spec: ArchSpec,
+    budget: float,
+    *,
+    text_tokens: int,
+    alpha: float,
+    depths: Sequence[int] | None = None,
+    n_values: Sequence[int] | None = None,
+    clamp_n_min: bool = True,
+    n_min: float | None = None,
+    outside: str = "inf",
+) -> JointGridResult:
+    """F.3's "w/ Additive Approximation" row: Eq. 7 restricted to the same grid, i.e. the feasible grid
+    policy (effective form) with the smallest ``D_A(d_A) + D_P(d_P) + D_v(n_v)``; ties as
+    :func:`joint_grid_search`. No model run: the estimates come from the profile's interpolated curves."""
+    t = _as_tables(tables, spec, outside)
+    return joint_grid_search(
+        lambda pol: float(additive_divergence(t, [pol])[0]), spec, budget, text_tokens=text_tokens, alpha=alpha,
+        depths=depths, n_values=n_values, clamp_n_min=clamp_n_min, n_min=n_min,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- E.1
@@ -320,7 +380,16 @@ class SpearmanResult:
 
 
 def spearman(x: Iterable[float], y: Iterable[float]) -> SpearmanResult:
-    """Spearman's rank correlation (scipy.stats.spearmanr: average ranks for ties, as the paper says)."""
+    """Spearman's rank correlation of ``x`` and ``y``: ``scipy.stats.spearmanr`` (the Pearson correlation of
+    the average ranks) with its two-sided p-value.
+
+    App. E.1 prints the no-ties formula ``rho = 1 - 6 sum d_i^2 / (n (n^2 - 1))`` and says it uses scipy when
+    ranks are tied. We always use scipy: without ties it *is* that formula (tests check both), and Table 7's
+    joint divergences do tie: every combination with ``d_P >= d_A - 1`` (``d_A < L``) has the outputs of
+    ``(d_A, d_A - 1, n_v)``, and with ``d_A = 0`` all ``n_v`` give the same outputs, so equal ``D`` values
+    occur by construction, where the printed formula with arbitrary tie-breaking would give an
+    order-dependent, wrong value.
+    """
     x = np.asarray(list(x), dtype=np.float64)
     y = np.asarray(list(y), dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or x.size < 2:

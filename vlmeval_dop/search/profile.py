@@ -41,6 +41,7 @@ from ..policy import DOPPolicy
 from .divergence import TopKReference
 
 CURVES = ("D_A", "D_P", "D_v")
+SYSTEM_CURVES = ("D_A_sys", "D_P_sys")  # Eq. 14 (App. F.6): the same depths for the tokens before the image
 
 
 @dataclass
@@ -54,31 +55,61 @@ class ProfileCounter:
 
     def add(self, spec: ArchSpec, sample_layer_tokens: Sequence[Sequence[tuple[int, int]]], full_tokens: int) -> None:
         """Count one batched run from per-layer, per-sample `(n_attn, n_mlp)` (a sample-layer = one forward)."""
+        self.add_work(spec, [[(a, a, a, m) for a, m in layer] for layer in sample_layer_tokens], full_tokens)
+
+    def add_work(self, spec: ArchSpec, sample_layer_work: Sequence[Sequence[tuple[int, int, int, int]]],
+                 full_tokens: int) -> None:
+        """Count one batched run from per-layer, per-sample `(queries, keys/values projected, keys, MLP
+        tokens)` (`DOPHandle.last_sample_layer_work`): keys/values-only and frozen tokens cost what they do."""
         spec = self.flops_spec or spec
         full = layer_flops(spec, full_tokens, full_tokens)
-        for layer in sample_layer_tokens:
-            for n_a, n_m in layer:
-                if n_a or n_m:
+        for layer in sample_layer_work:
+            for n_q, n_kv, n_keys, n_m in layer:
+                if n_q or n_kv or n_m:
                     self.layer_forwards += 1
-                    self.layer_equivalents += layer_flops(spec, n_a, n_m) / full
-        self.model_runs += len(sample_layer_tokens[0]) if sample_layer_tokens else 0
+                    # layer_flops counts the scores of n_q queries over the n_kv projected keys; frozen keys add theirs
+                    f = layer_flops(spec, n_kv, n_m, n_kv - n_q) + 4.0 * n_q * (n_keys - n_kv) * spec.q_dim
+                    self.layer_equivalents += f / full
+        self.model_runs += len(sample_layer_work[0]) if sample_layer_work else 0
 
 
 @dataclass
 class FullRun:
-    """What the unpruned model computed for a batch: decoder inputs, every layer's output, logits."""
+    """What the unpruned model computed for a batch: decoder inputs, every layer's output, logits.
+
+    `mids`: {layer: post-attention residual} (the input of the layer's MLP norm) of the layers asked for;
+    `frozen`: the tokens before each sample's first image with every layer's keys/values (`FrozenTokens`),
+    None when asked not to keep them or when no sample has such tokens.
+    """
 
     decoder_kwargs: dict[str, Any]
     layer_outputs: list[torch.Tensor]
     logits: torch.Tensor  # (B, V) first generated token
+    mids: dict[int, torch.Tensor] = field(default_factory=dict)
+    frozen: Any = None
 
 
-def capture_full_run(model, inputs: dict[str, Any]) -> FullRun:
-    """Run the stock model once, recording its decoder-stack inputs and each decoder layer's output."""
+def system_mask(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, N) bool: the real tokens before each sample's first image token (the system group of Eq. 14)."""
+    from ..executor.core import DOPHandle
+
+    visual = torch.isin(input_ids, torch.tensor(adapter_for(model).image_token_ids(model), device=input_ids.device))
+    pad = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
+    return DOPHandle._system_mask(visual, pad)
+
+
+def capture_full_run(model, inputs: dict[str, Any], mid_layers: Iterable[int] = (), frozen: bool = False) -> FullRun:
+    """Run the stock model once, recording its decoder-stack inputs and each decoder layer's output.
+
+    `mid_layers`: also record those layers' post-attention residual. `frozen`: also keep the keys/values of
+    the tokens before the first image from the run's own cache (no extra computation).
+    """
     adapter = adapter_for(model)
     lm = adapter.language_model(model)
+    layers = adapter.decoder_layers(model)
     captured: dict[str, Any] = {}
     outputs: list[torch.Tensor] = []
+    mids: dict[int, torch.Tensor] = {}
 
     def grab_inputs(module, args, kwargs):
         captured.update(kwargs)
@@ -86,31 +117,90 @@ def capture_full_run(model, inputs: dict[str, Any]) -> FullRun:
     def grab_output(module, args, output):
         outputs.append(output[0] if isinstance(output, tuple) else output)
 
+    def grab_mid(i):
+        def hook(module, args):
+            mids[i] = args[0]
+
+        return hook
+
     hooks = [lm.register_forward_pre_hook(grab_inputs, with_kwargs=True)]
-    hooks += [layer.register_forward_hook(grab_output) for layer in adapter.decoder_layers(model)]
+    hooks += [layer.register_forward_hook(grab_output) for layer in layers]
+    hooks += [layers[i].post_attention_layernorm.register_forward_pre_hook(grab_mid(i)) for i in set(mid_layers)]
     try:
         with torch.no_grad():
-            logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+            out = model(**inputs, use_cache=frozen, logits_to_keep=1)
     finally:
         for h in hooks:
             h.remove()
-    return FullRun(dict(captured), outputs, logits)
+    captured.pop("cache", None)
+    logits = out.logits[:, -1]
+    n = inputs["input_ids"].shape[1]
+    mids = {i: m for i, m in mids.items() if m.shape[1] == n}  # whole-sequence residuals only
+    tokens = None
+    if frozen:
+        from ..executor import FrozenTokens
+
+        mask = system_mask(model, inputs["input_ids"], inputs.get("attention_mask"))
+        if bool(mask.any()):
+            tokens = FrozenTokens.from_mask(mask, [(c.keys, c.values) for c in out.cache.layers])
+    return FullRun(dict(captured), outputs, logits, mids, tokens)
 
 
-def curve_policies(num_layers: int, depths: Sequence[int], visual: Sequence[int]) -> dict[str, list[DOPPolicy]]:
-    """The 3I policies of the individual curves: each parameter varied with the others at full."""
+def curve_policies(num_layers: int, depths: Sequence[int], visual: Sequence[int],
+                   system: bool = False) -> dict[str, list[DOPPolicy]]:
+    """The 3I policies of the individual curves: each parameter varied with the others at full; with
+    `system`, also the system-token depths (Eq. 14) with everything else at full."""
     L = num_layers
-    return {
+    out = {
         "D_A": [DOPPolicy(d, L, None) for d in depths],
         "D_P": [DOPPolicy(L, d, None) for d in depths],
         "D_v": [DOPPolicy(L, L, n) for n in visual],
     }
+    if system:
+        out["D_A_sys"] = [DOPPolicy(L, L, None, d, L) for d in depths]
+        out["D_P_sys"] = [DOPPolicy(L, L, None, L, d) for d in depths]
+    return out
 
 
 IMAGE_SIDE_REDUCERS = ("resize",)  # reduce before the processor (DOP_R): D_v runs the model on resized inputs
 
 
-def _profile_curves(model, inputs, depths, visual, reducer, counter, base_logits, run_variant, resized=None):
+def unpruned_prefix(policy: DOPPolicy, num_layers: int) -> int:
+    """Leading layers whose outputs, wherever a later layer reads them, equal the unpruned run's.
+
+    Per group (visual, system): up to its effective MLP depth, and through layer `d_A - 1` when that layer
+    is keys/values only and nothing before it is pruned (its pruned tokens' outputs are read by nobody).
+    A reduced visual set (`n_v`) changes every layer.
+    """
+    L = num_layers
+    if policy.n_v is not None:
+        return 0
+    eff = policy.effective(L)
+    groups = [(eff.d_A, eff.d_P)]
+    if eff.has_system_depths:
+        groups.append((eff.d_A_sys if eff.d_A_sys is not None else L, eff.d_P_sys if eff.d_P_sys is not None else L))
+    prefix = L
+    for d_A, d_P in groups:
+        shared = d_A if d_A < L and d_P >= d_A - 1 else d_P
+        prefix = min(prefix, d_A, shared)
+    return prefix
+
+
+def _mlp_only_depth(policy: DOPPolicy, num_layers: int) -> tuple[str, int] | None:
+    """("visual"|"system", d) when the policy prunes only one group's MLP from layer d on (a D_P curve point):
+    layer d's outputs are then known from the unpruned run (that group: its post-attention residual)."""
+    L = num_layers
+    vis_mlp = policy.n_v is None and policy.d_A >= L and policy.d_P < L
+    sys_a = policy.d_A_sys is None or policy.d_A_sys >= L
+    sys_p = policy.d_P_sys is None or policy.d_P_sys >= L
+    if vis_mlp and sys_a and sys_p:
+        return "visual", policy.d_P
+    if policy.n_v is None and policy.d_A >= L and policy.d_P >= L and sys_a and not sys_p:
+        return "system", policy.d_P_sys
+    return None
+
+
+def _profile_curves(model, inputs, policies, reducer, counter, base_logits, run_variant, resized=None):
     """Shared loop of both procedures: every curve policy, its divergence from `base_logits`, counted.
 
     `run_variant(handle, policy)` returns the variant's last-position logits under the installed policy.
@@ -121,15 +211,16 @@ def _profile_curves(model, inputs, depths, visual, reducer, counter, base_logits
     L = spec.num_layers
     B, n_tok = inputs["input_ids"].shape
     image_side = reducer in IMAGE_SIDE_REDUCERS
+    visual = [p.n_v for p in policies.get("D_v", [])]
     if image_side and (resized is None or any(n not in resized for n in visual)):
-        raise ValueError(f"reducer {reducer!r} reduces the image: give the inputs resized for every n_v in {list(visual)}")
+        raise ValueError(f"reducer {reducer!r} reduces the image: give the inputs resized for every n_v in {visual}")
     if counter is not None:  # the unpruned run
         counter.add(spec, [[(n_tok, n_tok)] * B] * L, n_tok)
     ref = TopKReference.from_logits(base_logits)
     result: dict[str, torch.Tensor] = {}
-    for curve, policies in curve_policies(L, depths, visual).items():
+    for curve, points in policies.items():
         values = []
-        for policy in policies:
+        for policy in points:
             if image_side and policy.n_v is not None:
                 small = resized[policy.n_v]
                 with torch.no_grad():
@@ -142,7 +233,7 @@ def _profile_curves(model, inputs, depths, visual, reducer, counter, base_logits
                     with torch.no_grad():
                         logits = run_variant(handle, policy)
                 if counter is not None:
-                    counter.add(spec, handle.last_sample_layer_tokens, n_tok)
+                    counter.add_work(spec, handle.last_sample_layer_work, n_tok)
             values.append(ref.kl_logits(logits).per_sample)
         result[curve] = torch.stack(values, dim=1)
     return result
@@ -156,32 +247,55 @@ def profile_batch(
     reducer: str | None,
     counter: ProfileCounter | None = None,
     resized: Mapping[int, dict[str, Any]] | None = None,
+    system: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample divergences of one batch at every sampling point, with prefix sharing.
+    """Per-sample divergences of one batch at every sampling point, computed with less work than the
+    paper's 3I+1 runs and the same numbers (tests: equal to `profile_naive`):
 
-    `resized` ({n_v: inputs}) is needed by image-side reducers (`resize`, DOP_R) only.
-    Returns {"D_A": (B, len(depths)), "D_P": (B, len(depths)), "D_v": (B, len(visual))} float64.
+    - prefix sharing: the layers before the pruning depth are replayed from the unpruned run
+      (`unpruned_prefix`), the keys/values-only layer `d_A - 1` included;
+    - at a `D_P` point `d`, layer `d` itself is replayed too: its other tokens' outputs are the unpruned
+      run's, and the pruned group's are the unpruned run's post-attention residual (no MLP);
+    - the last layer computes the last position only (`run_decoder(last_position_only=True)`);
+    - the tokens before the first image are the same in every variant that does not prune them (causal
+      attention): their keys/values are taken from the unpruned run's cache and never recomputed
+      (`FrozenTokens`).
+
+    `resized` ({n_v: inputs}) is needed by image-side reducers (`resize`, DOP_R) only; `system` adds the
+    Eq. 14 system-token curves. Returns {"D_A": (B, len(depths)), "D_P": (B, len(depths)),
+    "D_v": (B, len(visual)) [, "D_A_sys", "D_P_sys"]} float64.
     """
-    full = capture_full_run(model, inputs)
+    L = ArchSpec.from_model(model).num_layers
+    policies = curve_policies(L, depths, visual, system)
+    full = capture_full_run(model, inputs, mid_layers=[d for d in depths if d < L], frozen=True)
     model_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     reducer_cache: dict[str, Any] = {}  # reducer scores shared by all n_v points of this batch
+    groups = {"visual": torch.isin(inputs["input_ids"], torch.tensor(
+        adapter_for(model).image_token_ids(model), device=inputs["input_ids"].device))}
+    if system:
+        groups["system"] = system_mask(model, inputs["input_ids"], inputs.get("attention_mask"))
 
     def variant(handle, policy: DOPPolicy) -> torch.Tensor:
-        L = len(full.layer_outputs)
-        eff = policy.effective(L)
-        # layers whose (read) outputs equal the unpruned run's; the keys/values-only layer d_A-1 is one of
-        # them when the MLP depth reaches it
-        shared = eff.d_A if eff.d_A < L and eff.d_P >= eff.d_A - 1 else eff.d_P
-        prefix = min(eff.d_A, shared) if policy.n_v is None else 0
+        prefix = unpruned_prefix(policy, L)
+        replay = {i: full.layer_outputs[i] for i in range(prefix)}
+        check = True
+        mlp_only = _mlp_only_depth(policy, L)
+        if mlp_only is not None and mlp_only[1] == prefix and prefix in full.mids:
+            group = groups[mlp_only[0]][..., None].to(full.mids[prefix].device)
+            replay[prefix] = torch.where(group, full.mids[prefix], full.layer_outputs[prefix])
+            check = False  # layer d is pruned: its outputs are known, not unpruned
         return handle.run_decoder(
             full.decoder_kwargs,
             inputs["input_ids"],
-            replay={i: full.layer_outputs[i] for i in range(prefix)},
+            replay=replay,
             model_inputs=model_inputs,
             reducer_cache=reducer_cache,
+            check_replay=check,
+            frozen=None if policy.has_system_depths else full.frozen,
+            last_position_only=True,
         )
 
-    return _profile_curves(model, inputs, depths, visual, reducer, counter, full.logits, variant, resized)
+    return _profile_curves(model, inputs, policies, reducer, counter, full.logits, variant, resized)
 
 
 def profile_naive(
@@ -192,12 +306,14 @@ def profile_naive(
     reducer: str | None,
     counter: ProfileCounter | None = None,
     resized: Mapping[int, dict[str, Any]] | None = None,
+    system: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The paper's procedure: 3I+1 independent full forwards (vision tower included), no sharing."""
     with torch.no_grad():
         base = model(**inputs, use_cache=False).logits[:, -1]
+    L = ArchSpec.from_model(model).num_layers
     return _profile_curves(
-        model, inputs, depths, visual, reducer, counter, base,
+        model, inputs, curve_policies(L, depths, visual, system), reducer, counter, base,
         lambda handle, policy: model(**inputs, use_cache=False).logits[:, -1], resized,
     )
 
@@ -206,7 +322,7 @@ SAMPLES_PATTERN = "samples.rank*.jsonl"
 
 # Bump when the profiling procedure changes what a record holds; divergence.py's source is hashed as well
 # (search/divergence.py: the KL of Eq. 10), so editing it invalidates cached samples automatically.
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3  # 3: last position only, frozen pre-image tokens, D_P layer replay (same values)
 
 
 def code_version(*modules) -> str:
@@ -313,6 +429,7 @@ class ProfileRun(RankFiles):
         rank, world_size: this process's shard (torchrun: each rank profiles samples i % world == rank).
         sample_keys: {sample id: fingerprint of what determines it besides the points and reducer}
             (search/run.py: model, weights, dataset row, model inputs); None keys by id alone.
+        system: also profile the system-token curves D_A_sys, D_P_sys (Eq. 14) at `depths`.
     """
 
     out_dir: Path
@@ -323,10 +440,15 @@ class ProfileRun(RankFiles):
     world_size: int = 1
     counter: ProfileCounter = field(default_factory=ProfileCounter)
     sample_keys: Mapping[str, str] | None = None
+    system: bool = False
 
     def settings(self) -> Any:
         return {"objective": "kl", "depths": list(self.depths), "visual": list(self.visual),
-                "reducer": self.reducer, "code": code_version()}
+                "reducer": self.reducer, "code": code_version(), "system": self.system}
+
+    @property
+    def curves(self) -> tuple[str, ...]:
+        return CURVES + (SYSTEM_CURVES if self.system else ())
 
     def run(self, model, batches: Iterable[tuple[list[str], dict[str, Any]]], total: int | None = None) -> int:
         """Profile every batch `(sample_ids, inputs)` of this rank's shard not yet done; returns samples added.
@@ -338,12 +460,12 @@ class ProfileRun(RankFiles):
             if all(i in done for i in ids):
                 continue
             out = profile_batch(model, inputs, self.depths, self.visual, self.reducer, self.counter,
-                                resized[0] if resized else None)
+                                resized[0] if resized else None, system=self.system)
             for b, sid in enumerate(ids):
                 if sid in done:
                     continue
                 # one whole line per finished sample: it survives an interruption
-                self.write_record({"id": sid, **{c: [float(v) for v in out[c][b].tolist()] for c in CURVES}})
+                self.write_record({"id": sid, **{c: [float(v) for v in out[c][b].tolist()] for c in self.curves}})
                 added += 1
         return added
 
@@ -372,11 +494,12 @@ def merge_samples(out_dir: Path, pattern: str = SAMPLES_PATTERN,
     if not records:
         raise FileNotFoundError(f"no profiled samples under {out_dir}")
     ids = sorted(records)
+    curves = [c for c in CURVES + SYSTEM_CURVES if all(c in records[i] for i in ids)]
     means = {}
-    for c in CURVES:
+    for c in curves:
         t = torch.tensor([records[i][c] for i in ids], dtype=torch.float64)
         means[c] = [float(v) for v in t.mean(0).tolist()]
-    return {"ids": ids, "per_sample": {c: [records[i][c] for i in ids] for c in CURVES}, "mean": means}
+    return {"ids": ids, "per_sample": {c: [records[i][c] for i in ids] for c in curves}, "mean": means}
 
 
 def build_profile(
@@ -393,18 +516,22 @@ def build_profile(
     pattern: str = SAMPLES_PATTERN,
     objective: str = "kl",
     expected: Mapping[str, str] | None = None,
+    meta: Mapping[str, Any] | None = None,
 ):
     """Merge the per-sample results under `out_dir` (files `pattern`; `expected` as in `merge_samples`) into
-    a `DivergenceProfile` (curves.py) of `objective` ("kl", or "acc_drop" for accuracy.py's drops)."""
+    a `DivergenceProfile` (curves.py) of `objective` ("kl", or "acc_drop" for accuracy.py's drops); system
+    curves (D_A_sys, D_P_sys at `depths`) where every record has them. `meta` goes into the profile."""
     from .curves import profile_from_measurements
 
     merged = merge_samples(out_dir, pattern, expected)
-    points = {"D_A": list(depths), "D_P": list(depths), "D_v": list(visual)}
-    means = {c: dict(zip(points[c], merged["mean"][c])) for c in CURVES}
+    curves = list(merged["mean"])
+    points = {"D_A": list(depths), "D_P": list(depths), "D_v": list(visual),
+              "D_A_sys": list(depths), "D_P_sys": list(depths)}
+    means = {c: dict(zip(points[c], merged["mean"][c])) for c in curves}
     per_sample = {
-        c: {p: [row[j] for row in merged["per_sample"][c]] for j, p in enumerate(points[c])} for c in CURVES
+        c: {p: [row[j] for row in merged["per_sample"][c]] for j, p in enumerate(points[c])} for c in curves
     }
     return profile_from_measurements(
         model=model, reducer=reducer, dataset=dataset, n_samples=len(merged["ids"]), seed=seed,
-        L=num_layers, N_v=num_visual, per_sample=per_sample, objective=objective, **means,
+        L=num_layers, N_v=num_visual, per_sample=per_sample, objective=objective, meta=dict(meta or {}), **means,
     )
