@@ -137,6 +137,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
             alpha=args.alpha, text_tokens=args.text_tokens, depths=args.depths, visual=args.visual,
             device=device, batch_size=args.batch_size, recompute=args.recompute, objective=args.objective,
             max_new_tokens=args.max_new_tokens, install=args.install, overwrite=args.overwrite,
+            system=args.system_tokens, joint_grid=args.joint_grid, grid_additive=args.grid_additive,
+            spearman=args.spearman,
         )
     finally:
         if created:
@@ -153,21 +155,39 @@ def _cmd_search(args: argparse.Namespace) -> int:
     stale = summary.get("recomputed_stale", 0)
     redo = f", {stale} of them recomputed: computed before with other settings or data" if stale else ""
     print(f"profiled {summary['samples']} samples of {summary['dataset']} ({summary['newly_profiled']} new{redo}){work}")
+    joint = summary.get("joint")
+    if joint:
+        print(f"joint divergences of {joint['policies']} policies per sample ({joint['newly_computed']} new values, "
+              f"{joint['layer_forwards']} decoder-layer forwards, {joint['layer_equivalents']} layer-equivalents)")
     _print_policies(summary)
-    print(f"outputs: {summary['dir']} (profile.json, profile.png, policies.yaml, search.json)")
+    if summary.get("spearman"):
+        sp = summary["spearman"]
+        print(f"  Spearman rho(D_sum, D) over {sp['n']} combinations: {sp['rho']:.4f} (p = {sp['pvalue']:.3g})")
+    tail = "" if summary.get("search") in (None, "additive", "system") else f".{summary['search']}"
+    print(f"outputs: {summary['dir']} (profile.json, profile.png, policies{tail}.yaml, search{tail}.json)")
     _print_installed(summary)
     return _install_status(args, summary)
 
 
 def _print_policies(summary: dict) -> None:
-    what = "divergence" if summary["objective"] == "kl" else "accuracy drop"
+    what = "predicted divergence" if summary["objective"] == "kl" else "predicted accuracy drop"
     for budget, r in summary["results"].items():
         if "error" in r:
             print(f"  budget {budget}: {r['error']}")
         else:
-            p = r["policy"]
-            print(f"  budget {budget}: policy ({p['d_A']}, {p['d_P']}, {p['n_v']})  predicted {what} "
-                  f"{r['objective']:.4g}  TFLOPs {100 * r['paper_ratio']:.2f} %")
+            p = DOPPolicy.from_dict(r["policy"])
+            kind = {"joint divergence": "measured joint divergence", "D_sum": "D_sum"}.get(r.get("objective_kind"), what)
+            grid = f" (best of {r['n_evaluated']} grid policies)" if "n_evaluated" in r else ""
+            print(f"  budget {budget}: policy {_tuple(p)}  {kind} {r['objective']:.4g}  TFLOPs "
+                  f"{100 * r['paper_ratio']:.2f} %{grid}")
+            if "grid_additive" in r:
+                g = r["grid_additive"]
+                print(f"    additive on the grid: {_tuple(DOPPolicy.from_dict(g['policy']))}  D_sum {g['objective']:.4g}"
+                      f"  measured joint divergence {g['joint_divergence']:.4g}")
+
+
+def _tuple(p: DOPPolicy) -> str:
+    return "(" + ", ".join(str(v) for v in ([p.d_A, p.d_P, p.n_v] + ([p.d_A_sys, p.d_P_sys] if p.has_system_depths else []))) + ")"
 
 
 def _print_installed(summary: dict) -> None:
@@ -187,7 +207,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     from .search.run import solve_profile
 
     summary = solve_profile(args.profile, args.model, args.budget, alpha=args.alpha, text_tokens=args.text_tokens,
-                            reducer=args.reducer, install=args.install, overwrite=args.overwrite)
+                            reducer=args.reducer, install=args.install, overwrite=args.overwrite,
+                            system=args.system_tokens)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return _install_status(args, summary)
@@ -255,6 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="profile every sample again (default: finished samples in the output dir are reused)")
     p.add_argument("--device", default=None,
                    help="default: cuda if available (under torchrun: cuda:LOCAL_RANK), else cpu")
+    p.add_argument("--system-tokens", type=int, nargs="?", const=0, default=None, metavar="N",
+                   help="Eq. 14 (App. F.6): also profile the system-token curves and prune the tokens before the image; "
+                        "N: their count in the FLOPs model (default: measured from the prompts); run dir suffix -system")
+    p.add_argument("--joint-grid", action="store_true",
+                   help="App. F.3 / Table 22: measure the joint divergence of every budget-feasible policy of the F.3 grid "
+                        "(prefix sharing, batching, resume, torchrun) and take the best; --install installs it")
+    p.add_argument("--grid-additive", action="store_true",
+                   help="Table 22's other row: Eq. 7 restricted to the F.3 grid (no joint runs)")
+    p.add_argument("--spearman", type=int, default=None, metavar="K",
+                   help="App. E.1 / Table 7: joint divergences of K combinations of the sampling points (216 = all of "
+                        "Table 6's) and Spearman's rho with the additive D_sum")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_search)
 
@@ -268,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=None, help="non-visual tokens for the FLOPs model (default: models.yaml)")
     p.add_argument("--install", metavar="TAG", default=None, help="as for search: entries {model}_{method}{budget}_TAG")
     p.add_argument("--overwrite", action="store_true", help="with --install: replace a different installed policy")
+    p.add_argument("--system-tokens", type=int, nargs="?", const=0, default=None, metavar="N",
+                   help="Eq. 14 with the profile's system-token curves (search --system-tokens); N: their count "
+                        "(default: the one the profile recorded)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_solve)
 

@@ -35,12 +35,20 @@ class SearchSetup:
     depths: list[int]
     visual: list[int]
     budgets: list[float]
+    grid: tuple[list[int], list[int]] | None = None  # the F.3 grid (depths, n_v values); None: extensions.f3_grid
 
 
 def _scaled_points(L: int, n_v: int) -> tuple[list[int], list[int]]:
     depths = sorted({round(d * L / _REF_L) for d in _REF_DEPTHS}, reverse=True)
     visual = sorted({max(1, round(n * n_v / _REF_NV)) for n in _REF_VISUAL}, reverse=True)
     return [d for d in depths if d < L], [n for n in visual if n < n_v]
+
+
+def _scaled_grid(L: int, n_v: int) -> tuple[list[int], list[int]]:
+    """F.3's grid steps (2 layers of 32, 16 tokens of 576) scaled to a model outside models.yaml."""
+    from .extensions import f3_grid
+
+    return f3_grid(L, n_v, depth_step=max(1, round(2 * L / _REF_L)), n_step=max(1, round(16 * n_v / _REF_NV)))
 
 
 @dataclass
@@ -165,11 +173,13 @@ def sample_keys(val: ValidationSet, items: Sequence) -> dict[str, str]:
 
 def check_search_args(entry: str, reducer: str, budgets, samples: int, out_dir, *, alpha=None, text_tokens=None,
                       depths=None, visual=None, device=None, batch_size: int = 1, objective: str = "kl",
-                      max_new_tokens=None, install=None, config_dir=None) -> None:
+                      max_new_tokens=None, install=None, config_dir=None, system=None, joint_grid: bool = False,
+                      grid_additive: bool = False, spearman=None) -> None:
     """Every argument of `run_search` checked before any model loads or anything is written (UsageError)."""
     from ..checks import (UsageError, check_alpha, check_budgets, check_device, check_min, check_out_dir,
                           check_reducer)
     from ..registry import get_entry
+    from .profile import IMAGE_SIDE_REDUCERS
 
     e = get_entry(entry)
     if e.policy is not None or e.baseline is not None:
@@ -177,6 +187,21 @@ def check_search_args(entry: str, reducer: str, budgets, samples: int, out_dir, 
     check_reducer(reducer)
     if objective not in OBJECTIVES:
         raise UsageError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    modes = [f for f, on in (("--system-tokens", system is not None), ("--joint-grid", joint_grid),
+                              ("--grid-additive", grid_additive)) if on]
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)} are different searches; give one of them")
+    if system is not None and spearman is not None:
+        raise UsageError("--spearman compares visual-token policies; it does not combine with --system-tokens")
+    extra = modes + (["--spearman"] if spearman is not None else [])
+    if extra and objective != "kl":
+        raise UsageError(f"{extra[0]} works on KL divergences (Eq. 10); drop --objective {objective}")
+    runs = [f for f in extra if f in ("--joint-grid", "--spearman")]
+    if runs and reducer in IMAGE_SIDE_REDUCERS:
+        raise UsageError(f"{runs[0]} runs pruned policies on the model's own visual tokens; --reducer {reducer} "
+                         "reduces the image before the processor (use a token reducer such as cdpruner)")
+    check_min(spearman, "--spearman", 2, " (combinations of the sampling points)")
+    check_min(system if system != SYSTEM_FROM_PROMPTS else None, "--system-tokens", 1, " (tokens before the image)")
     check_budgets(budgets)
     check_alpha(alpha)
     check_min(text_tokens, "--text-tokens", 0)
@@ -306,9 +331,27 @@ def run_search(
     install: str | None = None,
     overwrite: bool = False,
     config_dir: Path | None = None,
+    system: int | None = None,
+    joint_grid: bool = False,
+    grid_additive: bool = False,
+    spearman: int | None = None,
 ) -> dict[str, Any] | None:
     """Profile `samples` random rows (seed) of dataset `data` on the unpruned model of `entry`, then solve
     Eq. 7 for each budget. Returns the summary that is also written to `search.json`.
+
+    Search variants (one at a time; the profile is shared where the settings allow):
+
+    - `system`: Eq. 14 (App. F.6): also profile the system-token curves and prune the tokens before the image
+      (`SYSTEM_FROM_PROMPTS`: as many as the prompts have, else this count for the FLOPs model); run dir
+      suffix `-system`, outputs as for Eq. 7.
+    - `joint_grid`: App. F.3: the joint divergence of every budget-feasible policy of the F.3 grid
+      (`extensions.f3_grid`) measured on the same samples (search/joint.py: prefix sharing, batched,
+      resumable, sharded under torchrun), the best per budget is the result (`search.joint_grid.json`,
+      `policies.joint_grid.yaml`); the grid-restricted additive optimum and Eq. 7's are reported beside it.
+    - `grid_additive`: Table 22's other row, Eq. 7 restricted to the same grid (no joint runs).
+    - `spearman=K`: App. E.1 / Table 7: joint divergences of K combinations of the sampling points (all
+      `|S_d|^2 |S_v|` = 216 for the paper's points when K covers them, else K drawn with `seed`) and the
+      Spearman correlation with D_sum (`summary["spearman"]`).
 
     Samples are batched `batch_size` at a time where their image tensors allow (search/batching.py).
     Under `torchrun` (an initialised process group) every rank profiles its slice of the samples into its
@@ -324,6 +367,8 @@ def run_search(
     `llava15_7b_dopcd28_TAG` for `run.py --model`). A different policy already installed there for the same
     model and budget is kept (an error) unless `overwrite`.
     """
+    import time
+
     import torch
 
     from .batching import batched, num_batches
@@ -333,20 +378,22 @@ def run_search(
 
     check_search_args(entry, reducer, budgets, samples, out_dir, alpha=alpha, text_tokens=text_tokens,
                       depths=depths, visual=visual, device=device, batch_size=batch_size, objective=objective,
-                      max_new_tokens=max_new_tokens, install=install, config_dir=config_dir)
+                      max_new_tokens=max_new_tokens, install=install, config_dir=config_dir, system=system,
+                      joint_grid=joint_grid, grid_additive=grid_additive, spearman=spearman)
     rank, world = distributed_rank()
     val = validation_items(entry, data, samples, seed, device)
     model, items = val.model, val.items
     setup = _setup(val.entry.model.name, model, items[0][1], alpha, text_tokens, depths, visual, budgets)
     if reducer not in IMAGE_SIDE_REDUCERS:
         _check_visual_points(val, setup.visual)
-    suffix = "" if objective == "kl" else f"-{objective}"
+    suffix = ("" if objective == "kl" else f"-{objective}") + ("-system" if system is not None else "")
     run_dir = Path(out_dir) / f"{val.entry.model.name}-{reducer}-{val.dataset_name}-{len(items)}-{seed}{suffix}"
     if reducer in IMAGE_SIDE_REDUCERS:  # D_v runs the model on images resized for each n_v (DOP_R)
         items = val.with_resized(setup.visual)
     keys = sample_keys(val, items)
     if objective == "kl":
-        run = ProfileRun(run_dir, setup.depths, setup.visual, reducer, rank=rank, world_size=world, sample_keys=keys)
+        run = ProfileRun(run_dir, setup.depths, setup.visual, reducer, rank=rank, world_size=world, sample_keys=keys,
+                         system=system is not None)
     else:
         from .accuracy import AccuracyProfileRun, sample_scorer
 
@@ -362,6 +409,7 @@ def run_search(
     _barrier(world)
     mine = list(run.shard(items))
     batches, total = batched(mine, batch_size, val.pad_token_id), num_batches(mine, batch_size)
+    started = time.perf_counter()
     if objective == "kl":
         added = run.run(model, batches, total=total)
     else:
@@ -369,9 +417,20 @@ def run_search(
         decode = lambda ids: [val.wrapper.decode(seq) for seq in ids]  # noqa: E731 - as generate_inner
         jobs = ((b[0], b[1], [rows[i] for i in b[0]], *b[2:]) for b in batches)  # + resized inputs if any
         added = run.run(model, decode, scorer, jobs, total=total)
+    profile_seconds = time.perf_counter() - started
+    joint_policies = _joint_policies(setup, joint_grid, spearman, seed)
+    joint_run = None
+    if joint_policies:
+        from .joint import JointRun
+
+        joint_run = JointRun(run_dir, reducer, rank=rank, world_size=world, sample_keys=keys)
+        joint_added = joint_run.run(model, batched(mine, batch_size, val.pad_token_id), joint_policies, total=total)
     counter = getattr(run, "counter", None)  # generation has no prefix sharing to count
+    jc = joint_run.counter if joint_run is not None else None
     counts = torch.tensor([counter.layer_forwards if counter else 0, counter.layer_equivalents if counter else 0,
-                           added, run.stale, run.torn], dtype=torch.float64)
+                           added, run.stale, run.torn, profile_seconds,
+                           jc.layer_forwards if jc else 0, jc.layer_equivalents if jc else 0,
+                           joint_added if jc else 0, joint_run.stale if jc else 0], dtype=torch.float64)
     if world > 1:
         import torch.distributed as dist
 
@@ -382,34 +441,152 @@ def run_search(
     if rank != 0:
         _barrier(world)
         return None
+    system_tokens = None
+    if system is not None:
+        system_tokens = _system_tokens(val) if system == SYSTEM_FROM_PROMPTS else system
     profile = build_profile(
         run_dir, model=setup.model_key, reducer=reducer, dataset=val.dataset_name, seed=seed,
         num_layers=setup.spec.num_layers, num_visual=setup.spec.visual_tokens,
         depths=setup.depths, visual=setup.visual, pattern=f"{run.FILE_PREFIX}.rank*.jsonl", objective=objective,
-        expected=run.expected_keys(keys),
+        expected=run.expected_keys(keys), meta={"system_tokens": system_tokens} if system_tokens else None,
     )
     from ..fileio import atomic_write_text
 
     atomic_write_text(run_dir / "profile.json", profile.to_json())  # never a half-written profile
+    mode = "joint_grid" if joint_grid else "grid_additive" if grid_additive else None
+    joint = None
+    if joint_policies:
+        from .joint import merge_joint
+
+        joint = merge_joint(run_dir, joint_policies, joint_run.expected_keys(keys))
+        atomic_write_text(run_dir / "joint.json", json.dumps(joint["mean"], indent=2, sort_keys=True) + "\n")
     results, policies = _solve_budgets(profile, setup.spec, setup.budgets, setup.text_tokens, setup.alpha,
-                                       setup.model_key)
+                                       setup.model_key, system_tokens=system_tokens)
+    if mode is not None:
+        results, policies = _grid_results(mode, profile, setup, results, joint)
+    tail = "" if mode is None else f".{mode}"
     for budget, policy in policies.items():
-        write_policy(run_dir / "policies.yaml", setup.model_key, budget, policy)
+        write_policy(run_dir / f"policies{tail}.yaml", setup.model_key, budget, policy)
     plot_profile(run_dir / "profile.json", run_dir / "profile.png", policies=policies)
     installed, not_installed = _install(install, reducer, setup.model_key, policies, results, overwrite, config_dir)
     summary = {
         "entry": entry, "dataset": val.dataset_name, "reducer": reducer, "samples": len(items),
         "seed": seed, "objective": objective, "newly_profiled": int(counts[2]), "depths": setup.depths,
-        "visual": setup.visual,
+        "visual": setup.visual, "search": mode or ("system" if system is not None else "additive"),
+        "system_tokens": system_tokens,
         "layer_forwards": int(counts[0]) if objective == "kl" else None,
         "layer_equivalents": round(float(counts[1]), 3) if objective == "kl" else None,
+        "profile_seconds": round(float(counts[5]) / world, 3),
         "batch_size": batch_size, "world_size": world, "results": results, "dir": str(run_dir),
         "installed": installed, "not_installed": not_installed,
-        "recomputed_stale": int(counts[3]), "dropped_incomplete": int(counts[4]),
+        "recomputed_stale": int(counts[3] + counts[9]), "dropped_incomplete": int(counts[4]),
     }
-    atomic_write_text(run_dir / "search.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if joint_policies:
+        summary["joint"] = {"policies": len(joint_policies), "newly_computed": int(counts[8]),
+                            "layer_forwards": int(counts[6]), "layer_equivalents": round(float(counts[7]), 3)}
+    if spearman is not None:
+        summary["spearman"] = _spearman_summary(profile, setup, spearman, seed, joint)
+    atomic_write_text(run_dir / f"search{tail}.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _barrier(world)
     return summary
+
+
+SYSTEM_FROM_PROMPTS = 0  # `system=`: prune as many system tokens as the prompts have before the image
+
+
+def _system_tokens(val: ValidationSet) -> int:
+    """Tokens before the first image of the drawn prompts (their mean, rounded): the system group's size
+    in the FLOPs model of Eq. 14."""
+    from ..checks import UsageError
+    from .profile import system_mask
+
+    counts = [int(system_mask(val.model, inputs["input_ids"], inputs.get("attention_mask")).sum())
+              for _, inputs in val.items]
+    if not any(counts):
+        raise UsageError("--system-tokens: the prompts have no token before the image; nothing to prune")
+    return max(1, round(sum(counts) / len(counts)))
+
+
+def _joint_policies(setup: SearchSetup, joint_grid: bool, spearman: int | None, seed: int) -> list:
+    """Effective policies whose joint divergences the search measures: the F.3 grid's feasible ones for
+    every budget and/or the Table 7 combinations. Deterministic (every torchrun rank computes the same)."""
+    from .extensions import grid_policies
+
+    out: dict = {}
+    if joint_grid:
+        for budget in setup.budgets:
+            grid = grid_policies(setup.spec, budget, text_tokens=setup.text_tokens, alpha=setup.alpha,
+                                 **_grid_kwargs(setup))
+            out.update(dict.fromkeys(grid.policies))
+    if spearman is not None:
+        L = setup.spec.num_layers
+        out.update(dict.fromkeys(p.effective(L) for p in _spearman_policies(setup, spearman, seed)))
+    return list(out)
+
+
+def _grid_kwargs(setup: SearchSetup) -> dict:
+    return {} if setup.grid is None else {"depths": setup.grid[0], "n_values": setup.grid[1]}
+
+
+def _spearman_policies(setup: SearchSetup, k: int, seed: int) -> list:
+    """Table 7's combinations S_d x S_d x S_v of the sampling points: all of them when k covers them (216
+    for the paper's six points each), else k drawn without replacement with `seed`."""
+    import random
+
+    from .extensions import table7_policies
+
+    combos = table7_policies(setup.depths, setup.visual)
+    if k >= len(combos):
+        return combos
+    return sorted(random.Random(seed).sample(combos, k), key=lambda p: (-p.d_A, -p.d_P, -p.n_v))
+
+
+def _spearman_summary(profile, setup: SearchSetup, k: int, seed: int, joint) -> dict:
+    """Spearman's rho of D_sum (the profile's measured individual divergences, literal policies as in E.1)
+    and the measured joint D over the combinations."""
+    from .extensions import spearman_additive_vs_joint
+    from .joint import policy_key
+
+    L = setup.spec.num_layers
+    pols = _spearman_policies(setup, k, seed)
+    joint_values = [joint["mean"][policy_key(p.effective(L))] for p in pols]
+    res = spearman_additive_vs_joint(profile.tables(), pols, joint_values)
+    return {"rho": res.rho, "pvalue": res.pvalue, "n": res.n, "requested": k}
+
+
+def _grid_results(mode: str, profile, setup: SearchSetup, additive: dict, joint) -> tuple[dict, dict]:
+    """Per budget, the F.3 grid search's result (`mode` joint_grid: least measured joint divergence;
+    grid_additive: least D_sum on the grid) with the other grid optimum and Eq. 7's beside it."""
+    from ..flops import BudgetError, full_flops, policy_flops
+    from .extensions import grid_additive_search, joint_grid_search
+    from .joint import policy_key
+
+    spec, T = setup.spec, setup.text_tokens
+    full = full_flops(spec, T)
+    results, policies = {}, {}
+
+    def describe(policy, objective, what):
+        return {"policy": policy.to_dict(), "objective": objective, "objective_kind": what,
+                "paper_ratio": policy_flops(spec, policy, T) / full,
+                "executed_ratio": policy_flops(spec, policy, T, executed=True) / full}
+
+    for budget in setup.budgets:
+        kw = dict(text_tokens=T, alpha=setup.alpha, **_grid_kwargs(setup))
+        try:
+            add = grid_additive_search(profile, spec, budget, **kw)
+            res = joint_grid_search(lambda p: joint["mean"][policy_key(p)], spec, budget, **kw) \
+                if mode == "joint_grid" else add
+        except BudgetError as exc:
+            results[str(budget)] = {"error": str(exc), "additive": additive[str(budget)]}
+            continue
+        main = describe(res.best, res.best_divergence, "joint divergence" if mode == "joint_grid" else "D_sum")
+        main.update(budget=budget, method=mode, n_feasible=res.n_feasible, n_evaluated=res.n_evaluated,
+                    n_e=res.n_e, n_min=res.n_min, additive=additive[str(budget)])
+        if mode == "joint_grid":
+            main["grid_additive"] = describe(add.best, add.best_divergence, "D_sum")
+            main["grid_additive"]["joint_divergence"] = joint["mean"][policy_key(add.best)]
+        results[str(budget)], policies[budget] = main, res.best
+    return results, policies
 
 
 def _check_visual_points(val: ValidationSet, visual: Sequence[int]) -> None:
@@ -424,14 +601,20 @@ def _check_visual_points(val: ValidationSet, visual: Sequence[int]) -> None:
                              "of the validation set; give smaller --visual values")
 
 
-def _solve_budgets(profile, spec, budgets, text_tokens, alpha, model) -> tuple[dict, dict]:
-    """Eq. 7 per budget: ({budget: result dict or {"error": why}}, {budget: policy} of the feasible ones)."""
+def _solve_budgets(profile, spec, budgets, text_tokens, alpha, model, system_tokens=None) -> tuple[dict, dict]:
+    """Eq. 7 per budget (Eq. 14 with `system_tokens`): ({budget: result dict or {"error": why}}, {budget:
+    policy} of the feasible ones)."""
+    from .extensions import optimize_with_system
     from .optimize import InfeasibleBudgetError, optimize
 
     results, policies = {}, {}
     for budget in budgets:
         try:
-            r = optimize(profile, spec, budget, text_tokens=text_tokens, alpha=alpha, model=model)
+            if system_tokens:
+                r = optimize_with_system(profile, spec, budget, text_tokens=text_tokens, system_tokens=system_tokens,
+                                         alpha=alpha, model=model)
+            else:
+                r = optimize(profile, spec, budget, text_tokens=text_tokens, alpha=alpha, model=model)
         except InfeasibleBudgetError as exc:
             results[str(budget)] = {"error": str(exc)}
             continue
@@ -451,6 +634,7 @@ def solve_profile(
     install: str | None = None,
     overwrite: bool = False,
     config_dir: Path | None = None,
+    system: int | None = None,
 ) -> dict[str, Any]:
     """Eq. 7 from a saved `profile.json` for paper model `model`, without running any model.
 
@@ -458,7 +642,9 @@ def solve_profile(
     Appendix C.5): e.g. LLaVA-1.5-7B's curves solved for LLaVA-1.5-13B (Table 5). `reducer` names the
     reduction the target's policies run with (default: the profile's; the paper transfers DOP_CD curves to
     DOP_R models, `reducer="resize"`). Budgets default to the model's labels; `install` as in `run_search`.
-    Every argument and the profile file are checked before anything is solved or written.
+    `system` (a profile of `search --system-tokens`): Eq. 14 with that many system tokens
+    (`SYSTEM_FROM_PROMPTS`: the count the profile recorded). Every argument and the profile file are
+    checked before anything is solved or written.
     """
     from ..checks import UsageError, check_alpha, check_budgets, check_min, check_reducer
     from ..models_config import load_models
@@ -476,17 +662,26 @@ def solve_profile(
     check_reducer(reducer)
     if install is not None:
         _check_install_target(install, reducer, config_dir)
+    if system is not None:
+        check_min(system or None, "--system-tokens", 1, " (tokens before the image)")
+        if profile.D_A_sys is None:
+            raise UsageError(f"--system-tokens: {profile_path} has no system-token curves; profile them with "
+                             "`vlmeval-dop search --system-tokens`")
+        system = system or profile.meta.get("system_tokens")
+        if not system:
+            raise UsageError(f"--system-tokens: {profile_path} does not record the system token count; give it")
     pm = papers[model]
     source = profile.model
     if source != model:
         profile = transfer_to_model(profile, model, reducer=reducer, config_dir=config_dir)
     results, policies = _solve_budgets(
         profile, pm.arch, budgets or sorted(pm.budgets, reverse=True),
-        text_tokens if text_tokens is not None else pm.text_tokens, alpha if alpha is not None else pm.alpha, model)
+        text_tokens if text_tokens is not None else pm.text_tokens, alpha if alpha is not None else pm.alpha, model,
+        system_tokens=system)
     installed, not_installed = _install(install, reducer, model, policies, results, overwrite, config_dir)
     return {"profile": str(profile_path), "model": model, "reducer": reducer, "objective": profile.objective,
             "transferred_from": source if source != model else None, "results": results, "installed": installed,
-            "not_installed": not_installed}
+            "not_installed": not_installed, "system_tokens": system}
 
 
 PROFILE_FIX = "rerun the `vlmeval-dop search` that wrote it (the same command resumes from its samples)"
@@ -537,5 +732,5 @@ def _setup(model_key, model, first_inputs, alpha, text_tokens, depths, visual, b
     n_text = int(first_inputs["input_ids"].shape[1]) - n_vis
     return SearchSetup(
         model_key, spec, text_tokens if text_tokens is not None else n_text, alpha if alpha is not None else 1.5,
-        depths or d_def, visual or v_def, budgets or [0.5],
+        depths or d_def, visual or v_def, budgets or [0.5], _scaled_grid(spec.num_layers, n_vis),
     )
