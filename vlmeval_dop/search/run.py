@@ -372,6 +372,7 @@ def run_search(
     import torch
 
     from .batching import batched, num_batches
+    from .extensions import f3_grid
     from .optimize import write_policy
     from .plot import plot_profile
     from .profile import IMAGE_SIDE_REDUCERS, ProfileRun, build_profile
@@ -473,7 +474,7 @@ def run_search(
         "entry": entry, "dataset": val.dataset_name, "reducer": reducer, "samples": len(items),
         "seed": seed, "objective": objective, "newly_profiled": int(counts[2]), "depths": setup.depths,
         "visual": setup.visual, "search": mode or ("system" if system is not None else "additive"),
-        "system_tokens": system_tokens,
+        "system_tokens": system_tokens, "text_tokens": setup.text_tokens, "alpha": setup.alpha,
         "layer_forwards": int(counts[0]) if objective == "kl" else None,
         "layer_equivalents": round(float(counts[1]), 3) if objective == "kl" else None,
         "profile_seconds": round(float(counts[5]) / world, 3),
@@ -481,6 +482,8 @@ def run_search(
         "installed": installed, "not_installed": not_installed,
         "recomputed_stale": int(counts[3] + counts[9]), "dropped_incomplete": int(counts[4]),
     }
+    if mode is not None:
+        summary["grid"] = _grid_kwargs(setup) or dict(zip(("depths", "n_values"), f3_grid(*_grid_shape(setup))))
     if joint_policies:
         summary["joint"] = {"policies": len(joint_policies), "newly_computed": int(counts[8]),
                             "layer_forwards": int(counts[6]), "layer_equivalents": round(float(counts[7]), 3)}
@@ -522,6 +525,10 @@ def _joint_policies(setup: SearchSetup, joint_grid: bool, spearman: int | None, 
         L = setup.spec.num_layers
         out.update(dict.fromkeys(p.effective(L) for p in _spearman_policies(setup, spearman, seed)))
     return list(out)
+
+
+def _grid_shape(setup: SearchSetup) -> tuple[int, int]:
+    return setup.spec.num_layers, setup.spec.visual_tokens
 
 
 def _grid_kwargs(setup: SearchSetup) -> dict:
