@@ -156,3 +156,34 @@ def test_solve_system_tokens_needs_system_curves(tmp_path, capsys):
     path = prof.save(tmp_path / "profile.json")
     assert main(["solve", "--profile", str(path), "--model", "llava15_7b", "--system-tokens"]) == 2
     assert "no system-token curves" in capsys.readouterr().err
+
+
+def test_joint_grid_under_torchrun_merges_the_ranks(tmp_path, lmu, capsys):
+    """Two CPU ranks (gloo) measure the joint divergences of their own samples; rank 0 merges: the same
+    grid optimum and Spearman rho as one process."""
+    import subprocess
+    import sys
+
+    from vlmeval_dop.cli import main
+
+    args = ["search", "--model", "tiny_llava15", "--data", "DOP_Demo", "--samples", "3", "--seed", "1",
+            "--budget", "0.6", "--device", "cpu", "--joint-grid", "--spearman", "20", "--json"]
+    assert main(args + ["--out-dir", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "vlmeval_dop.cli", *args, "--out-dir", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout)
+    run_dir = Path(two["dir"])
+    assert two["world_size"] == 2 and two["joint"]["policies"] == one["joint"]["policies"]
+    assert (run_dir / "joint.rank0.jsonl").exists() and (run_dir / "joint.rank1.jsonl").exists()
+    assert two["joint"]["layer_forwards"] == one["joint"]["layer_forwards"]
+    assert two["results"]["0.6"]["policy"] == one["results"]["0.6"]["policy"]
+    assert two["spearman"]["rho"] == pytest.approx(one["spearman"]["rho"], abs=1e-9)
+    a = json.loads((Path(one["dir"]) / "joint.json").read_text())
+    b = json.loads((run_dir / "joint.json").read_text())
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-6
