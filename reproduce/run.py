@@ -6,9 +6,14 @@
 A cell is (entry, benchmark). It counts as finished when VLMEvalKit's score file for it exists under
 `<work-dir>/<entry>/` (`<entry>_<dataset>_{acc,score}*`); finished cells are never recomputed and VLMEvalKit
 is always called with `--reuse`, so its own finished predictions are kept too. Cells of rows that need
-something this framework lacks (an unregistered reducer/baseline, a search ablation, a model family) are
-listed as blocked with the reason, never silently dropped. Non-accuracy tables (efficiency, search cost,
-...) are produced by other tools; the plan says which.
+something this framework lacks (data, weights, an unregistered reducer/baseline, a model family) are listed
+as blocked with the reason, never silently dropped. A search-ablation row (other validation data or sample
+count, transferred divergences, the F.3 grid searches, system tokens, five validation seeds, DOP on this
+project's CDPruner port for Qwen2.5-VL) is blocked until its policy is installed and says the
+`vlmeval-dop search|solve --install` command that installs it. Tables that print only a Rel. Avg. (5, 21)
+are planned over each row model's benchmarks, with the unpruned model's cells as the denominators.
+Non-accuracy tables (efficiency, search cost, Spearman, policies, ...) are produced by other commands: the
+plan lists them.
 
 A run ends with a failure summary: every cell that has no score file after its run.py call (run.py
 failed, or VLMEvalKit logged the benchmark as failed and went on), why (VLMEvalKit's recorded error for
@@ -32,16 +37,19 @@ from reproduce.tables import get_table, parse_row  # noqa: E402
 
 OTHER_TOOLS = {
     "efficiency": "reproduce/efficiency.py (GPU latency, peak memory, TFLOPs per attention implementation)",
-    "search_cost": "`vlmeval-dop search` (its search.json reports layer forwards; wall time on a GPU)",
+    "search_cost": "`vlmeval-dop search` (its search.json reports profile_seconds, layer forwards and layer-equivalents)",
     "search_setup": "data: eval_configs/models.yaml (sampling points)",
     "policy": "data: eval_configs/policies.yaml, or `vlmeval-dop search`",
-    "spearman": "vlmeval_dop.search.extensions.spearman_additive_vs_joint on a profile plus joint divergences",
+    "spearman": "`vlmeval-dop search --spearman 216` (search.json: spearman rho and p-value)",
 }
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One (row, benchmark) cell of an accuracy table and what stands in its way, if anything."""
+    """One (row, benchmark) cell of an accuracy table and what stands in its way, if anything.
+
+    `note`: how the entry relates to the row where it is not the paper's own setting (e.g. this project's
+    CDPruner port standing in for the authors' unreleased one, or a Rel. Avg. denominator)."""
 
     row: str
     entry: str
@@ -49,6 +57,7 @@ class Cell:
     dataset: str
     status: str  # "done", "todo" or "blocked"
     reason: str = ""
+    note: str = ""
 
 
 def benchmark_datasets() -> dict[str, str]:
@@ -74,34 +83,69 @@ def plan_table(number: int, work_dir: Path) -> list[Cell]:
     spec = get_table(number)
     if spec.kind == "depth_redundancy":
         return _plan_operation_table(spec, work_dir)
+    if spec.has_rel_avg and not spec.benchmarks:  # Tables 5, 21: each row over its model's benchmark set
+        return _plan_rel_avg_table(number, work_dir)
     if spec.kind != "accuracy" and not spec.benchmarks:
         raise ValueError(
-            f"table {number} ({spec.kind}) is not made of VLMEvalKit accuracy cells; "
-            f"it comes from {OTHER_TOOLS.get(spec.kind, 'a dedicated experiment: ' + spec.notes)}"
+            f"table {number} ({spec.kind}) is not made of VLMEvalKit accuracy cells; it comes from "
+            + "; ".join(tool_plan(number))
         )
     datasets = benchmark_datasets()
     cells = []
     for row in spec.rows:
-        ref = parse_row(row)
-        blocked = ""
-        if "swap" in ref.config:  # Tables 29-30: the row's statistic over SWAP_DRAWS seeded perturbations
-            cells += _plan_swap_row(row, ref, spec, work_dir, datasets)
-            continue
-        searched = searched_row(ref)
-        if searched is not None:  # a search ablation the CLI produces: its policies installed under a tag
-            entry, command = searched
-            blocked = "" if _unavailable(entry) == "" else f"install its policy first: {command}"
-            cells += [_cell(row, entry, bench, datasets[bench], blocked, work_dir) for bench in spec.benchmarks]
-            continue
-        if ref.config:
-            blocked = f"needs a search/evaluation ablation ({', '.join(f'{k}={v}' for k, v in ref.config.items())})"
-        else:
-            try:
-                reason = get_entry(ref.entry).unavailable_reason()
-                blocked = reason or ""
-            except EntryError:
-                blocked = f"no entry {ref.entry!r} in eval_configs/entries.yaml yet"
-        cells += [_cell(row, ref.entry, bench, datasets[bench], blocked, work_dir) for bench in spec.benchmarks]
+        cells += _plan_row(row, spec.benchmarks, datasets, work_dir)
+    return cells
+
+
+def _plan_row(row: str, benchmarks, datasets: dict[str, str], work_dir: Path) -> list[Cell]:
+    """The cells of one table row over `benchmarks`."""
+    from vlmeval_dop.registry import EntryError, get_entry
+
+    ref = parse_row(row)
+    if "swap" in ref.config:  # Tables 29-30: the row's statistic over SWAP_DRAWS seeded perturbations
+        return _plan_swap_row(row, ref, benchmarks, work_dir, datasets)
+    if "val_seeds" in ref.config:  # Table 23: statistics over searches on differently seeded validation sets
+        return _plan_seed_row(row, ref, benchmarks, work_dir, datasets)
+    if ref.config.get("impl") == "reproduced" and ref.method == "cdpruner":
+        # Table 19: the authors' unreleased CDPruner port; this project's own port is the stand-in
+        reason = _unavailable(ref.entry)
+        return [_cell(row, ref.entry, b, datasets[b], reason, work_dir, IMPL_NOTE) for b in benchmarks]
+    searched = searched_row(ref)
+    if searched is not None:  # a search ablation the CLI produces: its policies installed under a tag
+        entry, command = searched
+        blocked = "" if _unavailable(entry) == "" else f"install its policy first: {command}"
+        note = IMPL_NOTE if "impl" in ref.config else ""
+        return [_cell(row, entry, bench, datasets[bench], blocked, work_dir, note) for bench in benchmarks]
+    if ref.config:
+        blocked = f"needs a search/evaluation ablation ({', '.join(f'{k}={v}' for k, v in ref.config.items())})"
+    else:
+        try:
+            blocked = get_entry(ref.entry).unavailable_reason() or ""
+        except EntryError:
+            blocked = f"no entry {ref.entry!r} in eval_configs/entries.yaml yet"
+    return [_cell(row, ref.entry, bench, datasets[bench], blocked, work_dir) for bench in benchmarks]
+
+
+IMPL_NOTE = ("this project's CDPruner port on Qwen2.5-VL (vlmeval_dop/reducers/cdpruner.py), standing in for the "
+             "paper authors' unreleased reproduction")
+
+
+def _plan_rel_avg_table(number: int, work_dir: Path) -> list[Cell]:
+    """Tables 5 and 21 print only a Rel. Avg.: every row over its model's benchmark set (`rel_avg_benchmarks`),
+    then the unpruned model of each row over the same set, the denominators (noted as such)."""
+    from reproduce.tables import rel_avg_benchmarks
+
+    spec = get_table(number)
+    datasets = benchmark_datasets()
+    cells: list[Cell] = []
+    bases: dict[str, tuple[str, ...]] = {}
+    for row in spec.rows:
+        benchmarks = rel_avg_benchmarks(number, row)
+        cells += _plan_row(row, benchmarks, datasets, work_dir)
+        bases.setdefault(parse_row(row).model, benchmarks)
+    for model, benchmarks in bases.items():
+        reason = _unavailable(model)
+        cells += [_cell(model, model, b, datasets[b], reason, work_dir, "Rel. Avg. denominator") for b in benchmarks]
     return cells
 
 
@@ -110,50 +154,78 @@ def plan_table(number: int, work_dir: Path) -> list[Cell]:
 ABLATION_DATA = {"TextVQA": "TextVQA_TRAIN", "VQAv2": "VQAv2_VAL", "SEED": "<a SEED-Bench TSV disjoint from SEEDBench_IMG>"}
 
 
-def searched_row(ref) -> tuple[str, str] | None:
-    """(entry, command) for a search-ablation row that `vlmeval-dop search|solve --install` produces: the
-    row's entry with a tag for its configuration (`llava15_7b_dopcd28[samples=25]` ->
-    `llava15_7b_dopcd28_samples25`). None for rows these commands do not cover (grid searches of F.3,
-    system-token groups, statistics over several validation sets) and for plain rows."""
+# The DOP methods' reductions (entries.yaml `methods`), for searched rows whose entry is not a paper entry
+METHOD_REDUCERS = {"dopcd": "cdpruner", "dopv": "vispruner", "dopr": "resize"}
+SEARCH_KEYS = {"val", "samples", "objective", "transfer_from", "search", "groups", "impl", "val_seeds"}
+# Table 22's rows (App. F.3): the search flag and the tag each one installs under
+GRID_SEARCHES = {"grid_joint": " --joint-grid", "grid_additive": " --grid-additive"}
+SEED_DRAWS = 5  # Table 23 (App. F.4): five validation sets; the paper's seeds are not published, ours are 0-4
+
+
+def _row_reducer(ref) -> str | None:
     from vlmeval_dop.registry import EntryError, get_entry
 
-    cfg = dict(ref.config)
-    if not cfg or set(cfg) - {"val", "samples", "objective", "transfer_from"} or ref.budget is None:
-        return None
     try:
-        reducer = get_entry(ref.entry).reducer
+        return get_entry(ref.entry).reducer
     except EntryError:
+        return METHOD_REDUCERS.get(ref.method)
+
+
+def searched_row(ref, seed: int = 42) -> tuple[str, str] | None:
+    """(entry, command) for a search-ablation row that `vlmeval-dop search|solve --install` produces: the
+    row's entry with a tag for its configuration (`llava15_7b_dopcd28[samples=25]` ->
+    `llava15_7b_dopcd28_samples25`, `[search=grid_joint]` -> `_grid_joint` by `search --joint-grid`,
+    `[groups=visual+system]` -> `_visual_system` by `search --system-tokens`, `qwen25vl_7b_dopcd26[impl=
+    reproduced]` -> `_cdpruner_port`: DOP on this project's CDPruner port; `seed` for Table 23's draws). None
+    for plain rows and rows these commands do not cover."""
+    cfg = dict(ref.config)
+    if not cfg or set(cfg) - SEARCH_KEYS or ref.budget is None or ref.method == "cdpruner":
+        return None
+    if cfg.get("search") not in (None, *GRID_SEARCHES) or cfg.get("groups") not in (None, "visual+system"):
+        return None
+    reducer = _row_reducer(ref)
+    if reducer is None:
         return None
     data = ABLATION_DATA.get(cfg.get("val", "TextVQA"), cfg.get("val"))
     samples = int(cfg.get("samples", 100))
-    parts = []
+    parts, flags = [], ""
     if "val" in cfg:
         parts.append(f"val_{cfg['val'].lower()}")
     if "samples" in cfg:
         parts.append(f"samples{samples}")
     if cfg.get("objective") == "accuracy_drop":
         parts.append("acc_drop")
+        flags += " --objective acc_drop"
     if "transfer_from" in cfg:
         parts.append(f"transfer_{cfg['transfer_from']}")
+    if "search" in cfg:
+        parts.append(cfg["search"])
+        flags += GRID_SEARCHES[cfg["search"]]
+    if "groups" in cfg:
+        parts.append("visual_system")
+        flags += " --system-tokens"
+    if "impl" in cfg:
+        parts.append("cdpruner_port")
+    if "val_seeds" in cfg:
+        parts.append(f"seed{seed}")
     tag = "_".join(parts)
-    objective = " --objective acc_drop" if cfg.get("objective") == "accuracy_drop" else ""
     source = cfg.get("transfer_from", ref.model)
     src_reducer = "cdpruner" if reducer == "resize" and "transfer_from" in cfg else reducer  # the paper's Table 5
     search = (f"vlmeval-dop search --model {source} --reducer {src_reducer} --data {data} --samples {samples} "
-              f"--seed 42{objective}")
+              f"--seed {seed}{flags}")
     if "transfer_from" in cfg:
-        command = (f"{search}; vlmeval-dop solve --profile profiles/{source}-{src_reducer}-{data}-{samples}-42/"
+        command = (f"{search}; vlmeval-dop solve --profile profiles/{source}-{src_reducer}-{data}-{samples}-{seed}/"
                    f"profile.json --model {ref.model} --reducer {reducer} --budget {ref.budget} --install {tag}")
     else:
         command = f"{search} --budget {ref.budget} --install {tag}"
     return f"{ref.entry}_{tag}", command
 
 
-def _cell(row: str, entry: str, column: str, dataset: str, blocked: str, work_dir: Path) -> Cell:
+def _cell(row: str, entry: str, column: str, dataset: str, blocked: str, work_dir: Path, note: str = "") -> Cell:
     """One cell: blocked with the reason, else done / todo by VLMEvalKit's score file."""
     if blocked:
-        return Cell(row, entry, column, dataset, "blocked", blocked)
-    return Cell(row, entry, column, dataset, "done" if is_finished(work_dir, entry, dataset) else "todo")
+        return Cell(row, entry, column, dataset, "blocked", blocked, note)
+    return Cell(row, entry, column, dataset, "done" if is_finished(work_dir, entry, dataset) else "todo", "", note)
 
 
 def _unavailable(entry: str) -> str:
@@ -174,13 +246,24 @@ def swap_entry(entry: str, swap: str, seed: int) -> str:
     return f"{entry}__swap{swap.lower()}.s{seed}"
 
 
-def _plan_swap_row(row: str, ref, spec, work_dir: Path, datasets: dict[str, str]) -> list[Cell]:
+def _plan_swap_row(row: str, ref, benchmarks, work_dir: Path, datasets: dict[str, str]) -> list[Cell]:
     """One cell per benchmark and draw; the `best` and `mean` rows of a swap share the same runs."""
     cells = []
     for seed in range(SWAP_DRAWS):
         entry = swap_entry(ref.entry, ref.config["swap"], seed)
         reason = _unavailable(entry)
-        cells += [_cell(row, entry, bench, datasets[bench], reason, work_dir) for bench in spec.benchmarks]
+        cells += [_cell(row, entry, bench, datasets[bench], reason, work_dir) for bench in benchmarks]
+    return cells
+
+
+def _plan_seed_row(row: str, ref, benchmarks, work_dir: Path, datasets: dict[str, str]) -> list[Cell]:
+    """Table 23: one search per validation seed (0..SEED_DRAWS-1), each installed under `seed<s>`; one cell
+    per benchmark and seed (the table's mean and standard deviation are over the seeds)."""
+    cells = []
+    for seed in range(SEED_DRAWS):
+        entry, command = searched_row(ref, seed=seed)
+        blocked = "" if _unavailable(entry) == "" else f"install its policy first: {command}"
+        cells += [_cell(row, entry, bench, datasets[bench], blocked, work_dir) for bench in benchmarks]
     return cells
 
 
@@ -216,7 +299,55 @@ def format_plan(number: int, cells: list[Cell]) -> str:
         reasons[(c.row, c.reason)] = reasons.get((c.row, c.reason), 0) + 1
     for (row, reason), n in reasons.items():
         lines.append(f"  block {row} ({n} cells): {reason}")
+    notes = dict.fromkeys((c.row, c.entry, c.note) for c in cells if c.note)
+    for row, entry, note in notes:
+        lines.append(f"  note  {row} -> {entry}: {note}")
+    for line in OTHER_COLUMNS.get(number, ()):
+        lines.append(f"  make  {line}")
     return "\n".join(lines)
+
+
+# Columns of accuracy/ablation tables that are not benchmark cells, and where they come from
+OTHER_COLUMNS = {
+    21: ("cost_min: `profile_seconds` of each row's search (its search.json; minutes on your GPU, the paper's "
+         "are A100-80G)",),
+    22: ("d_A, d_P, n_v: the installed policies (search.joint_grid.json / search.grid_additive.json; "
+         "`vlmeval-dop list`)",),
+    23: ("*_std: mean and standard deviation over the five seeds' cells",),
+}
+
+
+def tool_plan(number: int) -> list[str]:
+    """The commands that produce a table that is not made of VLMEvalKit accuracy cells (one line each), or
+    what blocks it (data, a model family)."""
+    spec = get_table(number)
+    search = "vlmeval-dop search --data TextVQA_TRAIN --samples 100 --seed 42"
+    if spec.kind == "spearman":
+        return [f"{search.replace('search', f'search --model {m} --reducer cdpruner', 1)} --spearman 216 "
+                "(search.json: spearman rho, p-value)" for m in spec.rows]
+    if spec.kind == "search_cost":
+        return [f"{search.replace('search', f'search --model {m} --reducer {_paper_reducer(m)}', 1)} "
+                "(search.json: profile_seconds, on the GPU to compare)" for m in spec.rows]
+    if number == 20:  # policies searched on other validation tasks
+        lines = []
+        for val in ("TextVQA", "VQAv2", "SEED"):
+            data = ABLATION_DATA[val]
+            budgets = " ".join(f"--budget {b}" for b in spec.budgets)
+            cmd = (f"vlmeval-dop search --model llava15_7b --reducer cdpruner --data {data} --samples 100 --seed 42 "
+                   f"{budgets} (policies.yaml)")
+            lines.append(cmd if not data.startswith("<") else f"blocked for data: {cmd}")
+        return lines
+    if spec.kind == "policy":
+        return ["data: eval_configs/policies.yaml (the paper's policies), or `vlmeval-dop search --model M "
+                f"--reducer {'resize' if number == 16 else 'cdpruner'} --data TextVQA_TRAIN --samples 100 --seed 42` "
+                "for this framework's own"]
+    if spec.missing:
+        return [f"blocked: {m}" for m in spec.missing]
+    return [OTHER_TOOLS.get(spec.kind, spec.notes)]
+
+
+def _paper_reducer(model: str) -> str:
+    return "resize" if model.startswith(("qwen", "internvl")) else "cdpruner"
 
 
 def run_cells(cells: list[Cell], work_dir: Path, limit: int | None, gpus: int, extra: list[str]) -> int:
@@ -306,6 +437,11 @@ def _main(argv: list[str] | None = None) -> int:
     extra = [a for a in extra if a != "--"]
     try:
         _check_args(args)
+        spec = get_table(args.table)
+        if spec.kind != "accuracy" and not spec.benchmarks and not spec.has_rel_avg and args.dry_run:
+            lines = "\n".join(f"  make  {line}" for line in tool_plan(args.table))
+            print(f"table {args.table} ({spec.kind}): not VLMEvalKit accuracy cells; produced by:\n{lines}")
+            return 0
         cells = plan_table(args.table, args.work_dir)
     except ValueError as exc:
         print(f"reproduce/run.py: error: {exc}", file=sys.stderr)
