@@ -10,6 +10,8 @@ the reduced depth. Prints decoder-layer forwards, FLOP-weighted layer equivalent
     python benchmarks/search_cost.py --narrow --layers 32  # real depth and token counts, 64-wide layers:
                                                            # counts weighted by the 7B shapes, no timing
     python benchmarks/search_cost.py --device cuda --dtype bfloat16 --layers 32 --samples 100 --batch 8
+    python benchmarks/search_cost.py --narrow --layers 32 --samples 1 --batch 1 --joint-grid 0.28
+                                                           # + the joint runs of search --joint-grid (F.3 grid)
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ def main(argv=None) -> None:
     p.add_argument("--narrow", action="store_true",
                    help="64-wide decoder layers (fast at real depth): layer counts are exact, layer-equivalents are "
                         "weighted by the paper model's shapes, wall times are not meaningful")
+    p.add_argument("--joint-grid", type=float, default=None, metavar="BUDGET",
+                   help="also count the joint runs of `search --joint-grid` at this budget (the F.3 grid of the paper "
+                        "model at --layers depth) against one full forward per grid policy (analytic, executed FLOPs)")
     args = p.parse_args(argv)
 
     paper = get_model(args.model)
@@ -88,6 +93,8 @@ def main(argv=None) -> None:
     t_ours = time.perf_counter() - t0
     print(f"ours  (prefix sharing, vision once, batch {args.batch}, sdpa): {ours.layer_forwards} layer forwards, "
           f"{ours.layer_equivalents:.1f} layer-equivalents, {t_ours:.1f} s")
+    if args.joint_grid is not None:
+        joint_cost(args, paper, model, batch_of(1), weigh)
     if args.skip_naive:
         return
     model.set_attn_implementation("eager")
@@ -105,6 +112,27 @@ def main(argv=None) -> None:
     masked = naive.model_runs * args.layers  # an implementation that masks instead of skipping: every layer full
     print(f"vs a masking implementation of the naive procedure ({masked} full layer-equivalents): "
           f"{masked / ours.layer_equivalents:.2f}x")
+
+
+def joint_cost(args, paper, model, inputs, weigh) -> None:
+    """Layer-equivalents per sample of the joint runs of `--joint-grid` vs one full forward per policy."""
+    import dataclasses
+
+    from vlmeval_dop.flops import full_flops, layer_flops, policy_flops
+    from vlmeval_dop.search.extensions import grid_policies
+    from vlmeval_dop.search.joint import joint_batch
+
+    spec = dataclasses.replace(paper.arch, num_layers=args.layers, visual_tokens=args.visual_tokens)
+    grid = grid_policies(spec, args.joint_grid, text_tokens=args.text_tokens, alpha=paper.alpha)
+    counter, t0 = ProfileCounter(flops_spec=weigh), time.perf_counter()
+    joint_batch(model, inputs, list(grid.policies), "uniform", counter)
+    t = time.perf_counter() - t0
+    unit = layer_flops(spec, args.visual_tokens + args.text_tokens, args.visual_tokens + args.text_tokens)
+    plain = sum(policy_flops(spec, p, args.text_tokens, executed=True) for p in grid.policies) / unit
+    plain += full_flops(spec, args.text_tokens) / unit  # the unpruned reference run
+    print(f"joint grid at {args.joint_grid}: {len(grid.policies)} policies ({grid.n_feasible} grid points), "
+          f"{counter.layer_forwards} layer forwards, {counter.layer_equivalents:.1f} layer-equivalents, {t:.1f} s; "
+          f"one forward per policy (executor, executed FLOPs): {plain:.1f} ({plain / counter.layer_equivalents:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,19 @@ full). We compute the same numbers with much less work:
   decoder stack with the captured decoder inputs (`DOPHandle.run_decoder`);
 - prefix sharing: under `(d, L, N_v)` and `(L, d, N_v)` layers `0..d-1` compute exactly what the unpruned
   run computed, so their outputs are replayed from it and only layers `d..L-1` run (those on fewer tokens);
+- at a `D_P` point `d`, layer `d` is replayed as well (its pruned group's outputs are the unpruned run's
+  post-attention residual, the others' its outputs);
+- the last layer runs the last position only (the divergence reads the first token's logits);
+- the tokens before the first image have the same keys/values in every variant that does not prune them
+  (causal attention): taken once per sample from the unpruned run's cache, never recomputed;
 - reducer scores are shared across all `n_v` points of a sample through the reducer cache;
 - samples are batched (left padding) and sdpa is used when the model was loaded with it.
 
-`ProfileCounter` counts decoder-layer forwards and their FLOP-weighted equivalent (a layer on fewer tokens
-costs proportionally less), so the saving is a number. `profile_naive` is the paper's procedure (one full
-forward per point, vision included) and the independent reference the tests compare against.
+With `system=True` the Eq. 14 curves `D_A_sys`, `D_P_sys` (system-token depths at the same points) are
+profiled too. `ProfileCounter` counts decoder-layer forwards and their FLOP-weighted equivalent (a layer on
+fewer tokens, queries or keys costs proportionally less), so the saving is a number. `profile_naive` is the
+paper's procedure (one full forward per point, vision included) and the independent reference the tests
+compare against.
 
 Results are written per sample to `<out_dir>/samples.rank<r>.jsonl` as they finish; a rerun skips the
 samples already there (resume), and `merge_samples` averages them into the profile. Every record carries a
