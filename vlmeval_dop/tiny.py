@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 TINY_FAMILIES: tuple[str, ...] = ("llava15", "llavanext", "qwen25vl", "internvl3")
+# Families beyond the paper's six models (issue 15), built and loaded the same way. A separate tuple: tests
+# and tools parametrised over the paper families (TINY_FAMILIES) stay as they are; ALL_TINY_FAMILIES is both.
+TINY_NEW_FAMILIES: tuple[str, ...] = ("qwen2vl", "internvl35", "llavaov")
+ALL_TINY_FAMILIES: tuple[str, ...] = TINY_FAMILIES + TINY_NEW_FAMILIES
 
 # Bump when anything that changes the saved files changes: caches are keyed by it (<family>-v<VERSION>).
 TINY_VERSION = 1
@@ -51,9 +55,11 @@ TINY_VERSION = 1
 TINY_IMAGE_SIZE: tuple[int, int] = (224, 224)
 
 # Placeholder tokens (model.config.image_token_id) one default tiny_image() yields; asserted in tests.
-TINY_VISUAL_TOKENS: dict[str, int] = {"llava15": 64, "llavanext": 336, "qwen25vl": 64, "internvl3": 80}
+TINY_VISUAL_TOKENS: dict[str, int] = {"llava15": 64, "llavanext": 336, "qwen25vl": 64, "internvl3": 80,
+                                       "qwen2vl": 64, "internvl35": 80, "llavaov": 336}
 
-_SEEDS = {"llava15": 1501, "llavanext": 1601, "qwen25vl": 2507, "internvl3": 3008}
+_SEEDS = {"llava15": 1501, "llavanext": 1601, "qwen25vl": 2507, "internvl3": 3008, "qwen2vl": 2409,
+          "internvl35": 3508, "llavaov": 2408}
 _MARKER = "vlmeval_dop_tiny.json"  # written last: its presence means the directory is complete
 _REQUIRED_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
@@ -223,16 +229,31 @@ _INTERNVL_SPECIAL = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<
                      "<video>"]  # fmt: skip
 
 
-def _qwen_tokenizer(internvl: bool):
-    """Qwen2Tokenizer (byte-level BPE) with the Qwen2.5 added tokens (+ InternVL3's, named as in -hf)."""
+# Qwen3 appends these plain tokens after Qwen2.5's (151665..151668); InternVL3.5-hf's <img> ... follow them.
+_QWEN3_PLAIN = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
+# LLaVA-OneVision (llava-hf, Qwen2-7B-Instruct tokenizer): the three Qwen2 special tokens, then <image>=151646
+# and <video>=151647.
+_LLAVA_OV_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+
+def _qwen_tokenizer(internvl: bool, qwen3: bool = False, llava_ov: bool = False):
+    """Qwen2Tokenizer (byte-level BPE) with the Qwen2.5 added tokens (+ InternVL3's, named as in -hf).
+
+    `qwen3`: Qwen3's added tokens (InternVL3.5); `llava_ov`: LLaVA-OneVision's Qwen2 tokens instead.
+    """
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
     alphabet = [_bytes_to_unicode()[b] for b in range(256)]
     # "Ġ" is the byte-level space: " word" mid-sentence, bare "word" at a line start ("user\n", "What ...").
     merges = _learn_bpe(["Ġ" + w for w in _WORDS] + _WORDS, alphabet)
-    special = _QWEN_SPECIAL + (_INTERNVL_SPECIAL if internvl else [])
-    vocab = _vocab(alphabet, merges, [], _QWEN_SPECIAL + _QWEN_PLAIN + (_INTERNVL_SPECIAL if internvl else []))
+    if llava_ov:
+        special, plain = list(_LLAVA_OV_SPECIAL), []
+        vocab = _vocab(alphabet, merges, [], special)
+    else:
+        special = _QWEN_SPECIAL + (_INTERNVL_SPECIAL if internvl else [])
+        plain = _QWEN_PLAIN + (_QWEN3_PLAIN if qwen3 else [])
+        vocab = _vocab(alphabet, merges, [], _QWEN_SPECIAL + plain + (_INTERNVL_SPECIAL if internvl else []))
     kwargs: dict[str, Any] = {}
     if internvl:
         # InternVLProcessor reads these named tokens (tokenizer.start_image_token, ..._id) from the tokenizer.
@@ -245,7 +266,8 @@ def _qwen_tokenizer(internvl: bool):
         pad_token="<|endoftext|>", padding_side="left", **kwargs,
     )  # fmt: skip
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _QWEN_PLAIN])
+    if plain:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
     return tok
 
 
@@ -353,7 +375,9 @@ def _build_qwen25vl():
     return model, processor, gen
 
 
-def _build_internvl3():
+def _build_internvl3(qwen3: bool = False):
+    """InternVL3-8B-hf layout (Qwen2.5 decoder); `qwen3`: InternVL3.5-8B-HF's (Qwen3 decoder with per-head q/k
+    RMSNorm, no attention biases, Qwen3's added tokens before InternVL's)."""
     from transformers import (
         GotOcr2ImageProcessor,
         InternVLConfig,
@@ -362,7 +386,7 @@ def _build_internvl3():
         InternVLVideoProcessor,
     )
 
-    tok = _qwen_tokenizer(internvl=True)
+    tok = _qwen_tokenizer(internvl=True, qwen3=qwen3)
     im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
     downsample = 0.5
     image_seq_length = int((_TILE // _PATCH) ** 2 * downsample**2)  # 16 per tile (real: 256 per 448 px tile)
@@ -372,6 +396,8 @@ def _build_internvl3():
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, tie_word_embeddings=False, **_TEXT,
     )  # fmt: skip
+    if qwen3:  # Qwen3-8B's config: no biases, 40960 positions (q/k norms come with the model type)
+        text_config.update(model_type="qwen3", attention_bias=False, max_position_embeddings=40960)
     vision_config = dict(
         image_size=[_TILE, _TILE], patch_size=[_PATCH, _PATCH], num_hidden_layers=_VISION_LAYERS,
         hidden_act="gelu", norm_type="layer_norm", layer_norm_eps=1e-6, attention_bias=True, use_qk_norm=False,
@@ -394,9 +420,108 @@ def _build_internvl3():
     return model, processor, dict(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot)
 
 
+def _build_qwen2vl():
+    """Qwen2-VL-7B-Instruct layout: Qwen2 decoder with M-RoPE (as Qwen2.5-VL), Qwen2-VL's vision tower (no
+    window attention, LayerNorm blocks, quick_gelu MLP) and processor."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = _qwen_tokenizer(internvl=False)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
+    text_config = dict(
+        vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
+        # the real mrope_section [16, 24, 24] of head_dim 128 scaled to head_dim 16, as for Qwen2.5-VL
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+    vision_config = dict(
+        depth=_VISION_LAYERS, embed_dim=_VISION["hidden_size"], hidden_size=_TEXT["hidden_size"],
+        num_heads=_VISION["num_attention_heads"], mlp_ratio=_VISION["intermediate_size"] // _VISION["hidden_size"],
+        hidden_act="quick_gelu", patch_size=_PATCH, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.02,
+    )  # fmt: skip
+    config = Qwen2VLConfig(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Qwen2VLForConditionalGeneration(config)
+    size = {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
+    image_processor = Qwen2VLImageProcessor(size=size, patch_size=_PATCH, temporal_patch_size=2, merge_size=2)
+    video_processor = Qwen2VLVideoProcessor(size=size, patch_size=_PATCH, temporal_patch_size=2, merge_size=2)
+    # Qwen2-VL-Instruct's chat template renders one image turn exactly as Qwen2.5-VL-Instruct's
+    processor = Qwen2VLProcessor(image_processor, tok, video_processor, chat_template=_QWEN25VL_TEMPLATE)
+    gen = dict(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+    )  # fmt: skip
+    return model, processor, gen
+
+
+# LLaVA-OneVision anyres pinpoints: the real 384 x {1..6} x 384 x {1..6} grid scaled to the 112 px tile; a
+# 224x224 image selects the 2x2 grid (base + 4 crops), as 768x768 does on the real model.
+_OV_PINPOINTS = [[_TILE * h, _TILE * w] for h in range(1, 7) for w in range(1, 7)]
+_LLAVA_OV_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _build_llavaov():
+    """llava-hf/llava-onevision-qwen2-7b-ov-hf layout: SigLIP tower (last layer, all patches: strategy
+    "full"), Qwen2 decoder (GQA, q/k/v biases), anyres_max_9 tiling with one newline token per feature row."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tok = _qwen_tokenizer(internvl=False, llava_ov=True)
+    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    text_config = dict(
+        model_type="qwen2", vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+    vision_config = dict(
+        model_type="siglip_vision_model", image_size=_TILE, patch_size=_PATCH, num_hidden_layers=_VISION_LAYERS,
+        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, **_VISION,
+    )  # fmt: skip
+    per_tile = (_TILE // _PATCH) ** 2  # 64 (real: (384/14)^2 = 729)
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config, text_config=text_config, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        video_token_id=tok.convert_tokens_to_ids("<video>"), projector_hidden_act="gelu", vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=_OV_PINPOINTS,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlavaOnevisionForConditionalGeneration(config)
+    half = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])  # SigLIP normalisation, as the real one
+    image_processor = LlavaOnevisionImageProcessor(
+        size={"height": _TILE, "width": _TILE}, image_grid_pinpoints=_OV_PINPOINTS, **half
+    )
+    video_processor = LlavaOnevisionVideoProcessor(size={"height": _TILE, "width": _TILE}, **half)
+    processor = LlavaOnevisionProcessor(
+        image_processor, tok, video_processor, num_image_tokens=per_tile, vision_feature_select_strategy="full",
+        chat_template=_LLAVA_OV_TEMPLATE, vision_aspect_ratio="anyres_max_9",
+    )  # fmt: skip
+    return model, processor, dict(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot)
+
+
 def _check_family(family: str) -> None:
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}; valid families: {', '.join(TINY_FAMILIES)}")
+    if family not in ALL_TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; valid families: {', '.join(ALL_TINY_FAMILIES)}")
 
 
 def _build(family: str):
@@ -413,8 +538,14 @@ def _build(family: str):
             model, processor, gen = _build_llava(next_=True)
         elif family == "qwen25vl":
             model, processor, gen = _build_qwen25vl()
-        else:
+        elif family == "internvl3":
             model, processor, gen = _build_internvl3()
+        elif family == "internvl35":
+            model, processor, gen = _build_internvl3(qwen3=True)
+        elif family == "qwen2vl":
+            model, processor, gen = _build_qwen2vl()
+        else:
+            model, processor, gen = _build_llavaov()
     model.generation_config = GenerationConfig(**gen)
     return model.eval(), processor
 
@@ -523,6 +654,9 @@ _MODEL_CLASSES = {
     "llavanext": "LlavaNextForConditionalGeneration",
     "qwen25vl": "Qwen2_5_VLForConditionalGeneration",
     "internvl3": "InternVLForConditionalGeneration",
+    "qwen2vl": "Qwen2VLForConditionalGeneration",
+    "internvl35": "InternVLForConditionalGeneration",
+    "llavaov": "LlavaOnevisionForConditionalGeneration",
 }
 
 
@@ -607,4 +741,4 @@ def tiny_inputs(
     return processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
 
 
-__all__ = ["TINY_FAMILIES", "TINY_VERSION", "TINY_VISUAL_TOKENS", "load_tiny", "tiny_image", "tiny_inputs", "tiny_path"]
+__all__ = ["ALL_TINY_FAMILIES", "TINY_FAMILIES", "TINY_NEW_FAMILIES", "TINY_VERSION", "TINY_VISUAL_TOKENS", "load_tiny", "tiny_image", "tiny_inputs", "tiny_path"]

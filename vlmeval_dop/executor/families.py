@@ -1,6 +1,6 @@
 """Per-family facts the executor needs: where the decoder lives, how positions work, where images sit.
 
-All four supported families share transformers' layout `model.model.language_model.layers[i]` with
+All supported families share transformers' layout `model.model.language_model.layers[i]` with
 LLaMA-style pre-norm decoder layers (`input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`).
 Adding a family is one `FamilyAdapter` entry in `FAMILIES` (plus `arch.SUPPORTED_CLASSES`); override
 the methods below where its layout differs.
@@ -79,7 +79,9 @@ FAMILIES: dict[str, FamilyAdapter] = {
     "llava": FamilyAdapter("llava"),
     "llava_next": FamilyAdapter("llava_next"),
     "qwen2_5_vl": FamilyAdapter("qwen2_5_vl", contiguous_positions=False),
-    "internvl": FamilyAdapter("internvl"),
+    "internvl": FamilyAdapter("internvl"),  # InternVL3 (Qwen2.5 decoder) and InternVL3.5 (Qwen3: q/k norm)
+    "qwen2_vl": FamilyAdapter("qwen2_vl", contiguous_positions=False),
+    "llava_onevision": FamilyAdapter("llava_onevision"),
 }
 
 
