@@ -93,3 +93,31 @@ def test_real_width_flops_equal_analytic(entry):
     finally:
         del model
         gc.collect()
+
+
+def test_cli_flops_any_supported_config(capsys):
+    """`vlmeval-dop flops --model` takes a checkpoint directory, its config.json or a tiny model key; the count
+    is the analytic one of the config's ArchSpec."""
+    import json
+
+    from vlmeval_dop.cli import main
+    from vlmeval_dop.flops import policy_tflops
+    from vlmeval_dop.tiny import tiny_path
+
+    path = tiny_path("qwen2vl")
+    spec = ArchSpec.from_config(__import__("transformers").AutoConfig.from_pretrained(path), visual_tokens=64)
+    want = policy_tflops(spec, DOPPolicy(2, 1, 8), 40)
+    for model in (str(path), str(path / "config.json"), "tiny_qwen2vl"):
+        extra = [] if model == "tiny_qwen2vl" else ["--text-tokens", "40", "--visual-tokens", "64"]
+        assert main(["flops", "--model", model, "--policy", "2,1,8", "--json", *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["visual_tokens"] == 64 and out["text_tokens"] == 40
+        assert out["ratio"] == pytest.approx(want["ratio"]) and out["tflops"] == pytest.approx(want["tflops"])
+    # a registered key keeps its models.yaml shape; a checkpoint of an unsupported class names the supported ones
+    assert main(["flops", "--model", "internvl35_8b", "--policy", "20,14,256"]) == 0
+    assert "L=36, N_v=1280, text tokens=135" in capsys.readouterr().out
+    bad = path.parent / "not-a-model"
+    bad.mkdir(exist_ok=True)
+    (bad / "config.json").write_text('{"model_type": "bert"}')
+    assert main(["flops", "--model", str(bad), "--policy", "1,1,1"]) == 2
+    assert "vlmeval_dop supports: " in capsys.readouterr().err
