@@ -18,7 +18,7 @@ from vlmeval_dop.arch import ArchSpec
 from vlmeval_dop.reducers import ReducerError
 from vlmeval_dop.tiny import TINY_NEW_FAMILIES, TINY_VISUAL_TOKENS, load_tiny
 
-FAMILY_KEY = {"qwen2vl": "qwen2_vl", "internvl35": "internvl", "llavaov": "llava_onevision"}
+FAMILY_KEY = {"qwen2vl": "qwen2_vl", "internvl35": "internvl", "llavaov": "llava_onevision", "smolvlm": "smolvlm"}
 
 
 @pytest.fixture(scope="module", params=TINY_NEW_FAMILIES)
@@ -53,7 +53,7 @@ def test_arch_spec_and_family_facts(tiny):
     assert spec.gqa and spec.image_token_ids == (model.config.image_token_id,)
     inputs = te._inputs(family, processor, n=1)
     assert int(te._visual(model, inputs["input_ids"]).sum()) == TINY_VISUAL_TOKENS[family]
-    attn = model.model.language_model.layers[0].self_attn
+    attn = te._lm(model).layers[0].self_attn
     if family == "internvl35":  # what is new: the Qwen3 decoder's per-head q/k RMSNorm
         assert type(attn).__name__ == "Qwen3Attention" and attn.k_norm is not None and attn.q_norm is not None
     if family == "qwen2vl":  # M-RoPE: 3 position rows, image tokens share t and vary in (h, w)
@@ -62,6 +62,24 @@ def test_arch_spec_and_family_facts(tiny):
         assert pos.ndim == 3 and pos.shape[0] in (3, 4)
     if family == "llavaov":  # anyres: base tile + 2x2 crops (16x16 features) + one newline per feature row
         assert TINY_VISUAL_TOKENS[family] == 64 + 16 * 16 + 16
+    if family == "smolvlm":  # 2x2 tiles + global view of 16 tokens each, in 5 runs between text markers: one image
+        from vlmeval_dop.executor.families import adapter_for
+
+        visual = te._visual(model, inputs["input_ids"])
+        runs = torch.nonzero(visual[0][1:] & ~visual[0][:-1]).numel() + int(visual[0][0])
+        (span,) = adapter_for(model).image_spans(visual, inputs["input_ids"])
+        assert runs == 5 and span.num_tokens == 80 and torch.equal(span.positions, torch.nonzero(visual[0]).flatten())
+        # two images in one prompt (every image is rescaled to the 2-tile longest edge and split): two spans
+        from vlmeval_dop.tiny import tiny_image
+
+        two = processor(text=["<|im_start|>User:<image>A<image>B?<end_of_utterance>\nAssistant:"],
+                        images=[[tiny_image(0), tiny_image(1, size=(100, 40))]], return_tensors="pt")  # fmt: skip
+        visual = te._visual(model, two["input_ids"])
+        spans = adapter_for(model).image_spans(visual, two["input_ids"])
+        assert [s.num_tokens for s in spans] == [80, 48] and [s.image_index for s in spans] == [0, 1]  # 2x1 + global
+        with apply_dop(model, DOPPolicy(2, 1, 8), reducer="uniform") as handle, torch.no_grad():
+            model(**two)
+        assert [k.numel() for k in handle.last_kept] == [8, 8]
 
 
 def test_only_meaningful_reducers_run(tiny):
@@ -74,7 +92,7 @@ def test_only_meaningful_reducers_run(tiny):
     for name in refused:
         with pytest.raises(ReducerError, match=f"does not support model family {key!r}"):
             apply_dop(model, DOPPolicy(1, 1, 3), reducer=name)
-    assert all("forward" not in layer.__dict__ for layer in model.model.language_model.layers)
+    assert all("forward" not in layer.__dict__ for layer in te._lm(model).layers)
     if family == "internvl35":
         inputs = te._inputs(family, processor, n=1)
         with apply_dop(model, DOPPolicy(2, 1, 8), reducer="cdpruner") as handle:
@@ -92,7 +110,7 @@ def test_kv_only_keys_equal_stock_keys(tiny):
 
     family, model, processor = tiny
     inputs = te._inputs(family, processor, n=2)
-    lm = model.model.language_model
+    lm = te._lm(model)
     seen = {}
 
     def grab(i):

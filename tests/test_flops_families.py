@@ -22,7 +22,8 @@ from vlmeval_dop.flops import policy_flops
 from vlmeval_dop.models_config import load_models
 
 # paper-scale entry -> tiny family whose config (classes, token ids, vision tower) is reused
-ENTRIES = {"qwen2vl_7b": "qwen2vl", "internvl35_8b": "internvl35", "llavaov_7b": "llavaov"}
+ENTRIES = {"qwen2vl_7b": "qwen2vl", "internvl35_8b": "internvl35", "llavaov_7b": "llavaov", "smolvlm_256m": "smolvlm",
+           "smolvlm_500m": "smolvlm", "smolvlm_2b": "smolvlm"}
 N_TEXT_BEFORE, N_VISUAL, N_TEXT_AFTER = 6, 24, 10
 
 
@@ -65,7 +66,7 @@ def _decoder_flops(model, inputs) -> int:
     total = 0
     for name, ops in counter.get_flop_counts().items():
         parts = name.split(".")
-        if len(parts) >= 2 and parts[-2] == "layers" and parts[-1].isdigit() and "language_model" in name:
+        if len(parts) >= 2 and parts[-2] == "layers" and parts[-1].isdigit() and ("language_model" in name or "text_model" in name):
             total += sum(ops.values())
     return total
 

@@ -132,7 +132,25 @@ def test_internvl35_inputs_are_vlmevalkits(lmu_root, no_cuda_moves):
         )  # fmt: skip
 
 
-FAMILIES = {"qwen2vl": 64, "internvl35": 80, "llavaov": 336}  # visual tokens of a 224x224 demo image
+FAMILIES = {"qwen2vl": 64, "internvl35": 80, "llavaov": 336, "smolvlm": 80}  # visual tokens of a 224x224 image
+
+
+def test_smolvlm_inputs_are_vlmevalkits(lmu_root):
+    """SmolVLM's inputs come from VLMEvalKit's own `SmolVLM.generate_inner` (run with a stand-in model): its
+    prompt per dataset (here TextVQA's and the default), the tiles' markers from the processor."""
+    from vlmeval_dop.registry import load_entry
+
+    wrapper = load_entry("tiny_smolvlm").load()
+    tok = wrapper.processor.tokenizer
+    msg = _demo_message()
+    for dataset, tail in (("DOP_Demo", "Answer the question using a single word or phrase.<end_of_utterance>\nAssistant:"),
+                          ("TextVQA_VAL", "Assistant:")):  # fmt: skip
+        ids = wrapper.build_inputs(msg, dataset)["input_ids"][0]
+        text = tok.decode(ids)
+        assert text.startswith("<|im_start|>User:<fake_token_around_image><row_1_col_1><image>") and text.endswith(tail)
+        assert int((ids == wrapper.model.config.image_token_id).sum()) == 80
+    with pytest.raises(ValueError, match="resize reduction .* not meaningful for SmolVLM"):
+        load_entry("tiny_smolvlm", reducer="resize")
 
 
 def test_tiny_entries_end_to_end(built, tmp_path):  # noqa: F811

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 TINY_FAMILIES: tuple[str, ...] = ("llava15", "llavanext", "qwen25vl", "internvl3")
 # Families beyond the paper's six models (issue 15), built and loaded the same way. A separate tuple: tests
 # and tools parametrised over the paper families (TINY_FAMILIES) stay as they are; ALL_TINY_FAMILIES is both.
-TINY_NEW_FAMILIES: tuple[str, ...] = ("qwen2vl", "internvl35", "llavaov")
+TINY_NEW_FAMILIES: tuple[str, ...] = ("qwen2vl", "internvl35", "llavaov", "smolvlm")
 ALL_TINY_FAMILIES: tuple[str, ...] = TINY_FAMILIES + TINY_NEW_FAMILIES
 
 # Bump when anything that changes the saved files changes: caches are keyed by it (<family>-v<VERSION>).
@@ -56,10 +56,10 @@ TINY_IMAGE_SIZE: tuple[int, int] = (224, 224)
 
 # Placeholder tokens (model.config.image_token_id) one default tiny_image() yields; asserted in tests.
 TINY_VISUAL_TOKENS: dict[str, int] = {"llava15": 64, "llavanext": 336, "qwen25vl": 64, "internvl3": 80,
-                                       "qwen2vl": 64, "internvl35": 80, "llavaov": 336}
+                                       "qwen2vl": 64, "internvl35": 80, "llavaov": 336, "smolvlm": 80}
 
 _SEEDS = {"llava15": 1501, "llavanext": 1601, "qwen25vl": 2507, "internvl3": 3008, "qwen2vl": 2409,
-          "internvl35": 3508, "llavaov": 2408}
+          "internvl35": 3508, "llavaov": 2408, "smolvlm": 5005}
 _MARKER = "vlmeval_dop_tiny.json"  # written last: its presence means the directory is complete
 _REQUIRED_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
@@ -519,6 +519,70 @@ def _build_llavaov():
     return model, processor, dict(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot)
 
 
+# SmolVLM (Idefics3 layout, HuggingFaceTB/SmolVLM-500M-Instruct): SmolLM2's tokens 0-2, then the image markers.
+_SMOLVLM_HEAD = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_SMOLVLM_TAIL = (["<fake_token_around_image>", "<image>", "<global-img>"]
+                 + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)] + ["<end_of_utterance>"])  # fmt: skip
+_SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def _smolvlm_tokenizer():
+    """GPT-2 style byte-level BPE as SmolLM2's, with SmolVLM's image markers as added special tokens."""
+    from tokenizers import AddedToken
+    from transformers import GPT2Tokenizer
+
+    alphabet = [_bytes_to_unicode()[b] for b in range(256)]
+    merges = _learn_bpe(["Ġ" + w for w in _WORDS] + _WORDS, alphabet)
+    vocab = _vocab(alphabet, merges, list(_SMOLVLM_HEAD), list(_SMOLVLM_TAIL))
+    tok = GPT2Tokenizer(
+        vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>", pad_token="<|im_end|>", padding_side="left",
+    )  # fmt: skip
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _SMOLVLM_HEAD + _SMOLVLM_TAIL],
+                   special_tokens=True)  # fmt: skip
+    return tok
+
+
+def _build_smolvlm():
+    """HuggingFaceTB/SmolVLM-500M-Instruct layout (`Idefics3ForConditionalGeneration`): SigLIP tower, pixel
+    shuffle (scale 2 here, 4 real), LLaMA decoder (SmolLM2, GQA), each image resized to a longest edge of 2 tiles
+    (4 x 512 px real) and split into tiles + a global view, with <fake_token_around_image> / <row_i_col_j> /
+    <global-img> text markers between the tiles' <image> runs."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+
+    tok = _smolvlm_tokenizer()
+    scale = 2
+    per_tile = (_TILE // _PATCH) ** 2 // scale**2  # 16 (real: (512/16)^2 / 16 = 64)
+    text_config = dict(
+        model_type="llama", vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, hidden_act="silu", initializer_range=_INIT_RANGE, rope_parameters={"rope_type": "default",
+        "rope_theta": 100000.0}, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+    vision_config = dict(
+        image_size=_TILE, patch_size=_PATCH, num_hidden_layers=_VISION_LAYERS, hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6, initializer_range=0.02, **_VISION,
+    )  # fmt: skip
+    config = Idefics3Config(
+        vision_config=vision_config, text_config=text_config, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=scale, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": 2 * _TILE}, max_image_size={"longest_edge": _TILE}, do_image_splitting=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )  # fmt: skip
+    processor = Idefics3Processor(image_processor, tok, image_seq_len=per_tile, chat_template=_SMOLVLM_TEMPLATE)
+    gen = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return model, processor, gen
+
+
 def _check_family(family: str) -> None:
     if family not in ALL_TINY_FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; valid families: {', '.join(ALL_TINY_FAMILIES)}")
@@ -544,6 +608,8 @@ def _build(family: str):
             model, processor, gen = _build_internvl3(qwen3=True)
         elif family == "qwen2vl":
             model, processor, gen = _build_qwen2vl()
+        elif family == "smolvlm":
+            model, processor, gen = _build_smolvlm()
         else:
             model, processor, gen = _build_llavaov()
     model.generation_config = GenerationConfig(**gen)
@@ -657,6 +723,7 @@ _MODEL_CLASSES = {
     "qwen2vl": "Qwen2VLForConditionalGeneration",
     "internvl35": "InternVLForConditionalGeneration",
     "llavaov": "LlavaOnevisionForConditionalGeneration",
+    "smolvlm": "Idefics3ForConditionalGeneration",
 }
 
 

@@ -17,6 +17,7 @@ WRAPPERS: dict[str, str] = {
     "qwen2_vl": "vlmeval_dop.models.qwen2_vl:Qwen2VLDOP",
     "internvl35": "vlmeval_dop.models.internvl35:InternVL35DOP",
     "llava_onevision": "vlmeval_dop.models.llava_onevision:LLaVAOneVisionDOP",
+    "smolvlm": "vlmeval_dop.models.smolvlm:SmolVLMDOP",
 }
 
 
