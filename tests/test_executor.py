@@ -102,6 +102,10 @@ def masked_reference(model, inputs, policy: DOPPolicy, drop_after=None, op_mask=
             h = torch.where(a_part[..., None], h + a, h)
             m = layer.mlp(layer.post_attention_layernorm(h))
             h = torch.where(m_part[..., None], h + m, h)
+            deepstack = captured.get("deepstack_visual_embeds")  # Qwen3-VL: features added after the first layers
+            if deepstack is not None and i < len(deepstack):
+                h = h.clone()
+                h[captured["visual_pos_masks"]] += deepstack[i]
             if drop_after is not None and i == drop_after[0]:
                 dropped = dropped | drop_after[1](h, visual, a_part)
         return model.lm_head(lm.norm(h))[:, -1]

@@ -18,7 +18,7 @@ from vlmeval_dop.arch import ArchSpec
 from vlmeval_dop.reducers import ReducerError
 from vlmeval_dop.tiny import TINY_NEW_FAMILIES, TINY_VISUAL_TOKENS, load_tiny
 
-FAMILY_KEY = {"qwen2vl": "qwen2_vl", "internvl35": "internvl", "llavaov": "llava_onevision", "smolvlm": "smolvlm"}
+FAMILY_KEY = {"qwen2vl": "qwen2_vl", "internvl35": "internvl", "llavaov": "llava_onevision", "smolvlm": "smolvlm", "qwen3vl": "qwen3_vl"}
 
 
 @pytest.fixture(scope="module", params=TINY_NEW_FAMILIES)
@@ -62,6 +62,15 @@ def test_arch_spec_and_family_facts(tiny):
         assert pos.ndim == 3 and pos.shape[0] in (3, 4)
     if family == "llavaov":  # anyres: base tile + 2x2 crops (16x16 features) + one newline per feature row
         assert TINY_VISUAL_TOKENS[family] == 64 + 16 * 16 + 16
+    if family == "qwen3vl":  # DeepStack: features added to the 49 visual tokens after decoder layers 0 and 1
+        captured, _ = te.stock_decoder_inputs(model, inputs)
+        deepstack, where = captured["deepstack_visual_embeds"], captured["visual_pos_masks"]
+        assert len(deepstack) == 2 and int(where.sum()) == 49 and all(d.shape[0] == 49 for d in deepstack)
+        kwargs = {k: v for k, v in captured.items() if k not in ("cache", "use_cache")}
+        with torch.no_grad():  # the additions matter: without them the decoder computes something else
+            with_ds = te._lm(model)(**kwargs).last_hidden_state
+            without = te._lm(model)(**{**kwargs, "deepstack_visual_embeds": None}).last_hidden_state
+        assert not torch.allclose(with_ds[:, -1], without[:, -1], atol=1e-4)
     if family == "smolvlm":  # 2x2 tiles + global view of 16 tokens each, in 5 runs between text markers: one image
         from vlmeval_dop.executor.families import adapter_for
 

@@ -23,7 +23,8 @@ from vlmeval_dop.models_config import load_models
 
 # paper-scale entry -> tiny family whose config (classes, token ids, vision tower) is reused
 ENTRIES = {"qwen2vl_7b": "qwen2vl", "internvl35_8b": "internvl35", "llavaov_7b": "llavaov", "smolvlm_256m": "smolvlm",
-           "smolvlm_500m": "smolvlm", "smolvlm_2b": "smolvlm"}
+           "smolvlm_500m": "smolvlm", "smolvlm_2b": "smolvlm", "qwen3vl_8b": "qwen3vl", "qwen3vl_4b": "qwen3vl",
+           "qwen3vl_2b": "qwen3vl"}
 N_TEXT_BEFORE, N_VISUAL, N_TEXT_AFTER = 6, 24, 10
 
 
@@ -44,10 +45,12 @@ def real_width_model(entry: str, tiny_family: str, num_layers: int = 2):
         num_key_value_heads=arch.num_kv_heads, head_dim=arch.head_dim, num_hidden_layers=num_layers,
     )  # fmt: skip
     rope = text.get("rope_parameters") or {}
-    if "mrope_section" in rope:  # M-RoPE sections of the real head_dim 128
-        rope["mrope_section"] = [16, 24, 24]
+    if "mrope_section" in rope:  # M-RoPE sections of the real head_dim 128 (Qwen3-VL: interleaved)
+        rope["mrope_section"] = [24, 20, 20] if rope.get("mrope_interleaved") else [16, 24, 24]
     if data.get("model_type") == "qwen2_vl":
         data["vision_config"]["hidden_size"] = arch.hidden_size  # the merger's output width
+    if data.get("model_type") == "qwen3_vl":
+        data["vision_config"]["out_hidden_size"] = arch.hidden_size
     config = type(config).from_dict(data)
     cls = getattr(transformers, _MODEL_CLASSES[tiny_family])
     with torch.device("meta"):

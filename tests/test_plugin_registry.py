@@ -56,7 +56,8 @@ HF_IDS = {
 TINY = ("llava15", "llavanext", "qwen25vl", "internvl3")
 # models beyond the paper (issue 15) -> the reducers their budget entries use
 NEW_MODELS = {"qwen2vl_7b": ("resize", "uniform"), "internvl35_8b": ("resize", "uniform"), "llavaov_7b": ("uniform",),
-              "smolvlm_256m": ("uniform",), "smolvlm_500m": ("uniform",), "smolvlm_2b": ("uniform",)}
+              "smolvlm_256m": ("uniform",), "smolvlm_500m": ("uniform",), "smolvlm_2b": ("uniform",),
+              "qwen3vl_8b": ("resize", "uniform"), "qwen3vl_4b": ("resize", "uniform"), "qwen3vl_2b": ("resize", "uniform")}
 
 
 def _paper_entries():

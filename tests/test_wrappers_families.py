@@ -132,7 +132,24 @@ def test_internvl35_inputs_are_vlmevalkits(lmu_root, no_cuda_moves):
         )  # fmt: skip
 
 
-FAMILIES = {"qwen2vl": 64, "internvl35": 80, "llavaov": 336, "smolvlm": 80}  # visual tokens of a 224x224 image
+FAMILIES = {"qwen2vl": 64, "internvl35": 80, "llavaov": 336, "smolvlm": 80, "qwen3vl": 49}  # of a 224x224 image
+DOPR = {"tiny_qwen2vl_dopr": 16, "tiny_internvl35_dopr": 9, "tiny_qwen3vl_dopr": 16}
+
+
+def test_qwen3vl_inputs_are_vlmevalkits(lmu_root):
+    """Qwen3-VL's inputs come from VLMEvalKit's own `Qwen3VLChat.generate_inner_transformers` (run with a
+    stand-in model): no system message, 32 px per token, dataset prompts (custom prompts off, as its entry)."""
+    from vlmeval_dop.registry import load_entry
+
+    wrapper = load_entry("tiny_qwen3vl").load()
+    assert not wrapper.use_custom_prompt("MMBench_DEV_EN")
+    inputs = wrapper.build_inputs(_demo_message(), "DOP_Demo")
+    ids = inputs["input_ids"][0]
+    text = wrapper.processor.tokenizer.decode(ids[ids != wrapper.model.config.image_token_id])
+    assert text.startswith("<|im_start|>user\n<|vision_start|><|vision_end|>What") and "system" not in text
+    assert inputs["image_grid_thw"].tolist() == [[1, 14, 14]] and int((ids == wrapper.model.config.image_token_id).sum()) == 49
+    with wrapper.resized(16):  # DOP_R: 16 x 32^2 pixels
+        assert wrapper.build_inputs(_demo_message(), "DOP_Demo")["image_grid_thw"].tolist() == [[1, 8, 8]]
 
 
 def test_smolvlm_inputs_are_vlmevalkits(lmu_root):
@@ -156,7 +173,7 @@ def test_smolvlm_inputs_are_vlmevalkits(lmu_root):
 def test_tiny_entries_end_to_end(built, tmp_path):  # noqa: F811
     """`python run.py --model tiny_<family> tiny_<family>_dop [tiny_<family>_dopr]` offline: predictions and
     scores written; the DOP entries ran pruned ((2, 1, 8) with `uniform`; DOP_R on the resized image)."""
-    entries = [e for f in FAMILIES for e in (f"tiny_{f}", f"tiny_{f}_dop")] + ["tiny_qwen2vl_dopr", "tiny_internvl35_dopr"]
+    entries = [e for f in FAMILIES for e in (f"tiny_{f}", f"tiny_{f}_dop")] + list(DOPR)
     models = built("--model", *entries, "--data", "DOP_Demo", "--work-dir", str(tmp_path))
     for entry in entries:
         pred, acc = _outputs(tmp_path, entry)
@@ -167,7 +184,7 @@ def test_tiny_entries_end_to_end(built, tmp_path):  # noqa: F811
         assert full.last_visual_tokens == n_vis and full.last_layer_tokens is None
         (a0, p0), (a1, p1), (a2, p2), (a3, p3) = dop.last_layer_tokens
         assert dop.pruned_samples == N_DEMO and (a0, p0, a1, p1) == (a2 + 8, a2 + 8, a2 + 8, a2) == (a3 + 8,) * 3 + (p3,)
-    for entry, n_v in (("tiny_qwen2vl_dopr", 16), ("tiny_internvl35_dopr", 9)):
+    for entry, n_v in DOPR.items():
         m = models[entry][0]
         assert m.last_visual_tokens == n_v
         counts = m.last_layer_tokens

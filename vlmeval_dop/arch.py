@@ -13,6 +13,7 @@ Qwen2VLForConditionalGeneration        ``qwen2_vl``   1008x1008: (1008/28)^2 = 1
 LlavaOnevisionForConditionalGeneration ``llava_onevision``  768x768: base + 2x2 crops = 5 x 729 = 3645 *
 Idefics3ForConditionalGeneration       ``smolvlm``    square image: 4x4 tiles + global = 17 x 64 = 1088 **
 SmolVLMForConditionalGeneration        ``smolvlm``    (SmolVLM2 checkpoints; same layout)
+Qwen3VLForConditionalGeneration        ``qwen3_vl``   1024x1024: (1024/32)^2 = 1024 (16 px patches, 2x2 merge)
 =====================================  =============  ==========================================
 
 InternVL3.5 (`-HF` checkpoints) is ``InternVLForConditionalGeneration`` with a Qwen3 decoder: family
@@ -43,6 +44,7 @@ SUPPORTED_CLASSES: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
     "Idefics3ForConditionalGeneration": "smolvlm",
     "SmolVLMForConditionalGeneration": "smolvlm",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
 }
 # model_type in the saved config.json -> the class above (lets us work from a config alone)
 _MODEL_TYPES: dict[str, str] = {
@@ -54,6 +56,7 @@ _MODEL_TYPES: dict[str, str] = {
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
     "idefics3": "Idefics3ForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
 
 
@@ -73,7 +76,7 @@ class ArchSpec:
 
     Attributes:
         family: one of ``llava``, ``llava_next``, ``qwen2_5_vl``, ``internvl``, ``qwen2_vl``,
-            ``llava_onevision``, ``smolvlm``.
+            ``llava_onevision``, ``smolvlm``, ``qwen3_vl``.
         num_layers: decoder layers L.
         hidden_size: h.
         num_heads / num_kv_heads / head_dim: attention shape; ``kv_dim = num_kv_heads * head_dim``.
@@ -134,6 +137,10 @@ class ArchSpec:
             per_tile = int((vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2)
             default_n = 17 * per_tile  # a square image: 4x4 tiles + the global view
             token_ids = (config.image_token_id,)
+        elif family == "qwen3_vl":
+            merge = vision.spatial_merge_size * vision.patch_size  # 32 px per LLM token
+            default_n = (1024 // merge) ** 2
+            token_ids = (config.image_token_id,)
         elif family in ("qwen2_5_vl", "qwen2_vl"):
             merge = vision.spatial_merge_size * vision.patch_size  # 28 px per LLM token
             default_n = (1008 // merge) ** 2
@@ -155,7 +162,7 @@ class ArchSpec:
             visual_tokens=default_n if visual_tokens is None else visual_tokens,
             visual_extra_tokens=extra,
             image_token_ids=tuple(int(t) for t in token_ids),
-            gqa=family in ("qwen2_5_vl", "internvl", "qwen2_vl", "llava_onevision")
+            gqa=family in ("qwen2_5_vl", "internvl", "qwen2_vl", "llava_onevision", "qwen3_vl")
             or (family == "smolvlm" and (getattr(text, "num_key_value_heads", None) or num_heads) < num_heads),
         )
 

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 TINY_FAMILIES: tuple[str, ...] = ("llava15", "llavanext", "qwen25vl", "internvl3")
 # Families beyond the paper's six models (issue 15), built and loaded the same way. A separate tuple: tests
 # and tools parametrised over the paper families (TINY_FAMILIES) stay as they are; ALL_TINY_FAMILIES is both.
-TINY_NEW_FAMILIES: tuple[str, ...] = ("qwen2vl", "internvl35", "llavaov", "smolvlm")
+TINY_NEW_FAMILIES: tuple[str, ...] = ("qwen2vl", "internvl35", "llavaov", "smolvlm", "qwen3vl")
 ALL_TINY_FAMILIES: tuple[str, ...] = TINY_FAMILIES + TINY_NEW_FAMILIES
 
 # Bump when anything that changes the saved files changes: caches are keyed by it (<family>-v<VERSION>).
@@ -56,10 +56,11 @@ TINY_IMAGE_SIZE: tuple[int, int] = (224, 224)
 
 # Placeholder tokens (model.config.image_token_id) one default tiny_image() yields; asserted in tests.
 TINY_VISUAL_TOKENS: dict[str, int] = {"llava15": 64, "llavanext": 336, "qwen25vl": 64, "internvl3": 80,
-                                       "qwen2vl": 64, "internvl35": 80, "llavaov": 336, "smolvlm": 80}
+                                       "qwen2vl": 64, "internvl35": 80, "llavaov": 336, "smolvlm": 80,
+                                       "qwen3vl": 49}
 
 _SEEDS = {"llava15": 1501, "llavanext": 1601, "qwen25vl": 2507, "internvl3": 3008, "qwen2vl": 2409,
-          "internvl35": 3508, "llavaov": 2408, "smolvlm": 5005}
+          "internvl35": 3508, "llavaov": 2408, "smolvlm": 5005, "qwen3vl": 3008}
 _MARKER = "vlmeval_dop_tiny.json"  # written last: its presence means the directory is complete
 _REQUIRED_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
@@ -583,6 +584,65 @@ def _build_smolvlm():
     return model, processor, gen
 
 
+_QWEN3VL_TEMPLATE = (  # Qwen3-VL-Instruct's format for image/text turns: no default system message
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _build_qwen3vl():
+    """Qwen/Qwen3-VL-8B-Instruct layout: Qwen3 decoder (q/k RMSNorm) with interleaved M-RoPE, a 16 px patch
+    tower (32 px per LLM token) whose intermediate layers feed DeepStack: their merged features are added to the
+    visual tokens' hidden states after the first decoder layers (here after layers 0 and 1; real: 0, 1, 2)."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    tok = _qwen_tokenizer(internvl=False, qwen3=True)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
+    text_config = dict(
+        vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=262144, rms_norm_eps=1e-6,
+        hidden_act="silu", initializer_range=_INIT_RANGE, attention_bias=False,
+        # interleaved M-RoPE: the real mrope_section [24, 20, 20] of head_dim 128 scaled to head_dim 16
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
+                         "mrope_interleaved": True},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+    patch = 16
+    vision_config = dict(
+        depth=_VISION_LAYERS, hidden_size=_VISION["hidden_size"], intermediate_size=_VISION["intermediate_size"],
+        num_heads=_VISION["num_attention_heads"], hidden_act="gelu_pytorch_tanh", out_hidden_size=_TEXT["hidden_size"],
+        patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 1], initializer_range=0.02,
+    )  # fmt: skip
+    config = Qwen3VLConfig(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Qwen3VLForConditionalGeneration(config)
+    unit = 2 * patch  # 32 px per LLM token
+    size = {"shortest_edge": 2 * unit * 2 * unit, "longest_edge": 7 * unit * 7 * unit}  # a 224x224 image: 7x7
+    half = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    image_processor = Qwen2VLImageProcessor(size=size, patch_size=patch, temporal_patch_size=2, merge_size=2, **half)
+    video_processor = Qwen3VLVideoProcessor(size=size, patch_size=patch, temporal_patch_size=2, merge_size=2, **half)
+    processor = Qwen3VLProcessor(image_processor, tok, video_processor, chat_template=_QWEN3VL_TEMPLATE)
+    gen = dict(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+    )  # fmt: skip
+    return model, processor, gen
+
+
 def _check_family(family: str) -> None:
     if family not in ALL_TINY_FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; valid families: {', '.join(ALL_TINY_FAMILIES)}")
@@ -610,6 +670,8 @@ def _build(family: str):
             model, processor, gen = _build_qwen2vl()
         elif family == "smolvlm":
             model, processor, gen = _build_smolvlm()
+        elif family == "qwen3vl":
+            model, processor, gen = _build_qwen3vl()
         else:
             model, processor, gen = _build_llavaov()
     model.generation_config = GenerationConfig(**gen)
@@ -724,6 +786,7 @@ _MODEL_CLASSES = {
     "internvl35": "InternVLForConditionalGeneration",
     "llavaov": "LlavaOnevisionForConditionalGeneration",
     "smolvlm": "Idefics3ForConditionalGeneration",
+    "qwen3vl": "Qwen3VLForConditionalGeneration",
 }
 
 

@@ -119,6 +119,10 @@ FAMILIES: dict[str, FamilyAdapter] = {
     "qwen2_vl": FamilyAdapter("qwen2_vl", contiguous_positions=False),
     "llava_onevision": FamilyAdapter("llava_onevision"),
     "smolvlm": SmolVLMAdapter("smolvlm"),
+    # Qwen3-VL: the decoder stack itself adds DeepStack features to the visual tokens' hidden states after its
+    # first layers (full-length states, between layer calls): tokens a policy keeps get exactly the stock
+    # additions, tokens it has left (or a reducer dropped) get them too but are never read again
+    "qwen3_vl": FamilyAdapter("qwen3_vl", contiguous_positions=False),
 }
 
 

@@ -18,6 +18,7 @@ WRAPPERS: dict[str, str] = {
     "internvl35": "vlmeval_dop.models.internvl35:InternVL35DOP",
     "llava_onevision": "vlmeval_dop.models.llava_onevision:LLaVAOneVisionDOP",
     "smolvlm": "vlmeval_dop.models.smolvlm:SmolVLMDOP",
+    "qwen3_vl": "vlmeval_dop.models.qwen3_vl:Qwen3VLDOP",
 }
 
 
