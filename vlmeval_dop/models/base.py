@@ -30,6 +30,7 @@ from vlmeval.vlm.base import BaseModel
 
 from ..executor import apply_dop
 from ..policy import DOPPolicy, OperationMask, PolicyError
+from ..reducers.instruction import prompt_text
 from .weights import WeightsUnavailableError, resolve_weights, weights_unavailable
 
 # a child of VLMEvalKit's root logger "vlmeval": same console and run log file as VLMEvalKit's messages
@@ -241,10 +242,17 @@ class DOPWrapper(BaseModel):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
 
+    @staticmethod
+    def prompt_of(message: list[dict]) -> str:
+        """The message's text items joined by newlines (as the prompts place them): the exact prompt
+        text-conditioned reducers read (`vlmeval_dop.reducers.instruction.prompt_text`) instead of decoding
+        it back from token ids; CDPruner reduces it to the official bare question."""
+        return "\n".join(item["value"] for item in message if item["type"] == "text")
+
     def generate_inner(self, message, dataset=None):
         inputs = self.model_inputs(message, dataset)
         gen = self.generation_config()
-        with torch.inference_mode(), self._pruning() as handle:
+        with torch.inference_mode(), self._pruning() as handle, prompt_text(self.prompt_of(message)):
             out = self.model.generate(**inputs, generation_config=gen)
         self._record(inputs, handle)
         new = out[0, inputs["input_ids"].shape[1]:]
