@@ -121,7 +121,8 @@ def test_llava_next_official_packing(case):
 
 def test_llava_next_rows_reach_the_decoder():
     """Through the executor: the decoder's first layer sees the prompt with the image span replaced by the 5T
-    official rows (tokens counted per layer)."""
+    official rows (tokens counted per layer), including patches of the padded canvas rows, which llava-hf's
+    span does not hold (source -1)."""
     case = next(c for c in CASES if c["family"] == "llava_next" and c["image_size_hw"] == [400, 672])
     model, inputs, _ = _forward(case["seed"], "llava_next", False, "float32", (400, 672))
     with apply_dop(model, DOPPolicy(1, 1, 5 * case["T"]), reducer="vispruner") as handle, torch.no_grad():
@@ -131,3 +132,4 @@ def test_llava_next_rows_reach_the_decoder():
     lay = llava_next_layout(model, case["image_size_hw"])
     slot = {int(c) * 576 + int(p): i for i, (c, p) in enumerate(zip(lay.crop, lay.patch)) if c >= 0}
     assert handle.last_kept[0].tolist() == [slot.get(int(c), -1) for c in case["packed"]]
+    assert (handle.last_kept[0] < 0).any()
