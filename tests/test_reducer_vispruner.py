@@ -70,7 +70,7 @@ def test_equals_naive_on_random_inputs(seed):
     # odd remainders (n=7: R = 61; n=51-like) and r > |A| (n=60) are where the official code fails
     for n in (1, 2, 7, 16, 33, 40, 60, 63, 64):
         for ratio in (0.5, 0.25, 0.0, 1.0):
-            assert vispruner_select(attn, feats, n, ratio).tolist() == _naive(attn, feats, n, ratio), (n, ratio)
+            assert vispruner_select(attn, feats, n, important_ratio=ratio).tolist() == _naive(attn, feats, n, ratio), (n, ratio)
 
 
 def test_ties_as_the_official_argsort():

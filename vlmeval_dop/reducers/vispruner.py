@@ -147,23 +147,15 @@ def vispruner_select_batch(
     return torch.cat([important, residual], dim=1) if n_div > 0 else important
 
 
-def vispruner_select(
-    cls_attention: torch.Tensor,
-    features: torch.Tensor,
-    n_keep: int,
-    important_ratio: float = IMPORTANT_RATIO,
-    remove_per_step: int = REMOVE_PER_STEP,
-    similarity_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """VisPruner on one crop: sorted indices of the `n_keep` kept patches (see `vispruner_select_batch`;
-    cls_attention (P,), features (P, D))."""
+def vispruner_select(cls_attention: torch.Tensor, features: torch.Tensor, n_keep: int, **kw) -> torch.Tensor:
+    """VisPruner on one crop: sorted indices of the `n_keep` kept patches (cls_attention (P,), features
+    (P, D); keyword options as `vispruner_select_batch`)."""
     if cls_attention.ndim != 1 or features.ndim != 2:
         raise ReducerError(
             f"VisPruner needs cls_attention (P,) and features (P, D), got {tuple(cls_attention.shape)} and "
             f"{tuple(features.shape)}"
         )
-    kept = vispruner_select_batch(cls_attention[None], features[None], n_keep, important_ratio, remove_per_step,
-                                  similarity_dtype)[0]  # fmt: skip
+    kept = vispruner_select_batch(cls_attention[None], features[None], n_keep, **kw)[0]
     return torch.sort(kept).values.to(dtype=torch.long)
 
 
