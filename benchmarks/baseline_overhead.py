@@ -25,6 +25,7 @@ from vlmeval_dop.baselines import DECODER_PRUNERS
 from vlmeval_dop.baselines.dart import dart_selection_flops
 from vlmeval_dop.baselines.fastv import fastv_selection_flops
 from vlmeval_dop.baselines.fitprune import FitPruneSchedule, fitprune_selection_flops
+from vlmeval_dop.baselines.pdrop import pdrop_selection_flops
 from vlmeval_dop.baselines.sparsevlm import sparsevlm_selection_flops
 from vlmeval_dop.flops import schedule_flops
 from vlmeval_dop.models_config import load_models
@@ -35,10 +36,10 @@ def selection_flops(name: str, args: dict, spec, counts, n_vis: int, text: int) 
     """Our selection FLOPs for one sample under the entry's schedule `counts` (per-layer (n_A, n_P))."""
     if name == "fastv":
         return fastv_selection_flops(spec, counts[args["k"] - 1][0])
-    if name == "pdrop":  # one FastV-style row per stage boundary
-        return sum(fastv_selection_flops(spec, counts[b - 1][0]) for b in args["boundaries"])
+    if name == "pdrop":  # the next layer's q/k of the whole current sequence, one score row, per boundary
+        return sum(pdrop_selection_flops(spec, counts[b - 1][0]) for b in args["boundaries"])
     if name == "dart":
-        return dart_selection_flops(spec, n_vis, text, args["keep"])
+        return dart_selection_flops(spec, n_vis, text)
     if name == "sparsevlm":
         layers = args.get("layers", (2, 6, 15))
         stats = [{"layer": None, "visual": n_vis, "text": text}]

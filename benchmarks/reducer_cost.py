@@ -101,11 +101,12 @@ def main(argv=None) -> None:
 
             rows.append(("vispruner (per crop)",
                          lambda: [vispruner_select(cls_attn[c], clip_feats[c], q) for c, q in enumerate(quotas)]))
-        from vlmeval_dop.reducers.prumerge import prumerge_plus_select
+        from vlmeval_dop.reducers.prumerge import budget_ratio, prumerge_plus_select
         from vlmeval_dop.reducers.trim import trim_scores, trim_select
         from vlmeval_dop.reducers.visionzip import visionzip_select, visionzip_split
 
-        keys = torch.randn(crops, P, 64)  # head-averaged keys (VisionZip); PruMerge+ uses full-width keys
+        keys = torch.randn(crops, 1 + P, 64)  # head-averaged keys, [CLS] first (VisionZip); PruMerge+: full width
+        with_cls = torch.cat([torch.randn(crops, 1, 1024), clip_feats], dim=1)  # VisionZip keeps the [CLS] row
         full_keys = torch.randn(crops, P, 1024)
         proj = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 4096))
 
@@ -113,13 +114,14 @@ def main(argv=None) -> None:
             out = []
             for c, q in enumerate(quotas):
                 dom, ctx_n = visionzip_split(q)
-                out.append(visionzip_select(cls_attn[c], keys[c], clip_feats[c], dom, ctx_n))
-            with torch.no_grad():
-                proj(clip_feats[0, : n_keep // crops])
+                out.append(visionzip_select(cls_attn[c], keys[c], with_cls[c], dom, ctx_n))
+            with torch.no_grad():  # every row ([CLS] included) through the projector, as official
+                proj(torch.cat([part.rows for part in out]))
             return out
 
         def prumerge():
-            out = [prumerge_plus_select(cls_attn[c], full_keys[c], clip_feats[c], q) for c, q in enumerate(quotas)]
+            out = [prumerge_plus_select(cls_attn[c], full_keys[c], clip_feats[c], budget_ratio(P, max(q, 2)))
+                   for c, q in enumerate(quotas)]  # the ratio solved for q rows
             with torch.no_grad():
                 proj(clip_feats[0, : n_keep // crops])
             return out

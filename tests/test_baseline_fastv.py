@@ -74,31 +74,42 @@ def test_fastv_bad_input():
         get_decoder_pruner("fastvv")
 
 
-def test_pdrop_pyramid_by_hand_and_flops():
-    from vlmeval_dop.baselines.pdrop import PDrop, pdrop_layer_tokens, pdrop_schedule
+def test_fastv_per_step_entry_generates_without_cache(lmu_root):
+    """`per_step: true` in an entry's baseline_args: the wrapper generates without a KV cache, so FastV re-ranks
+    at every new token; its answer equals a loop of pruned forwards on the growing sequence (argmax)."""
+    from vlmeval_dop.datasets import DOPDemoDataset
+    from vlmeval_dop.registry import load_entry
 
-    # LLaVA-1.5 default: 4 stages of 8 layers, lambda 0.5: 576 -> 288 -> 144 -> 72
-    assert pdrop_schedule([8, 16, 24], 576, 0.5) == {7: 288, 15: 144, 23: 72}
-    counts = pdrop_layer_tokens(32, [8, 16, 24], 576, 0.5, 100)
-    assert [c[0] for c in counts[6:10]] == [676, 676, 388, 388] and counts[-1] == (172, 172)
+    wrapper = load_entry("tiny_llava15_fastv", baseline_args={"k": 2, "keep": 16, "per_step": True}, max_new_tokens=4).load()
+    ds = DOPDemoDataset("DOP_Demo")
+    msg = ds.build_prompt(ds.data.iloc[1])
+    calls = []
+    generate = wrapper.model.generate
+    wrapper.model.generate = lambda *a, **kw: calls.append(kw.get("use_cache")) or generate(*a, **kw)
+    try:
+        out = wrapper.generate(msg, dataset="DOP_Demo")
+    finally:
+        del wrapper.model.generate
+    assert calls == [False]
 
-    family = "llava15"
-    model, processor = load_tiny(family, attn_implementation="eager")
-    inputs = tiny_inputs(family, processor, ["What is shown in the picture?"], [tiny_image(0)])
-    n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    n = inputs["input_ids"].shape[1]
-    L = model.config.get_text_config(decoder=True).num_hidden_layers
-    pruner = PDrop(boundaries=[1, 2, 3], n_visual=n_vis, ratio=0.5)
-    with apply_dop(model, DOPPolicy.full(L), token_pruner=pruner) as handle, torch.no_grad():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(**inputs, use_cache=False)
-    expect = pdrop_layer_tokens(L, [1, 2, 3], n_vis, 0.5, n - n_vis)
-    assert handle.last_layer_tokens == expect
-    measured = sum(
-        sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-        if name.split(".")[-2:-1] == ["layers"] and "language_model" in name
-    )
-    spec = ArchSpec.from_model(model, visual_tokens=n_vis)
-    selection = sum(fastv_selection_flops(spec, expect[i][0]) for i in (0, 1, 2))
-    assert abs(measured - schedule_flops(spec, expect) - selection) <= 0.01 * measured
+    inputs = wrapper.model_inputs(msg, "DOP_Demo")
+    ids, eos, new = inputs["input_ids"], wrapper.model.generation_config.eos_token_id, []
+    with apply_dop(wrapper.model, DOPPolicy.full(4), token_pruner=FastV(k=2, keep=16)), torch.no_grad():
+        for _ in range(wrapper.max_new_tokens):
+            step = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            tok = int(wrapper.model(**step, use_cache=False).logits[0, -1].argmax())
+            if tok == eos:
+                break
+            new.append(tok)
+            ids = torch.cat([ids, ids.new_tensor([[tok]])], dim=1)
+    assert out == wrapper.decode(torch.tensor(new))
+
+
+def test_fastv_per_step_refuses_a_cache():
+    """A per-step pruner under a KV cache would silently rank once at prefill: refused by name."""
+    model, processor = load_tiny("llava15")
+    inputs = tiny_inputs("llava15", processor, ["What?"], [tiny_image(seed=0)])
+    with apply_dop(model, DOPPolicy.full(4), token_pruner=FastV(k=2, keep=16, per_step=True)), torch.no_grad():
+        model(**inputs, use_cache=False)  # fine without a cache
+        with pytest.raises(ValueError, match="per_step=True.*use_cache=False"):
+            model.generate(**inputs, max_new_tokens=2)

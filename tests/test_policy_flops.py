@@ -45,9 +45,13 @@ def test_policy_validation_messages():
 
 
 def test_effective_drops_dead_mlp_work():
-    assert DOPPolicy(10, 20, 5).effective() == DOPPolicy(10, 10, 5)
-    assert DOPPolicy(20, 10, 5).effective() == DOPPolicy(20, 10, 5)
-    assert DOPPolicy(4, 6, 5, 2, 3).effective() == DOPPolicy(4, 4, 5, 2, 2)
+    assert DOPPolicy(10, 20, 5).effective(32) == DOPPolicy(10, 9, 5)
+    assert DOPPolicy(20, 10, 5).effective(32) == DOPPolicy(20, 10, 5)
+    assert DOPPolicy(20, 20, 5).effective(32) == DOPPolicy(20, 19, 5)
+    assert DOPPolicy(32, 32, 5).effective(32) == DOPPolicy(32, 32, 5)  # d_A = L: the outputs are the model's
+    assert DOPPolicy(1, 1, 5).effective(32) == DOPPolicy(1, 0, 5)
+    assert DOPPolicy(0, 3, 5).effective(32) == DOPPolicy(0, 0, 5)
+    assert DOPPolicy(4, 6, 5, 2, 3).effective(32) == DOPPolicy(4, 3, 5, 2, 1)
 
 
 def test_eq11_by_hand():
@@ -106,8 +110,12 @@ def test_executed_count_skips_dead_mlp():
     p = DOPPolicy(10, 20, 100)
     paper = policy_flops(cfg.arch, p, 135)
     executed = policy_flops(cfg.arch, p, 135, executed=True)
-    dead = 10 * 6 * 100 * 4096 * 11008  # 10 layers x MLP on 100 visual tokens
+    # by hand: MLP on 100 visual tokens in layers 9..19 (11 layers), and at layer 9 (= d_A-1, keys/values
+    # only) their Q and O projections (2 x 2*100*4096*4096) and their score/value rows over 235 keys
+    dead = 11 * 6 * 100 * 4096 * 11008 + 4 * 100 * 4096 * 4096 + 4 * 100 * 235 * 4096
     assert paper - executed == dead
+    # d_A = L: nothing is dead
+    assert policy_flops(cfg.arch, DOPPolicy(32, 32, 100), 135, executed=True) == policy_flops(cfg.arch, DOPPolicy(32, 32, 100), 135)
 
 
 def test_system_depths_count():

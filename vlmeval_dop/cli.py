@@ -22,7 +22,7 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     result = {
         "model": cfg.name,
         "policy": policy.to_dict(),
-        "effective_policy": policy.effective().to_dict(),
+        "effective_policy": policy.effective(cfg.arch.num_layers).to_dict(),
         "text_tokens": text,
         "visual_tokens": cfg.arch.visual_tokens,
         **r,
@@ -37,7 +37,8 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     if r["executed_tflops"] != r["tflops"]:
         print(
             f"executed         {r['executed_tflops']:.4f}  ->  {100 * r['executed_ratio']:.2f} % "
-            f"(as {policy.effective()}: MLP work after d_A is dead)"
+            f"(as {policy.effective(cfg.arch.num_layers)} with visual tokens as keys/values only at layer d_A-1: "
+            "their later work is dead)"
         )
     return 0
 

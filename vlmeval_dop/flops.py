@@ -16,9 +16,12 @@ RoPE, softmax and biases are not counted (neither by the paper nor by FlopCounte
 Counts include system, instruction and output tokens (`text_tokens`), not only visual ones; the paper's
 budget labels need a representative non-visual count per model (eval_configs/models.yaml).
 
-Two counts exist for a policy: the paper's (Eq. 11 as printed, which still counts the MLP work on visual
-tokens in layers `d_A .. d_P-1` whose results nothing reads) and the executed one (what the executor
-runs, `DOPPolicy.effective()`). Budgets and the paper's tables use the paper's count.
+Two counts exist for a policy: the paper's (Eq. 11 as printed, which still counts the dead work on visual
+tokens whose results nothing reads: their MLP in layers `d_A-1 .. d_P-1` and their query, attention
+output and `o_proj` at layer `d_A-1`) and the executed one (what the executor runs:
+`DOPPolicy.effective(L)`, with the visual tokens as keys/values only at layer `d_A-1`, for which
+`n_q = n_A - n_kv` queries attend over `n_A` keys:
+`4 n_q h q + 4 n_A h d_kv + 4 n_q n_A q + 6 n_P h m`). Budgets and the paper's tables use the paper's count.
 """
 from __future__ import annotations
 
@@ -34,12 +37,16 @@ class BudgetError(ValueError):
     """An infeasible or malformed compute budget."""
 
 
-def layer_flops(spec: ArchSpec, n_attn, n_mlp):
-    """FLOPs of one decoder layer with `n_attn` tokens in MHA and `n_mlp` in the MLP (numpy-broadcastable)."""
+def layer_flops(spec: ArchSpec, n_attn, n_mlp, n_kv_only=0):
+    """FLOPs of one decoder layer with `n_attn` tokens in MHA and `n_mlp` in the MLP (numpy-broadcastable).
+
+    `n_kv_only` of the `n_attn` tokens take part as keys/values only (no query, attention row or o_proj).
+    """
     n_attn = np.asarray(n_attn, dtype=np.float64)
     n_mlp = np.asarray(n_mlp, dtype=np.float64)
+    n_q = n_attn - np.asarray(n_kv_only, dtype=np.float64)
     h, q, kv, m = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
-    attn = 4.0 * n_attn * h * q + 4.0 * n_attn * h * kv + 4.0 * n_attn**2 * q
+    attn = 4.0 * n_q * h * q + 4.0 * n_attn * h * kv + 4.0 * n_q * n_attn * q
     mlp = 6.0 * n_mlp * h * m
     out = attn + mlp
     return float(out) if out.ndim == 0 else out
@@ -62,11 +69,13 @@ def layer_token_counts(
         n_visual: visual tokens before reduction (default `spec.visual_tokens`).
         system_tokens: how many of `text_tokens` form the system group (only used when the policy sets
             system-token depths, Eq. 14).
-        executed: count what the executor runs (`policy.effective()`) instead of the paper's Eq. 11.
+        executed: count what the executor runs (`policy.effective(L)`) instead of the paper's Eq. 11
+            (`n_A` counts the tokens taking part in attention, keys/values-only ones included, see
+            `kv_only_token_counts`).
         op_mask: `policy.OperationMask` of single visual operations pruned on top of the depths.
     """
     n_visual = spec.visual_tokens if n_visual is None else n_visual
-    p = policy.effective() if executed else policy
+    p = policy.effective(spec.num_layers) if executed else policy
     L = spec.num_layers
     n_v = p.resolved_n_v(n_visual)
     sys_n = system_tokens if p.has_system_depths else 0
@@ -82,12 +91,36 @@ def layer_token_counts(
     return counts
 
 
-def schedule_flops(spec: ArchSpec, counts: Sequence[tuple[int, int]]) -> float:
-    """Total FLOPs of an explicit per-layer `(n_A, n_P)` schedule (used by decoder-side baselines too)."""
+def kv_only_token_counts(
+    spec: ArchSpec,
+    policy: DOPPolicy,
+    *,
+    n_visual: int | None = None,
+    system_tokens: int = 0,
+    op_mask=None,
+) -> list[int]:
+    """Per layer, how many tokens the executor runs as keys/values only (visual at `d_A-1`, system at
+    `d_A_sys-1`; see `DOPPolicy.kv_only_layers`). An operation mask that removes the visual MHA at `d_A-1`
+    leaves nothing keys-only there."""
+    n_visual = spec.visual_tokens if n_visual is None else n_visual
+    L = spec.num_layers
+    vis_layer, sys_layer = policy.kv_only_layers(L)
+    out = [0] * L
+    if vis_layer is not None and (op_mask is None or op_mask.visual_in(vis_layer)[0]):
+        out[vis_layer] += policy.resolved_n_v(n_visual)
+    if sys_layer is not None and policy.has_system_depths:
+        out[sys_layer] += system_tokens
+    return out
+
+
+def schedule_flops(spec: ArchSpec, counts: Sequence[tuple[int, ...]]) -> float:
+    """Total FLOPs of an explicit per-layer `(n_A, n_P)` or `(n_A, n_P, n_kv_only)` schedule (used by
+    decoder-side baselines too)."""
     if len(counts) != spec.num_layers:
         raise ValueError(f"schedule has {len(counts)} layers, the model has {spec.num_layers}")
     arr = np.asarray(counts, dtype=np.float64)
-    return float(np.sum(layer_flops(spec, arr[:, 0], arr[:, 1])))
+    kv_only = arr[:, 2] if arr.shape[1] > 2 else 0.0
+    return float(np.sum(layer_flops(spec, arr[:, 0], arr[:, 1], kv_only)))
 
 
 def policy_flops(
@@ -103,6 +136,9 @@ def policy_flops(
     counts = layer_token_counts(
         spec, policy, text_tokens, n_visual=n_visual, system_tokens=system_tokens, executed=executed
     )
+    if executed:
+        kv = kv_only_token_counts(spec, policy, n_visual=n_visual, system_tokens=system_tokens)
+        counts = [(a, m, k) for (a, m), k in zip(counts, kv)]
     return schedule_flops(spec, counts)
 
 

@@ -108,17 +108,34 @@ class DOPPolicy:
     def has_system_depths(self) -> bool:
         return self.d_A_sys is not None or self.d_P_sys is not None
 
-    def effective(self) -> "DOPPolicy":
-        """The cheapest policy with identical outputs: `(d_A, min(d_P, d_A), n_v)`.
+    def effective(self, num_layers: int) -> "DOPPolicy":
+        """The cheapest policy with identical outputs: `(d_A, min(d_P, max(d_A - 1, 0)), n_v)` for d_A < L.
 
-        Once a visual token leaves MHA (layer >= d_A) nothing reads it again, so its MLP work in layers
-        `d_A .. d_P-1` is dead. The paper's Eq. 11 still counts that work (see flops.policy_tflops).
-        The same holds for the system-token group.
+        Once a visual token leaves MHA (layer >= d_A) nothing reads it again. Its output of layer `d_A - 1`
+        is read by nobody either: the key/value it gives there come from that layer's *input*. So its MLP
+        work in layers `d_A - 1 .. d_P - 1` is dead (and at layer `d_A - 1` its query, attention output and
+        `o_proj` too: the executor runs that layer with the visual tokens as keys/values only). The paper's
+        Eq. 11 still counts the dead work (see flops.policy_tflops). With `d_A = L` (= `num_layers`) the
+        last layer's visual outputs are the model's outputs at those positions, so nothing is dead. The
+        same holds for the system-token group.
         """
+
+        def mlp_depth(d_A: int, d_P: int) -> int:
+            return d_P if d_A >= num_layers else min(d_P, max(d_A - 1, 0))
+
         d_P_sys = self.d_P_sys
         if self.d_A_sys is not None and d_P_sys is not None:
-            d_P_sys = min(d_P_sys, self.d_A_sys)
-        return replace(self, d_P=min(self.d_P, self.d_A), d_P_sys=d_P_sys)
+            d_P_sys = mlp_depth(self.d_A_sys, d_P_sys)
+        return replace(self, d_P=mlp_depth(self.d_A, self.d_P), d_P_sys=d_P_sys)
+
+    def kv_only_layers(self, num_layers: int) -> tuple[int | None, int | None]:
+        """Layer where the visual (resp. system) group takes part in attention as keys/values only:
+        `d_A - 1` (resp. `d_A_sys - 1`) when that depth is in 1..L-1, else None."""
+
+        def last(d: int | None) -> int | None:
+            return d - 1 if d is not None and 1 <= d < num_layers else None
+
+        return last(self.d_A), last(self.d_A_sys)
 
     def resolved_n_v(self, num_visual_tokens: int) -> int:
         """`n_v` with `None` resolved to all visual tokens."""

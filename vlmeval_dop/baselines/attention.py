@@ -43,7 +43,12 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> 
     _, k = apply_rotary_pos_emb(k, k, k_cos, k_sin)
     k = repeat_kv(k, q.shape[1] // k.shape[1])
     scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # (B, heads, Q, K)
-    causal = key_idx[:, None, :] <= query_positions.to(dev)[None, :, None]  # (B, Q, K)
+    qp = query_positions.to(dev)
+    causal = key_idx[:, None, :] <= qp[None, :, None]  # (B, Q, K)
+    if ctx.order is not None:  # a pruner reordered the sequence: causality follows its keys (ties: index)
+        k_ord = torch.gather(ctx.order, 1, key_idx)[:, None, :]
+        q_ord = ctx.order[:, qp][:, :, None]
+        causal = (k_ord < q_ord) | ((k_ord == q_ord) & causal)
     scores = scores.masked_fill(~(key_ok[:, None, :] & causal)[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).mean(dim=1)  # (B, Q, K)
     out = torch.zeros(B, probs.shape[1], N, dtype=probs.dtype, device=dev)

@@ -20,6 +20,8 @@ class DOPCache(DynamicCache):
         dop_key_valid: per layer, (B, K_l) False for filler slots of heterogeneous batches.
         dop_pos_shift: (B,) tokens removed by the reducer before the current end of each sample; later
             tokens' RoPE positions are shifted down by it (contiguous positions, 1D-RoPE families).
+        dop_layer_pos_shift: per layer renumbered by a decoder-side pruner (`PruneDecision.renumber`), the
+            (B,) shift of that layer's positions for later tokens; it replaces `dop_pos_shift` there.
     """
 
     def __init__(self, *args, **kwargs):
@@ -28,7 +30,9 @@ class DOPCache(DynamicCache):
         self.dop_key_index: dict[int, torch.Tensor] = {}
         self.dop_key_valid: dict[int, torch.Tensor] = {}
         self.dop_pos_shift: torch.Tensor | None = None
+        self.dop_layer_pos_shift: dict[int, torch.Tensor] = {}
         self.dop_layer_all_valid: dict[int, bool] = {}  # host flag: no filler slot cached in the layer
+        self.dop_layer_unordered: set[int] = set()  # layers whose entries are not in position order
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.dop_seen
@@ -36,9 +40,15 @@ class DOPCache(DynamicCache):
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return self.dop_seen + query_length, 0
 
-    def record(self, layer_idx: int, index: torch.Tensor, valid: torch.Tensor, all_valid: bool) -> None:
-        """Append the original indices of the entries layer `layer_idx` just cached."""
+    def record(self, layer_idx: int, index: torch.Tensor, valid: torch.Tensor, all_valid: bool, ordered: bool = True) -> None:
+        """Append the original indices of the entries layer `layer_idx` just cached.
+
+        `ordered=False`: these entries precede later ones out of position order (keys/values-only tokens
+        cached before the queries of the same call), so the stock position-ordered masks no longer fit.
+        """
         self.dop_layer_all_valid[layer_idx] = self.dop_layer_all_valid.get(layer_idx, True) and all_valid
+        if not ordered:
+            self.dop_layer_unordered.add(layer_idx)
         if layer_idx in self.dop_key_index:
             self.dop_key_index[layer_idx] = torch.cat([self.dop_key_index[layer_idx], index], dim=1)
             self.dop_key_valid[layer_idx] = torch.cat([self.dop_key_valid[layer_idx], valid], dim=1)
@@ -47,7 +57,9 @@ class DOPCache(DynamicCache):
             self.dop_key_valid[layer_idx] = valid
 
     def is_full_layer(self, layer_idx: int) -> bool:
-        """True if layer `layer_idx` cached every token seen so far (stock masks fit it)."""
+        """True if layer `layer_idx` cached every token seen so far, in position order (stock masks fit it)."""
         if layer_idx not in self.dop_key_index:
             return self.dop_seen == 0
+        if layer_idx in self.dop_layer_unordered:
+            return False
         return self.dop_key_index[layer_idx].shape[1] == self.dop_seen and self.dop_layer_all_valid[layer_idx]

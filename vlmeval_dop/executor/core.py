@@ -16,6 +16,7 @@ restored exactly.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +102,9 @@ class _CallPlan:
     length: int  # tokens in this call
     pad_valid: torch.Tensor  # (B, past+N) bool, 1 = real token
     no_padding: bool  # pad_valid is all True (host flag)
-    attn: list[_TokenSet]  # per layer
+    attn: list[_TokenSet]  # per layer: the tokens that are queries (and keys/values) of its attention
+    # per layer: tokens that take part as keys/values only (visual at d_A-1, system at d_A_sys-1), or None
+    kv_only: list["_TokenSet | None"]
     # per layer: MLP subset as indices into the attn set (None = same), or `_MLPBeyondAttn` when the MLP
     # also runs tokens that skip this layer's attention (single-layer MHA pruning, OperationMask)
     mlp_in_attn: list["_TokenSet | _MLPBeyondAttn | None"]
@@ -112,6 +115,20 @@ class _CallPlan:
     groups: _Groups | None = None
     alive: torch.Tensor | None = None  # (B, N) tokens not dropped (by the reducer or a token pruner)
     stats: list[list[tuple[int, int]]] = field(default_factory=list)  # per layer, per sample (n_attn, n_mlp)
+    # 1D-RoPE families: the model's own positions of this call and the positions layers use now (after the
+    # reducer's and any decoder-side renumbering); None for M-RoPE
+    orig_positions: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    # (B, N) float sequence-order keys set by a decoder-side pruner (None = index order); prefill only
+    order: torch.Tensor | None = None
+    # decoding: per layer renumbered by a decoder-side pruner at prefill, its own (cos, sin)
+    layer_position_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # prefill: per layer, the (B,) decode-position shift a renumbering pruner set (stored in the cache)
+    layer_pos_shift: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def custom_positions(self, i: int) -> bool:
+        """Layer i cannot use the stock layer call: its positions or its sequence order are not the model's."""
+        return self.position_embeddings is not None or i in self.layer_position_embeddings or self.order is not None
 
 
 class DOPHandle:
@@ -141,7 +158,8 @@ class DOPHandle:
         self.policy = policy.validate(self.spec.num_layers)
         self.op_mask = (op_mask or OperationMask()).validate(self.spec.num_layers)
         # effective() still holds with an operation mask: after d_A no layer attends to visual tokens again
-        self.executed_policy = policy.effective()
+        self.executed_policy = policy.effective(self.spec.num_layers)
+        self.kv_only_layers = policy.kv_only_layers(self.spec.num_layers)
         self.reducer = get_reducer(reducer)
         self.token_pruner = token_pruner
         if token_pruner is not None:
@@ -167,6 +185,7 @@ class DOPHandle:
         self.image_token_ids = torch.tensor(self.adapter.image_token_ids(model))
         self.last_layer_tokens: list[tuple[int, int]] = []
         self.last_sample_layer_tokens: list[list[tuple[int, int]]] = []
+        self.last_layer_kv_only: list[int] = []
         self.last_kept: list[torch.Tensor] | None = None
         self._pending: dict[str, Any] | None = None
         self._plan: _CallPlan | None = None
@@ -310,6 +329,12 @@ class DOPHandle:
             cache = DOPCache(config=module.config)
         if cache is not None:
             kwargs["cache"] = cache
+            if getattr(self.token_pruner, "per_step", False):
+                # a per-step method re-ranks at every generated token, which only a cache-free run does
+                raise ValueError(
+                    f"token pruner {self.token_pruner.name!r} has per_step=True and re-ranks at every step; "
+                    "generate with use_cache=False (a cache would freeze its prefill ranking)"
+                )
         past = cache.dop_seen if cache is not None else 0
 
         input_ids = pending.get("input_ids")
@@ -380,29 +405,43 @@ class DOPHandle:
         # --- RoPE positions: model's own, or renumbered as if dropped tokens had never been there
         position_ids = kwargs.get("position_ids")
         position_embeddings = None
-        shift_before = None
+        orig_positions = positions = None
+        layer_position_embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.adapter.contiguous_positions:
+            if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2:
+                orig_positions = position_ids.to(device).expand(B, N)
+            else:
+                orig_positions = (torch.arange(N, device=device) + past).unsqueeze(0).expand(B, N)
+            positions = orig_positions
             prior = cache.dop_pos_shift if cache is not None and cache.dop_pos_shift is not None else None
             if bool(dropped.any()) or prior is not None:
                 if position_ids is None:
-                    position_ids = (torch.arange(N, device=device) + past).unsqueeze(0).expand(B, N)
+                    position_ids = orig_positions
                 base = prior.to(device)[:, None] if prior is not None else torch.zeros(B, 1, dtype=torch.long, device=device)
                 shift_before = base + torch.cumsum(dropped.long(), dim=1) - dropped.long()
-                new_pos = position_ids.expand(B, N) - shift_before
-                position_embeddings = module.rotary_emb(embeds, new_pos)
+                positions = orig_positions - shift_before
+                position_embeddings = module.rotary_emb(embeds, positions)
                 if cache is not None:
                     cache.dop_pos_shift = base[:, 0] + dropped.long().sum(1)
+            if cache is not None and cache.dop_layer_pos_shift and past > 0:
+                # layers a decoder-side pruner renumbered at prefill continue from their own sequence length
+                by_shift: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                for layer_idx, shift in cache.dop_layer_pos_shift.items():
+                    if id(shift) not in by_shift:
+                        by_shift[id(shift)] = module.rotary_emb(embeds, orig_positions - shift.to(device)[:, None])
+                    layer_position_embeddings[layer_idx] = by_shift[id(shift)]
 
         # --- per-layer token sets
         sys_mask = self._system_mask(visual, pad_valid[:, past:]) if self.policy.has_system_depths and past == 0 else None
         groups = _Groups(visual, sys_mask, bool(visual.any()), sys_mask is not None and bool(sys_mask.any()))
-        attn_sets, mlp_sets = self._layer_sets(~dropped, groups, 0)
+        attn_sets, kv_sets, mlp_sets = self._layer_sets(~dropped, groups, 0)
         self._plan = _CallPlan(
             past=past,
             length=N,
             pad_valid=pad_valid,
             no_padding=bool(pad_valid.all()),
             attn=attn_sets,
+            kv_only=kv_sets,
             mlp_in_attn=mlp_sets,
             position_embeddings=position_embeddings,
             position_ids=position_ids,
@@ -410,15 +449,20 @@ class DOPHandle:
             replay=pending.get("replay"),
             groups=groups,
             alive=~dropped,
+            orig_positions=orig_positions,
+            positions=positions,
+            layer_position_embeddings=layer_position_embeddings,
         )
         return args, kwargs
 
-    def _layer_sets(self, alive: torch.Tensor, groups: "_Groups", start: int) -> tuple[list, list]:
+    def _layer_sets(self, alive: torch.Tensor, groups: "_Groups", start: int) -> tuple[list, list, list]:
         """Token sets of layers `start..L-1` given the tokens still alive (not dropped before the decoder
-        or by a decoder-side pruner)."""
+        or by a decoder-side pruner): attention queries, keys/values-only tokens, MLP."""
         p, L = self.executed_policy, self.spec.num_layers
+        kv_vis_layer, kv_sys_layer = self.kv_only_layers
         sets: dict[tuple[bool, bool], _TokenSet] = {}
         attn_sets: list[_TokenSet] = []
+        kv_sets: list[_TokenSet | None] = []
         mlp_sets: list[_TokenSet | _MLPBeyondAttn | None] = []
         for layer in range(start, L):
             a_in, m_in = self.op_mask.visual_in(layer)
@@ -426,10 +470,19 @@ class DOPHandle:
             m_vis = (layer < p.d_P and m_in) or not groups.any_visual
             a_sys = p.d_A_sys is None or layer < p.d_A_sys or not groups.any_system
             m_sys = p.d_P_sys is None or layer < p.d_P_sys or not groups.any_system
-            if (a_vis, a_sys) not in sets:
-                sets[(a_vis, a_sys)] = _TokenSet.from_mask(groups.keep(alive, a_vis, a_sys))
-            attn = sets[(a_vis, a_sys)]
+            # the last layer a group attends in: its outputs there are read by nobody, so it is only keys/values
+            kv_vis = a_vis and groups.any_visual and layer == kv_vis_layer
+            kv_sys = a_sys and groups.any_system and layer == kv_sys_layer
+            q_vis, q_sys = a_vis and not kv_vis, a_sys and not kv_sys
+            if (q_vis, q_sys) not in sets:
+                sets[(q_vis, q_sys)] = _TokenSet.from_mask(groups.keep(alive, q_vis, q_sys))
+            attn = sets[(q_vis, q_sys)]
             attn_sets.append(attn)
+            if kv_vis or kv_sys:
+                kv_sets.append(_TokenSet.from_mask(groups.keep(alive, a_vis, a_sys) & ~groups.keep(alive, q_vis, q_sys)))
+            else:
+                kv_sets.append(None)
+            a_vis, a_sys = q_vis, q_sys  # the MLP set below relates to the query set
             if (a_vis, a_sys) == (m_vis, m_sys):
                 mlp_sets.append(None)
             elif (m_vis and not a_vis) or (m_sys and not a_sys):  # MLP runs tokens the MHA skipped
@@ -437,7 +490,7 @@ class DOPHandle:
             else:
                 within = torch.gather(groups.keep(alive, m_vis, m_sys), 1, attn.index) & attn.valid
                 mlp_sets.append(_TokenSet.from_mask(within))
-        return attn_sets, mlp_sets
+        return attn_sets, kv_sets, mlp_sets
 
     def _decoder_post_hook(self, module, args, kwargs, output):
         plan, self._plan = self._plan, None
@@ -445,11 +498,14 @@ class DOPHandle:
             return None
         if plan.cache is not None:
             plan.cache.dop_seen = plan.past + plan.length
+            if plan.past == 0:
+                plan.cache.dop_layer_pos_shift = dict(plan.layer_pos_shift)
         if plan.past == 0:
             self.last_sample_layer_tokens = plan.stats
             self.last_layer_tokens = [
                 (sum(a for a, _ in layer), sum(m for _, m in layer)) for layer in plan.stats
             ]
+            self.last_layer_kv_only = [0 if kv is None else sum(kv.counts) for kv in plan.kv_only]
         return None
 
     @staticmethod
@@ -482,6 +538,11 @@ class DOPHandle:
         attn = plan.attn[i]
         took_part = torch.zeros_like(plan.alive)
         took_part.scatter_(1, attn.index, attn.valid)
+        if plan.kv_only[i] is not None:
+            took_part.scatter_(1, plan.kv_only[i].index, plan.kv_only[i].valid | took_part.gather(1, plan.kv_only[i].index))
+        layers = self.adapter.decoder_layers(self.model)
+        B, N = plan.alive.shape
+        order = plan.order if plan.order is not None else _index_order(B, N, plan.alive.device)
         ctx = DecoderPruneContext(
             layer_idx=i,
             layer=layer,
@@ -492,12 +553,17 @@ class DOPHandle:
             pad_valid=plan.pad_valid[:, plan.past :],
             position_embeddings=plan.position_embeddings or kwargs.get("position_embeddings"),
             model=self.model,
+            position_ids=plan.positions,
+            order=order,
+            next_layer=layers[i + 1] if i + 1 < len(layers) else None,
         )
         result = self.token_pruner.select(ctx)
         if result is None:
             return
+        renumber, new_order = False, None
         if isinstance(result, PruneDecision):
             drop, upd, values = result.drop, result.update_mask, result.update_values
+            renumber, new_order = result.renumber, result.order
         elif isinstance(result, torch.Tensor):
             drop, upd, values = result, None, None
         else:
@@ -525,26 +591,63 @@ class DOPHandle:
                 raise ValueError(f"layer {i} is replayed from a cached run; its output cannot be overwritten")
             b, n = torch.nonzero(upd, as_tuple=True)
             hidden_out[b, n] = values.to(device=hidden_out.device, dtype=hidden_out.dtype)
-        if drop is None:
-            return
-        plan.alive = plan.alive & ~drop.to(plan.alive.device)
-        attn_sets, mlp_sets = self._layer_sets(plan.alive, plan.groups, i + 1)
-        plan.attn[i + 1 :] = attn_sets
-        plan.mlp_in_attn[i + 1 :] = mlp_sets
+        if new_order is not None:
+            if tuple(new_order.shape) != shape or new_order.is_complex() or new_order.dtype == torch.bool:
+                raise ValueError(f"token pruner {self.token_pruner.name!r}: order must be a {shape} real tensor")
+            plan.order = new_order.to(device=plan.alive.device, dtype=torch.float64)
+        if drop is not None:
+            plan.alive = plan.alive & ~drop.to(plan.alive.device)
+            attn_sets, kv_sets, mlp_sets = self._layer_sets(plan.alive, plan.groups, i + 1)
+            plan.attn[i + 1 :] = attn_sets
+            plan.kv_only[i + 1 :] = kv_sets
+            plan.mlp_in_attn[i + 1 :] = mlp_sets
+        if renumber:
+            self._renumber(i, plan, hidden_out)
+
+    def _renumber(self, i: int, plan: _CallPlan, hidden_out: torch.Tensor) -> None:
+        """Contiguous positions for the survivors from layer i+1 on, in sequence order (the official
+        `position_ids = arange(len)` of a rebuilt sequence), and the matching decode-position shift."""
+        if plan.positions is None:
+            raise ValueError(
+                f"token pruner {self.token_pruner.name!r} renumbers positions, which needs 1D RoPE; family "
+                f"{self.adapter.family!r} uses M-RoPE"
+            )
+        B, N = plan.alive.shape
+        dev = plan.alive.device
+        # padding occupies positions as in the model's own numbering; dropped tokens do not
+        counted = plan.alive | ~plan.pad_valid[:, plan.past :]
+        keys = plan.order if plan.order is not None else _index_order(B, N, dev)
+        keys = keys.masked_fill(~counted, float("inf"))
+        perm = torch.sort(keys, dim=1, stable=True).indices  # ties keep index order
+        rank = torch.empty_like(perm).scatter_(1, perm, torch.arange(N, device=dev).expand(B, N))
+        first = plan.positions.masked_fill(~counted, torch.iinfo(torch.long).max).min(1, keepdim=True).values
+        new_pos = first + rank
+        plan.positions = new_pos
+        plan.position_embeddings = self._lm.rotary_emb(hidden_out, new_pos)
+        # decoding: the next token follows the last token of this layer's (rebuilt) sequence
+        last = torch.gather(perm, 1, (counted.sum(1, keepdim=True) - 1).clamp(min=0))
+        shift = (torch.gather(plan.orig_positions, 1, last) - torch.gather(new_pos, 1, last))[:, 0]
+        for layer in range(i + 1, self.spec.num_layers):
+            plan.layer_pos_shift[layer] = shift
 
     def _layer_forward(self, i, layer, original, plan: _CallPlan, hidden, args, kwargs) -> torch.Tensor:
         attn = plan.attn[i]
+        kv_only = plan.kv_only[i]
         mlp_sub = plan.mlp_in_attn[i]
         cache = plan.cache
         B = hidden.shape[0]
-        plan.stats.append(list(zip(attn.counts, attn.counts if mlp_sub is None else mlp_sub.counts)))
+        n_attn = attn.counts if kv_only is None else [a + k for a, k in zip(attn.counts, kv_only.counts)]
+        plan.stats.append(list(zip(n_attn, attn.counts if mlp_sub is None else mlp_sub.counts)))
         cache_full = cache is None or cache.is_full_layer(i)
         if plan.replay is not None and i in plan.replay:
-            if not (attn.everything and mlp_sub is None and plan.position_embeddings is None and cache is None):
+            # a keys/values-only layer may be replayed too: its other tokens' outputs equal the unpruned run's,
+            # and the keys/values-only tokens' outputs are read by nobody
+            unpruned = attn.everything or (kv_only is not None and bool((plan.alive | ~plan.pad_valid[:, plan.past :]).all()))
+            if not (unpruned and mlp_sub is None and plan.position_embeddings is None and cache is None):
                 raise ValueError(f"layer {i} is pruned under {self.policy}; only an unpruned prefix can be replayed")
             plan.stats[-1] = [(0, 0)] * B  # nothing computed
             return plan.replay[i]
-        if attn.everything and mlp_sub is None and plan.position_embeddings is None and cache_full:
+        if attn.everything and kv_only is None and mlp_sub is None and not plan.custom_positions(i) and cache_full:
             out = original(hidden, *args, **kwargs)
             if cache is not None and kwargs.get("use_cache", True):
                 self._record(cache, i, plan, attn)
@@ -554,7 +657,7 @@ class DOPHandle:
             raise TypeError("DOP layer forward expects keyword arguments after hidden_states")
         kwargs = dict(kwargs)
         kwargs.pop("attention_mask", None)
-        pos_emb = plan.position_embeddings or kwargs.pop("position_embeddings")
+        pos_emb = plan.layer_position_embeddings.get(i) or plan.position_embeddings or kwargs.pop("position_embeddings")
         kwargs.pop("position_embeddings", None)
         position_ids = kwargs.pop("position_ids", None)
         use_cache = kwargs.pop("use_cache", False)
@@ -567,7 +670,22 @@ class DOPHandle:
             position_ids = torch.gather(position_ids.expand(B, -1), 1, idx)
         else:
             position_ids = None
-        mask = self._attention_mask(i, plan, attn, x.dtype)
+        attn_cache = cache
+        prefix = None
+        if kv_only is not None:
+            # keys/values of the keys-only tokens, placed before this call's queries' own in the layer's cache
+            k, v = _project_kv(
+                layer,
+                _gather(hidden, kv_only.index),
+                tuple(_gather(t.expand(B, *t.shape[1:]) if t.shape[0] != B else t, kv_only.index) for t in pos_emb),
+            )
+            if cache is not None:
+                cache.update(k, v, i)
+                cache.record(i, kv_only.index + plan.past, kv_only.valid, kv_only.all_valid, ordered=False)
+            else:
+                attn_cache = _PrefixKV(k, v)
+                prefix = (kv_only.index + plan.past, kv_only.valid)
+        mask = self._attention_mask(i, plan, attn, x.dtype, prefix=prefix)
 
         residual = x
         h = layer.input_layernorm(x)
@@ -575,7 +693,7 @@ class DOPHandle:
             hidden_states=h,
             attention_mask=mask,
             position_ids=position_ids,
-            cache=cache,
+            cache=attn_cache,
             use_cache=use_cache,
             position_embeddings=(cos, sin),
             **kwargs,
@@ -600,23 +718,42 @@ class DOPHandle:
     def _record(self, cache: DOPCache, i: int, plan: _CallPlan, attn: _TokenSet) -> None:
         cache.record(i, attn.index + plan.past, attn.valid, attn.all_valid)
 
-    def _attention_mask(self, i: int, plan: _CallPlan, attn: _TokenSet, dtype: torch.dtype) -> torch.Tensor | None:
-        """Mask over (this call's kept queries) x (cached + current kept keys), in original coordinates."""
+    def _attention_mask(
+        self,
+        i: int,
+        plan: _CallPlan,
+        attn: _TokenSet,
+        dtype: torch.dtype,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
+        """Mask over (this call's kept queries) x (cached or `prefix` keys + current kept keys), in original
+        coordinates. `prefix`: (positions, valid) of keys-only tokens handed to attention without a cache."""
         cache = plan.cache
         q_pos = attn.index + plan.past
         q_valid = attn.valid
         if cache is not None and i in cache.dop_key_index:
             k_pos = torch.cat([cache.dop_key_index[i], q_pos], dim=1)
             k_slot = torch.cat([cache.dop_key_valid[i], q_valid], dim=1)
+        elif prefix is not None:
+            k_pos = torch.cat([prefix[0], q_pos], dim=1)
+            k_slot = torch.cat([prefix[1], q_valid], dim=1)
         else:
             k_pos, k_slot = q_pos, q_valid
         past_ok = cache is None or cache.dop_layer_all_valid.get(i, True)
-        if self.attn_impl == "sdpa" and plan.no_padding and attn.all_valid and past_ok:
+        if self.attn_impl == "sdpa" and plan.no_padding and attn.all_valid and past_ok and plan.order is None:
             # causal order survives gathering, so sdpa's own causal path (and fast kernels) apply
             if k_pos.shape[1] == q_pos.shape[1] or q_pos.shape[1] == 1:
                 return None
         k_valid = k_slot & torch.gather(plan.pad_valid, 1, k_pos)
-        allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+        if plan.order is not None:  # a pruner reordered the sequence (prefill: keys are this call's tokens)
+            q_ord = torch.gather(plan.order, 1, attn.index)
+            k_ord = torch.gather(plan.order, 1, k_pos - plan.past)
+            before = (k_ord[:, None, :] < q_ord[:, :, None]) | (
+                (k_ord[:, None, :] == q_ord[:, :, None]) & (k_pos[:, None, :] <= q_pos[:, :, None])
+            )
+            allowed = k_valid[:, None, :] & before
+        else:
+            allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
         # a row with no visible key (left padding, filler) would give NaNs that leak through V; let it see all
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         allowed = allowed[:, None]
@@ -625,6 +762,40 @@ class DOPHandle:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
         )
+
+
+class _PrefixKV:
+    """Stands in for a cache in one attention call without cache: the stock attention's
+    `cache.update(k, v, ...)` returns the keys-only tokens' keys/values followed by the queries' own."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        self.key, self.value = key, value
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.key, key_states], dim=2), torch.cat([self.value, value_states], dim=2)
+
+
+def _project_kv(layer: nn.Module, x: torch.Tensor, pos_emb: tuple[torch.Tensor, torch.Tensor]):
+    """Keys/values (B, kv_heads, K, head_dim) of tokens `x` (B, K, H) in `layer`'s attention, computed with
+    the layer's own modules and its family's RoPE function, exactly as its stock forward computes them."""
+    attn = layer.self_attn
+    B, K, _ = x.shape
+    h = layer.input_layernorm(x)
+    shape = (B, K, -1, attn.head_dim)
+    k = attn.k_proj(h).view(shape)
+    if getattr(attn, "k_norm", None) is not None:  # Qwen3-style per-head key norm
+        k = attn.k_norm(k)
+    k = k.transpose(1, 2)
+    v = attn.v_proj(h).view(shape).transpose(1, 2)
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    cos, sin = pos_emb
+    _, k = rope(k, k, cos, sin)
+    return k, v
+
+
+def _index_order(B: int, N: int, device) -> torch.Tensor:
+    """Sequence-order keys of an unreordered call: the token index."""
+    return torch.arange(N, device=device, dtype=torch.float64).expand(B, N)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

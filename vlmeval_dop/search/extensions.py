@@ -27,6 +27,7 @@ from .optimize import (
     _n_lo,
     _result,
     _smallest_feasible_budget,
+    admissible_depths,
     cheapest_depths,
     closed_form_flops,
     optimize,
@@ -65,8 +66,8 @@ def optimize_with_system(
 ) -> SearchResult:
     """Eq. 14: minimise ``D_A_sys + D_P_sys + D_A + D_P + D_v`` over ``(d_A_sys, d_P_sys, d_A, d_P, n_v)``.
 
-    The same rules as :mod:`.optimize` (range, dominance for both groups: ``d_P <= d_A`` and
-    ``d_P_sys <= d_A_sys``; ties: fewer FLOPs, then the lexicographically smallest
+    The same rules as :mod:`.optimize` (range, dominance for both groups: ``d_P <= max(d_A - 1, 0)`` unless
+    ``d_A = L``, likewise for the system depths, :func:`.optimize.admissible_depths`; ties: fewer FLOPs, then the lexicographically smallest
     ``(d_A, d_P, n_v, d_A_sys, d_P_sys)``). ``system_tokens`` are part of ``text_tokens``.
 
     Exact but not a 5-D broadcast ((L+1)^4 N_v is 8e9 cells for LLaVA-NeXT-13B): for fixed depths the
@@ -92,7 +93,7 @@ def optimize_with_system(
     limit = budget * full
     T = text_tokens
 
-    a, p = (x.astype(np.float64) for x in np.tril_indices(L + 1))  # pairs with d_P <= d_A, in (d_A, d_P) order
+    a, p = (x.astype(np.float64) for x in np.nonzero(admissible_depths(L)))  # undominated pairs, (d_A, d_P) order
     A, P = a[None, :], p[None, :]  # visual pairs along axis 1
     As, Ps = a[:, None], p[:, None]  # system pairs along axis 0
 
@@ -119,7 +120,7 @@ def optimize_with_system(
         n_hi = n_hi + up - down
     feasible = n_hi >= n_lo
     best_n = _prefix_argmin(tables.D_v, n_lo)[np.clip(n_hi, 0, N_v)]
-    ia, ip = np.tril_indices(L + 1)
+    ia, ip = np.nonzero(admissible_depths(L))
     sys_part = tables.D_A_sys[ia] + tables.D_P_sys[ip]
     obj = ((sys_part[:, None] + tables.D_A[ia][None, :]) + tables.D_P[ip][None, :]) + tables.D_v[best_n]
     obj = np.where(feasible & np.isfinite(obj), obj, np.inf)
@@ -189,9 +190,10 @@ def brute_force_optimize_with_system(
     for a, p, n, sa, sp in itertools.product(range(L + 1), range(L + 1), range(1, N_v + 1), range(L + 1), range(L + 1)):
         if n < n_min:
             continue
+        eff = DOPPolicy(a, p, n, sa, sp).effective(L)  # dominated policies score as their effective form
         obj = (
-            float(tables.D_A_sys[sa]) + float(tables.D_P_sys[min(sp, sa)]) + float(tables.D_A[a])
-            + float(tables.D_P[min(p, a)]) + float(tables.D_v[n])
+            float(tables.D_A_sys[sa]) + float(tables.D_P_sys[eff.d_P_sys]) + float(tables.D_A[a])
+            + float(tables.D_P[eff.d_P]) + float(tables.D_v[n])
         )
         if not math.isfinite(obj):
             continue
@@ -297,7 +299,7 @@ def joint_grid_search(
         grid = [t for t, f in zip(grid, fl) if f <= limit]
     seen: dict[tuple[int, int, int], None] = {}
     for a, p, n in grid:
-        seen.setdefault((a, min(p, a), n), None)
+        seen.setdefault((a, DOPPolicy(a, p, n).effective(L).d_P, n), None)
     records = []
     for a, p, n in seen:
         pol = DOPPolicy(int(a), int(p), int(n)).validate(L, N_v)

@@ -8,13 +8,15 @@ Choices (the paper leaves them open or gets them wrong):
 * **Range.** ``d_A, d_P in 0..L`` and ``n_v in 1..N_v``. Eq. 3 allows ``n_v = 0``, but ``(d_A, d_P, 0)`` has the
   same outputs *and* the same FLOPs as ``(0, 0, n_v)`` for any ``n_v`` (no visual token is processed
   anywhere), and the executor/DOPPolicy need ``n_v >= 1``; so ``n_v = 0`` adds nothing.
-* **Dominance** (DESIGN "Effective policy"). A policy with ``d_P > d_A`` computes MLP outputs for visual
-  tokens in layers ``d_A..d_P-1`` that nothing reads: it has the outputs of ``(d_A, d_A, n_v)``, whose Eq. 11
-  count is strictly lower. The additive estimate wrongly credits it with ``D_P(d_P) < D_P(d_A)`` (``D_P`` was
-  measured with ``d_A = L``). The true objective of the dominated policy is that of ``(d_A, d_A, n_v)``, so
-  the search enumerates ``d_P <= d_A`` only; this loses no policy with distinct outputs and never returns
-  a dominated one. On that set the paper's count and the executed count coincide. The paper's own
-  policies (Tables 15/16/22) all have ``d_P <= d_A``.
+* **Dominance** (DESIGN "Effective policy"). For ``d_A < L`` a visual token's output of layer ``d_A - 1`` is
+  read by nobody (the keys/values it gives there come from that layer's input), so a policy with
+  ``d_P >= d_A`` computes dead MLP work in layers ``d_A-1..d_P-1``: it has the outputs of
+  ``(d_A, max(d_A-1, 0), n_v)`` (:meth:`DOPPolicy.effective`), whose Eq. 11 count is strictly lower. The
+  additive estimate wrongly credits it with ``D_P(d_P) < D_P(d_A-1)`` (``D_P`` was measured with
+  ``d_A = L``). So the search enumerates ``d_P <= max(d_A - 1, 0)`` for ``d_A < L`` and any ``d_P`` for
+  ``d_A = L`` (:func:`admissible_depths`); this loses no policy with distinct outputs and never returns a
+  dominated one. The executed count is still lower than the paper's: at ``d_A - 1`` the visual tokens are
+  keys/values only. The paper's own policies (Tables 15/16/22) all have ``d_P <= d_A - 2``.
 * **FLOPs** are the paper's Eq. 11 count (:mod:`vlmeval_dop.flops`), decoder prefill, including the
   non-visual ``text_tokens``; the constraint is ``FLOPs <= budget * full`` with both sides in float64
   (all FLOP counts are integers below 2**53, so they are exact).
@@ -69,7 +71,7 @@ class SearchResult:
     """The chosen policy and what the search knows about it.
 
     Attributes:
-        policy: the optimum (never dominated: ``d_P <= d_A``).
+        policy: the optimum (never dominated: ``d_P <= max(d_A - 1, 0)`` or ``d_A = L``).
         objective: predicted divergence, the sum of ``terms``.
         terms: the individual interpolated divergences, ``{"D_A": .., "D_P": .., "D_v": ..}`` (+ system terms).
         budget: the budget searched for (fraction of full FLOPs).
@@ -181,16 +183,26 @@ def _min_finite(values: np.ndarray, at_least: int = 0) -> int | None:
     return None if idx.size == 0 else int(idx[0]) + at_least
 
 
-def cheapest_depths(D_A: np.ndarray, D_P: np.ndarray) -> tuple[int, int] | None:
-    """Componentwise-smallest ``(d_A, d_P)`` with finite estimates and ``d_P <= d_A``.
+def admissible_depths(L: int) -> np.ndarray:
+    """(L+1, L+1) bool, ``[d_A, d_P]`` True where the pair is not dominated by its effective form:
+    ``d_P <= max(d_A - 1, 0)`` for ``d_A < L``, every ``d_P`` for ``d_A = L``."""
+    a = np.arange(L + 1)[:, None]
+    p = np.arange(L + 1)[None, :]
+    return (p <= np.maximum(a - 1, 0)) | (a == L)
 
-    FLOPs grow with each depth, so this pair is the cheapest non-dominated one (every admissible pair has
-    ``d_P >= p0`` and ``d_A >= d_P >= p0`` with ``D_A(d_A)`` finite, hence ``d_A >= a0``).
+
+def cheapest_depths(D_A: np.ndarray, D_P: np.ndarray) -> tuple[int, int] | None:
+    """Componentwise-smallest admissible ``(d_A, d_P)`` (:func:`admissible_depths`) with finite estimates.
+
+    FLOPs grow with each depth, so this pair is the cheapest non-dominated one: every admissible pair has
+    ``d_P >= p0`` and then ``d_A >= min(p0 + 1, L)`` (``d_A >= 0`` when ``p0 = 0``) with ``D_A(d_A)`` finite,
+    hence ``d_A >= a0``.
     """
+    L = len(D_A) - 1
     p0 = _min_finite(D_P)
     if p0 is None:
         return None
-    a0 = _min_finite(D_A, p0)
+    a0 = _min_finite(D_A, 0 if p0 == 0 else min(p0 + 1, L))
     return None if a0 is None else (a0, p0)
 
 
@@ -284,10 +296,10 @@ class PolicySearch:
         mlp = closed_form_flops(spec, text_tokens, 0.0, d[:, None], n[None, :]) - closed_form_flops(spec, text_tokens, 0.0, 0.0, 0.0)
         self.flops = attn[:, None, :] + mlp[None, :, :]  # (L+1, L+1, N_v), index [d_A, d_P, n_v - 1]
         t = self.tables
-        # (D_A + D_P) + D_v, with dominated pairs (d_P > d_A) set to +inf; tables hold finite values or +inf
-        # only, so every inadmissible cell ends up +inf without a separate mask
+        # (D_A + D_P) + D_v, with dominated pairs set to +inf; tables hold finite values or +inf only, so
+        # every inadmissible cell ends up +inf without a separate mask
         pair = t.D_A[:, None] + t.D_P[None, :]
-        pair[np.triu_indices(L + 1, k=1)] = np.inf
+        pair[~admissible_depths(L)] = np.inf
         self.objective = pair[:, :, None] + t.D_v[None, None, 1:]
         self.full = full_flops(spec, text_tokens)
 
@@ -436,7 +448,8 @@ def brute_force_optimize(
             for n in range(1, N_v + 1):
                 if n < n_min_eff:
                     continue
-                obj = float(tables.D_A[a]) + float(tables.D_P[min(p, a)]) + float(tables.D_v[n])
+                eff = DOPPolicy(a, p, n).effective(L)  # a dominated policy scores as its effective form
+                obj = float(tables.D_A[a]) + float(tables.D_P[eff.d_P]) + float(tables.D_v[n])
                 if not math.isfinite(obj):
                     continue
                 f = policy_flops(spec, DOPPolicy(a, p, n), text_tokens)

@@ -162,8 +162,12 @@ def profile_batch(
     reducer_cache: dict[str, Any] = {}  # reducer scores shared by all n_v points of this batch
 
     def variant(handle, policy: DOPPolicy) -> torch.Tensor:
-        eff = policy.effective()
-        prefix = min(eff.d_A, eff.d_P) if policy.n_v is None else 0  # layers identical to the unpruned run
+        L = len(full.layer_outputs)
+        eff = policy.effective(L)
+        # layers whose (read) outputs equal the unpruned run's; the keys/values-only layer d_A-1 is one of
+        # them when the MLP depth reaches it
+        shared = eff.d_A if eff.d_A < L and eff.d_P >= eff.d_A - 1 else eff.d_P
+        prefix = min(eff.d_A, shared) if policy.n_v is None else 0
         return handle.run_decoder(
             full.decoder_kwargs,
             inputs["input_ids"],
