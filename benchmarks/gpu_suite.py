@@ -20,7 +20,8 @@ Parts (`--parts`, default all; each model's segment of a part is timed as it run
             label (n_e tokens in every layer), prefill latency (paper Table 3: 44 vs 45 ms).
 - overhead: the executor at the full policy vs stock transformers, prefill and a `--decode-tokens` decode,
             interleaved pairs (target <= 2 %).
-- memory:   peak CUDA memory of a prefill and of a `--decode-tokens`-token generate, DOP_CD vs full.
+- memory:   peak CUDA memory of a prefill and of a `--decode-tokens`-token generate (timed once: Table 3's
+            per-sample latency at a fixed length), DOP_CD vs the stock model.
 - search:   divergence-profiling time for `--search-samples` samples (ours: prefix sharing, vision once,
             batched, sdpa; CDPruner for the D_v curve as DOP_CD), plus the paper's procedure (3I+1 full
             runs, batch 1, eager) on `--naive-samples` samples; paper Table 14: 5 / 12 min on an A100 for
@@ -555,28 +556,28 @@ def part_memory(seg: Segment, full_cache: dict) -> None:
     set_attn(b.model, attn)
     weights = sum(p.numel() * p.element_size() for p in b.model.parameters())
 
-    def peak(fn) -> tuple[float | None, float | None]:
+    def peak(fn) -> tuple[float | None, float | None, float]:
+        """Peak allocated GiB during `fn` (absolute, and above what was allocated before) and its ms."""
         if not s.cuda:
             with torch.no_grad():
-                fn()  # the same code path; CPU peak memory is not measured
-            return None, None
+                ms = timed_ms(fn, s.device)  # the same code path; CPU peak memory is not measured
+            return None, None, ms
         sync(s.device)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         with torch.no_grad():
-            fn()
-        sync(s.device)
+            ms = timed_ms(fn, s.device)
         top = torch.cuda.max_memory_allocated()
-        return top / 2**30, (top - base) / 2**30
+        return top / 2**30, (top - base) / 2**30, ms
 
     def unit(policy, reducer):
         with dop(b, policy, reducer):
             with torch.no_grad():
                 b.prefill()()  # warm-up: lazily allocated workspaces belong to neither measurement
-            p_peak, p_above = peak(b.prefill())
-            d_peak, d_above = peak(b.generate(s.decode_tokens))
+            p_peak, p_above, _ = peak(b.prefill())
+            d_peak, d_above, d_ms = peak(b.generate(s.decode_tokens))
         return {"prefill_peak_gib": p_peak, "prefill_above_gib": p_above, "decode_peak_gib": d_peak,
-                "decode_above_gib": d_above}
+                "decode_above_gib": d_above, "sample_ms": d_ms}
 
     from vlmeval_dop.policy import DOPPolicy
 
@@ -726,12 +727,15 @@ def markdown(report: dict) -> str:
         out.append("")
     if "memory" in parts:
         out += ["## Peak memory (GiB): prefill and generate, DOP_CD vs stock", "",
-                "| model | method | policy | TFLOPs | weights | prefill peak | prefill above weights | generate peak | generate above weights | tokens |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "Peak allocated during the call; 'above start' = over what was allocated when it began (weights, "
+                "inputs, the CLIP text tower), i.e. activations and KV cache.", "",
+                "| model | method | policy | TFLOPs | weights | prefill peak | prefill above start | generate peak | generate above start | tokens | generate ms (1 run) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in parts["memory"]["rows"]:
             out.append(f"| {r['model']} | {r['method']} | {r['policy']} | {_fmt(r['tflops_ratio'], 1, True)} | "
                        f"{_fmt(r['weights_gib'], 2)} | {_fmt(r['prefill_peak_gib'], 2)} | {_fmt(r['prefill_above_gib'], 2)} | "
-                       f"{_fmt(r['decode_peak_gib'], 2)} | {_fmt(r['decode_above_gib'], 2)} | {r['decode_tokens']} |")
+                       f"{_fmt(r['decode_peak_gib'], 2)} | {_fmt(r['decode_above_gib'], 2)} | {r['decode_tokens']} | "
+                       f"{_fmt(r['sample_ms'])} |")
         if any(not r["measured"] for r in parts["memory"]["rows"]):
             out.append("\n(CPU run: peak memory is measured on CUDA only; the rows show the code path ran.)")
         out.append("")
