@@ -22,6 +22,8 @@ Parts (`--parts`, default all; each model's segment of a part is timed as it run
             interleaved pairs (target <= 2 %).
 - memory:   peak CUDA memory of a prefill and of a `--decode-tokens`-token generate (timed once: Table 3's
             per-sample latency at a fixed length), DOP_CD vs the stock model.
+- reducers: each reducer's selection cost (benchmarks/reducer_cost.py, random inputs of the real sizes) over
+            the pruned prefill it enables on the model (n_keep tokens in every layer).
 - search:   divergence-profiling time for `--search-samples` samples (ours: prefix sharing, vision once,
             batched, sdpa; CDPruner for the D_v curve as DOP_CD), plus the paper's procedure (3I+1 full
             runs, batch 1, eager) on `--naive-samples` samples; paper Table 14: 5 / 12 min on an A100 for
@@ -67,13 +69,13 @@ for _p in (str(ROOT), str(HERE)):  # the package from this checkout; reproduce/ 
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-PARTS = ("latency", "cdpruner", "overhead", "memory", "search")
+PARTS = ("latency", "cdpruner", "overhead", "memory", "reducers", "search")
 MODELS = ("llava15_7b", "llavanext_7b")
 TINY_FAMILY = {"llava15_7b": "llava15", "llavanext_7b": "llavanext"}
 # seconds per part (all models together); with the model builds they fit TOTAL_CAP on an H100/H200
-CAPS = {"latency": 100.0, "cdpruner": 80.0, "overhead": 60.0, "memory": 50.0, "search": 190.0}
+CAPS = {"latency": 100.0, "cdpruner": 75.0, "overhead": 60.0, "memory": 45.0, "reducers": 20.0, "search": 180.0}
 TOTAL_CAP = 540.0
-SMOKE_CAPS = {"latency": 10.0, "cdpruner": 10.0, "overhead": 8.0, "memory": 8.0, "search": 12.0}
+SMOKE_CAPS = {"latency": 10.0, "cdpruner": 10.0, "overhead": 8.0, "memory": 8.0, "reducers": 6.0, "search": 12.0}
 SMOKE_TOTAL_CAP = 55.0
 SEARCH_BATCH = {"llava15_7b": 8, "llavanext_7b": 4}  # halved on CUDA out-of-memory
 OVERHEAD_TARGET_PCT = 2.0
@@ -658,9 +660,45 @@ def part_search(seg: Segment, full_cache: dict) -> None:
                               "notes": r["notes"]})
 
 
+def part_reducers(seg: Segment, full_cache: dict) -> None:
+    """Each reducer's selection (benchmarks/reducer_cost.py, random inputs of the model's real sizes) against
+    the pruned prefill it enables on this model (n_keep tokens in every layer, uniform reducer)."""
+    import reducer_cost
+    from vlmeval_dop.policy import DOPPolicy
+
+    b, s = seg.bench, seg.s
+    name, crops, n_keep, newlines = reducer_cost.SETTINGS[0 if b.spec.family == "llava" else 1]
+    sizes: dict[str, int] = {}
+    if s.smoke:  # the tiny model's sizes, widths of the tiny towers
+        patches = b.spec.visual_tokens // crops
+        n_keep = max(crops, round(n_keep * patches / 576))
+        newlines = b.spec.visual_extra_tokens
+        sizes = {"patches": patches, "width": b.spec.hidden_size, "clip_width": 32, "emb_width": 32}
+        name = f"{name.split()[0]} tiny {crops * patches}->{n_keep}"
+    torch.manual_seed(0)
+    cases = reducer_cost.reducer_cases(crops, n_keep, newlines, s.device, s.torch_dtype, **sizes)
+    clip = reducer_cost.clip_text_case(s.device, s.torch_dtype, 32 if s.smoke else 1)
+    L = b.spec.num_layers
+    pruned = DOPPolicy(L, L, min(n_keep, b.spec.visual_tokens))
+
+    def prefill():
+        with dop(b, pruned, "uniform"):
+            return repeat_ms(b.prefill(), s, seg.clock)
+
+    set_attn(b.model, s.attn[0])
+    ref = seg.run(f"{s.attn[0]} pruned prefill {pruned}", prefill)
+    for label, fn in cases:
+        r = seg.run(f"{name}: {label}", lambda fn=fn: repeat_ms(fn or clip, s, seg.clock))
+        if r is None:
+            continue
+        seg.part.rows.append({"model": b.key, "setting": name, "reducer": label, "reducer_ms": _r(r["ms"]),
+                              "prefill_policy": str(pruned), "prefill_ms": _r(ref and ref["ms"]),
+                              "ratio": _r(r["ms"] / ref["ms"], 5) if ref else None, "reps": r["reps"]})
+
+
 PART_FUNCS: dict[str, Callable[[Segment, dict], None]] = {
     "latency": part_latency, "cdpruner": part_cdpruner, "overhead": part_overhead, "memory": part_memory,
-    "search": part_search,
+    "reducers": part_reducers, "search": part_search,
 }
 
 
@@ -738,6 +776,13 @@ def markdown(report: dict) -> str:
                        f"{_fmt(r['sample_ms'])} |")
         if any(not r["measured"] for r in parts["memory"]["rows"]):
             out.append("\n(CPU run: peak memory is measured on CUDA only; the rows show the code path ran.)")
+        out.append("")
+    if "reducers" in parts:
+        out += ["## Reducer cost vs the pruned prefill", "",
+                "| model | setting | reducer | reducer ms | pruned prefill | prefill ms | ratio |", "|---|---|---|---|---|---|---|"]
+        for r in parts["reducers"]["rows"]:
+            out.append(f"| {r['model']} | {r['setting']} | {r['reducer']} | {_fmt(r['reducer_ms'], 2)} | {r['prefill_policy']} | "
+                       f"{_fmt(r['prefill_ms'])} | {_fmt(r['ratio'], 2, True)} |")
         out.append("")
     if "search" in parts:
         out += ["## Search profiling cost (D_A, D_P, D_v curves; CDPruner for D_v)", "",

@@ -36,11 +36,12 @@ ROW_KEYS = {
                  "dop_cd_tflops_ratio", "cdpruner_tflops_ratio", "dop_cd_over_cdpruner", "dop_cd_over_full"},
     "overhead": {"model", "attn", "phase", "stock_ms", "dop_full_ms", "overhead_pct", "paired_overhead_pct", "met"},
     "memory": {"model", "method", "policy", "prefill_peak_gib", "decode_peak_gib", "measured", "note"},
+    "reducers": {"model", "setting", "reducer", "reducer_ms", "prefill_ms", "ratio"},
     "search": {"model", "procedure", "samples", "seconds", "seconds_per_sample", "seconds_for_target",
                "layer_equivalents_per_sample", "projected"},
 }
 SECTIONS = {"latency": "## Prefill latency", "cdpruner": "## DOP_CD vs CDPruner", "overhead": "## Full-policy overhead",
-            "memory": "## Peak memory", "search": "## Search profiling cost"}
+            "memory": "## Peak memory", "reducers": "## Reducer cost", "search": "## Search profiling cost"}
 
 
 def test_smoke_runs_every_part(suite, tmp_path):
