@@ -39,7 +39,7 @@ def selection_flops(name: str, args: dict, spec, counts, n_vis: int, text: int) 
     if name == "pdrop":  # the next layer's q/k of the whole current sequence, one score row, per boundary
         return sum(pdrop_selection_flops(spec, counts[b - 1][0]) for b in args["boundaries"])
     if name == "dart":
-        return dart_selection_flops(spec, n_vis, text, args["keep"])
+        return dart_selection_flops(spec, n_vis, text)
     if name == "sparsevlm":
         layers = args.get("layers", (2, 6, 15))
         stats = [{"layer": None, "visual": n_vis, "text": text}]

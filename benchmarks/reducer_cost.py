@@ -116,7 +116,8 @@ def reducer_cases(crops: int, n_keep: int, newlines: int, device="cpu", dtype=to
         rows.append(("vispruner (per crop)",
                      lambda: [vispruner_select(cls_attn[c], clip_feats[c], q) for c, q in enumerate(quotas)]))
 
-    keys = rand(crops, P, 64)  # head-averaged keys (VisionZip); PruMerge+ uses full-width keys
+    keys = rand(crops, 1 + P, 64)  # head-averaged keys, [CLS] first (VisionZip); PruMerge+: full width
+    with_cls = torch.cat([rand(crops, 1, clip_width), clip_feats], dim=1)  # VisionZip keeps the [CLS] row
     full_keys = rand(crops, P, clip_width)
     with torch.device(device):
         proj = torch.nn.Sequential(torch.nn.Linear(clip_width, width), torch.nn.GELU(),
@@ -126,9 +127,9 @@ def reducer_cases(crops: int, n_keep: int, newlines: int, device="cpu", dtype=to
         out = []
         for c, q in enumerate(quotas):
             dom, ctx_n = visionzip_split(q)
-            out.append(visionzip_select(cls_attn[c], keys[c], clip_feats[c], dom, ctx_n))
-        with torch.no_grad():
-            proj(clip_feats[0, : n_keep // crops])
+            out.append(visionzip_select(cls_attn[c], keys[c], with_cls[c], dom, ctx_n))
+        with torch.no_grad():  # every row ([CLS] included) through the projector, as official
+            proj(torch.cat([part.rows for part in out]))
         return out
 
     def prumerge():

@@ -611,10 +611,11 @@ ERRATA: tuple[Erratum, ...] = (
     Erratum("E19", 8, "llava15_7b_dart23", None, "DART at 23 % TFLOPs", None, "suspicious",
             "DART prunes after layer 2 (K=2); two layers with all 576 visual tokens already exceed the TFLOPs of "
             "32 tokens in every layer, so the copied cell cannot be TFLOPs-matched with K=2 (also Table 10, "
-            "llavanext_7b_dart9). Our entry prunes after layer 0 (K=1) there."),
+            "llavanext_7b_dart9, and the 13B cells). Our entries prune after layer 0 (K=1) there."),
     Erratum("E20", 8, "llava15_7b_pdrop28", None, "PDrop at 37 / 28 % TFLOPs", None, "suspicious",
             "The official PDrop schedule (stages [8, 16, 24]) cannot reach 37 % or 28 % on LLaVA-1.5 (8 layers at "
-            "576 tokens alone exceed them); the paper does not say which schedule its copied cells used."),
+            "576 tokens alone exceed them); the paper does not say which schedule its copied cells used. Ours adds "
+            "a stage after layer 1 and solves only lambda (official int(N lambda^s) counts, renumbered positions)."),
 )
 
 # Rows whose printed Rel. Avg. does not recompute (to the printed digit) from the printed cells.

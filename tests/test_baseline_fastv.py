@@ -73,3 +73,43 @@ def test_fastv_bad_input():
     with pytest.raises(ValueError, match="valid: .*fastv"):
         get_decoder_pruner("fastvv")
 
+
+def test_fastv_per_step_entry_generates_without_cache(lmu_root):
+    """`per_step: true` in an entry's baseline_args: the wrapper generates without a KV cache, so FastV re-ranks
+    at every new token; its answer equals a loop of pruned forwards on the growing sequence (argmax)."""
+    from vlmeval_dop.datasets import DOPDemoDataset
+    from vlmeval_dop.registry import load_entry
+
+    wrapper = load_entry("tiny_llava15_fastv", baseline_args={"k": 2, "keep": 16, "per_step": True}, max_new_tokens=4).load()
+    ds = DOPDemoDataset("DOP_Demo")
+    msg = ds.build_prompt(ds.data.iloc[1])
+    calls = []
+    generate = wrapper.model.generate
+    wrapper.model.generate = lambda *a, **kw: calls.append(kw.get("use_cache")) or generate(*a, **kw)
+    try:
+        out = wrapper.generate(msg, dataset="DOP_Demo")
+    finally:
+        del wrapper.model.generate
+    assert calls == [False]
+
+    inputs = wrapper.model_inputs(msg, "DOP_Demo")
+    ids, eos, new = inputs["input_ids"], wrapper.model.generation_config.eos_token_id, []
+    with apply_dop(wrapper.model, DOPPolicy.full(4), token_pruner=FastV(k=2, keep=16)), torch.no_grad():
+        for _ in range(wrapper.max_new_tokens):
+            step = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            tok = int(wrapper.model(**step, use_cache=False).logits[0, -1].argmax())
+            if tok == eos:
+                break
+            new.append(tok)
+            ids = torch.cat([ids, ids.new_tensor([[tok]])], dim=1)
+    assert out == wrapper.decode(torch.tensor(new))
+
+
+def test_fastv_per_step_refuses_a_cache():
+    """A per-step pruner under a KV cache would silently rank once at prefill: refused by name."""
+    model, processor = load_tiny("llava15")
+    inputs = tiny_inputs("llava15", processor, ["What?"], [tiny_image(seed=0)])
+    with apply_dop(model, DOPPolicy.full(4), token_pruner=FastV(k=2, keep=16, per_step=True)), torch.no_grad():
+        model(**inputs, use_cache=False)  # fine without a cache
+        with pytest.raises(ValueError, match="per_step=True.*use_cache=False"):
+            model.generate(**inputs, max_new_tokens=2)

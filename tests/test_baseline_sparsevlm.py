@@ -18,9 +18,11 @@ from vlmeval_dop.arch import ArchSpec
 from vlmeval_dop.baselines import get_decoder_pruner
 from vlmeval_dop.baselines.sparsevlm import (
     SparseVLM,
+    density_noise,
     dpc_knn,
     merge_clusters,
     official_keep_counts,
+    pairwise_distance,
     select_raters,
     sparsevlm_selection_flops,
     sparsify_stage,
@@ -114,28 +116,41 @@ def test_raters_by_hand_and_naive_loop():
     assert select_raters(V, T).tolist() == [s > mean for s in score]
 
 
-def _naive_dpc(x: torch.Tensor, k: int):
-    """DPC-kNN of the official cluster_and_merge, written as plain loops (ties: the earlier token wins)."""
+def _naive_dpc(x: torch.Tensor, k: int, noise: list[float]):
+    """DPC-kNN of the official cluster_and_merge, written as plain loops: densities plus `noise`, "denser"
+    strictly, centers by decreasing density x delta, every token to its nearest center (the first on ties)."""
     m, C = x.shape
     d = [[math.sqrt(sum((x[i, c].item() - x[j, c].item()) ** 2 for c in range(C))) / math.sqrt(C) for j in range(m)] for i in range(m)]
-    dens = [math.exp(-sum(v * v for v in sorted(d[i])[:k]) / k) for i in range(m)]
+    dens = [math.exp(-sum(v * v for v in sorted(d[i])[:k]) / k) + noise[i] for i in range(m)]
     dmax = max(max(row) for row in d)
-    denser = [[dens[j] > dens[i] or (dens[j] == dens[i] and j < i) for j in range(m)] for i in range(m)]
-    delta = [min([d[i][j] for j in range(m) if denser[i][j]] + [dmax]) for i in range(m)]
+    delta = [min([d[i][j] for j in range(m) if dens[j] > dens[i]] + [dmax]) for i in range(m)]
     score = [delta[i] * dens[i] for i in range(m)]
-    centers = sorted(range(m), key=lambda i: (-score[i], i))[:k]
+    centers = sorted(range(m), key=lambda i: -score[i])[:k]
     assign = [min(range(k), key=lambda c: (d[centers[c]][i], c)) for i in range(m)]
     for c, i in enumerate(centers):
         assign[i] = c
     return centers, assign
 
 
+def _naive_merge(x: torch.Tensor, assign: list[int], k: int) -> torch.Tensor:
+    """Official cluster averages: members weighted 1 / (cluster size + 1e-6)."""
+    rows = []
+    for c in range(k):
+        members = [i for i in range(x.shape[0]) if assign[i] == c]
+        rows.append(sum(x[i].double() for i in members) / (len(members) + 1e-6))
+    return torch.stack(rows).float()
+
+
 def test_dpc_knn_and_merge_against_naive_loop_and_hand():
-    # two well separated groups: clusters are the groups, means by hand
+    # two well separated groups; the mutual nearest neighbours (0, 1) and (3, 5) have equal densities, which
+    # only the official noise separates: without it both of (0, 1) count as densest and become the centers
     x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.5, -1.0], [10.0, 0.0], [10.0, 3.0], [11.0, 1.0]])
-    centers, assign = dpc_knn(x, 2)
+    noise = density_noise(6, x, torch.Generator().manual_seed(0))
+    assert noise.shape == (6,) and bool((noise >= 0).all() and (noise < 1e-6).all())
+    centers, assign = dpc_knn(x, 2, noise)
     groups = {tuple(sorted(torch.nonzero(assign == c).flatten().tolist())) for c in range(2)}
     assert groups == {(0, 1, 2), (3, 4, 5)}
+    assert set(dpc_knn(x, 2)[0].tolist()) == {0, 1}
     merged = merge_clusters(x, assign, 2)
     by_group = {int(c in (3, 4, 5)): merged[i] for i, c in enumerate(centers.tolist())}
     torch.testing.assert_close(by_group[0], torch.tensor([0.5 / 3, 0.0]))
@@ -144,29 +159,48 @@ def test_dpc_knn_and_merge_against_naive_loop_and_hand():
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(13, 6, generator=g) + 3 * torch.randint(0, 3, (13, 1), generator=g)
         for k in (1, 2, 4):
-            centers, assign = dpc_knn(x, k)
-            ref_c, ref_a = _naive_dpc(x, k)
+            # noise scaled up so float32 rounding (1 + 1e-6 U has ~8 values) cannot tie where doubles do not
+            noise = density_noise(13, x, g) * 1e4
+            centers, assign = dpc_knn(x, k, noise)
+            ref_c, ref_a = _naive_dpc(x, k, noise.tolist())
             assert centers.tolist() == ref_c and assign.tolist() == ref_a
-            ref_m = torch.stack([x[[i for i in range(13) if ref_a[i] == c]].mean(0) for c in range(k)])
-            torch.testing.assert_close(merge_clusters(x, assign, k), ref_m)
+            torch.testing.assert_close(merge_clusters(x, assign, k), _naive_merge(x, ref_a, k))
+    # the official noise is torch.rand((1, m)) * 1e-6 from the given (or the default) generator
+    torch.testing.assert_close(density_noise(5, x, torch.Generator().manual_seed(3)),
+                               torch.rand((1, 5), generator=torch.Generator().manual_seed(3))[0] * 1e-6)  # fmt: skip
+
+
+def test_pairwise_distance_chunks_are_exact():
+    x = torch.randn(37, 24, generator=torch.Generator().manual_seed(1))
+    whole = pairwise_distance(x)
+    assert torch.equal(pairwise_distance(x, chunk_bytes=5 * 37 * 24 * 4), whole)  # 5 rows per chunk
+    ref = torch.tensor([[math.dist(a.tolist(), b.tolist()) / math.sqrt(24) for b in x] for a in x])
+    torch.testing.assert_close(whole, ref.float())
 
 
 def test_stage_on_hand_built_scores():
-    # 10 visual tokens, keep 4: top-4 scores kept; 6 deleted -> int(1.8)+1 = 2 recycled (best deleted
-    # scores: tokens 4 (0.2) and 5 (0.15)), int(0.2)+1 = 1 cluster: k=1 -> every density 1, delta = the
-    # largest distance for both, center = the earlier token (4); its new value = mean of tokens 4 and 5.
+    # 10 visual tokens, keep 4: top-4 scores kept; 6 deleted -> int(1.8)+1 = 2 recycled, the best deleted
+    # scores first (official topk order): tokens 4 (0.2), 5 (0.15); int(0.2)+1 = 1 cluster: its center is
+    # the noise's denser token (k=1: every density is exp(0) + noise); its value = official mean of 4 and 5.
     score = torch.tensor([0.5, 0.1, 0.3, 0.05, 0.2, 0.15, 0.4, 0.01, 0.35, 0.02])
     hidden = torch.arange(20.0).view(10, 2)
-    st = sparsify_stage(score, hidden, keep=4)
+    g = torch.Generator().manual_seed(0)
+    st = sparsify_stage(score, hidden, keep=4, generator=g)
     assert st.kept.tolist() == [0, 2, 6, 8] and st.deleted.tolist() == [1, 3, 4, 5, 7, 9]
-    assert st.recycled.tolist() == [4, 5] and st.representatives.tolist() == [4]
-    torch.testing.assert_close(st.merged, torch.tensor([[9.0, 10.0]]))
+    assert st.recycled.tolist() == [4, 5]
+    noise = torch.rand((1, 2), generator=torch.Generator().manual_seed(0))[0]
+    assert st.centers.tolist() == [4 if noise[0] > noise[1] else 5]
+    torch.testing.assert_close(st.merged, torch.tensor([[18.0, 20.0]]) / (2 + 1e-6))
+    # best-first recycled order: the lower-index token 4 has the lower score here
+    score2 = score.clone()
+    score2[4], score2[5] = 0.15, 0.2
+    assert sparsify_stage(score2, hidden, keep=4).recycled.tolist() == [5, 4]
     # keep >= present: the official cap keeps n - 1, the last one is recycled into itself
     st = sparsify_stage(score[:3], hidden[:3], keep=8)
-    assert st.kept.tolist() == [0, 2] and st.representatives.tolist() == [1]
-    torch.testing.assert_close(st.merged, hidden[1:2])
+    assert st.kept.tolist() == [0, 2] and st.centers.tolist() == [1]
+    torch.testing.assert_close(st.merged, hidden[1:2] / (1 + 1e-6))
     st = sparsify_stage(score, hidden, keep=4, recycle=False)
-    assert st.representatives.numel() == 0 and st.deleted.numel() == 6
+    assert st.centers.numel() == 0 and st.merged.shape == (0, 2) and st.deleted.numel() == 6
 
 
 # ------------------------------------------------------------------------------------------ the hook
@@ -281,15 +315,17 @@ class _Spy(SparseVLM):
 
 
 def test_first_stage_against_eager_attention_and_hidden_states(llava):
-    """Layer 0 is a sparsification layer: raters from the decoder input, scores from layer 0's eager
-    attention weights, kept/recycled sets and merged values from its output, all recomputed here."""
+    """Layer 0 is a sparsification layer (batch of 2): raters from the decoder input, scores from layer 0's
+    eager attention weights, kept/recycled sets and merged values from its output, the noise from
+    `noise_seed`, all recomputed here; the aggregated rows take the first deleted slots, ordered after the
+    kept visual tokens."""
     model, _, inputs = llava
     L = model.config.text_config.num_hidden_layers
     with torch.no_grad():
         full = model(**inputs, output_attentions=True, output_hidden_states=True)
     visual, pad = _visual(model, inputs["input_ids"]), inputs["attention_mask"].bool()
     keep = 20
-    spy = _Spy(layers=(0, 1, 2), keep=[keep, 12, 6])
+    spy = _Spy(layers=(0, 1, 2), keep=[keep, 12, 6], noise_seed=7)
     seen = {}
     layer1 = model.model.language_model.layers[1]
     def grab(module, args, kwargs):
@@ -302,6 +338,8 @@ def test_first_stage_against_eager_attention_and_hidden_states(llava):
     finally:
         hook.remove()
     dec = spy.decisions[0]
+    assert dec.renumber
+    g = torch.Generator().manual_seed(7)  # samples draw their noise in batch order
     for b in range(2):
         vis = torch.nonzero(visual[b]).flatten()
         last = int(vis[-1])
@@ -315,16 +353,22 @@ def test_first_stage_against_eager_attention_and_hidden_states(llava):
         deleted = [int(n) for n in vis if int(n) not in kept]
         n_rec = int(len(deleted) * 0.3) + 1  # official formulas
         n_clu = int(n_rec / 10) + 1
-        rec = sorted(sorted(deleted, key=lambda n: -rel[vis.tolist().index(n)].item())[:n_rec])
+        rec = sorted(deleted, key=lambda n: -rel[vis.tolist().index(n)].item())[:n_rec]  # best first
+        assert spy.last_stages[0][b]["recycled"].tolist() == rec
         x = full.hidden_states[1][b, rec]
-        centers, assign = _naive_dpc(x, n_clu)
-        reps = [rec[c] for c in centers]
-        assert set(torch.nonzero(dec.drop[b]).flatten().tolist()) == set(deleted) - set(reps)
-        assert torch.nonzero(dec.update_mask[b]).flatten().tolist() == sorted(reps)
+        noise = torch.rand((1, n_rec), generator=g)[0] * 1e-6
+        # float32 clustering as official: at this noise scale float32 ties that a float64 loop would not see
+        # decide centers, so the clustering here is `dpc_knn` (checked against the loop above and golden)
+        _, assign = dpc_knn(x, n_clu, noise)
+        merged = _naive_merge(x, assign.tolist(), n_clu)
+        slots = deleted[:n_clu]  # the first deleted slots hold the aggregated rows, in the official order
+        assert set(torch.nonzero(dec.drop[b]).flatten().tolist()) == set(deleted) - set(slots)
+        assert torch.nonzero(dec.update_mask[b]).flatten().tolist() == slots
         h1 = seen["h"][b]
-        for c, r in enumerate(reps):
-            members = [rec[i] for i in range(len(rec)) if assign[i] == c]
-            torch.testing.assert_close(h1[r], full.hidden_states[1][b, members].mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h1[slots], merged, atol=1e-5, rtol=1e-5)
+        keys = dec.order[b, slots]
+        assert bool((keys[1:] > keys[:-1]).all())
+        assert float(keys[0]) > max(kept) and float(keys[-1]) < last + 1  # after the kept, before the text
         keep_pos = sorted(kept)
         torch.testing.assert_close(h1[keep_pos], full.hidden_states[1][b, keep_pos])
 
@@ -368,7 +412,8 @@ def test_layer_tokens_and_measured_flops(family, keep, llava):
 
 
 class _Replay:
-    """Re-applies recorded prefill decisions to a longer sequence (generated tokens: never dropped)."""
+    """Re-applies recorded prefill decisions to a longer sequence (generated tokens: never dropped, ordered
+    after everything, in turn)."""
 
     name = "replay"
 
@@ -378,25 +423,35 @@ class _Replay:
 
     def select(self, ctx):
         d = self.decisions[ctx.layer_idx]
-        extra = ctx.visual.shape[1] - d.drop.shape[1]
-        grow = (lambda m: torch.cat([m, torch.zeros(m.shape[0], extra, dtype=torch.bool)], 1))  # noqa: E731
-        return PruneDecision(grow(d.drop), grow(d.update_mask), d.update_values)
+        B, n = d.drop.shape
+        extra = ctx.visual.shape[1] - n
+        grow = (lambda m: torch.cat([m, torch.zeros(B, extra, dtype=torch.bool)], 1))  # noqa: E731
+        order = torch.cat([d.order, (n + torch.arange(extra, dtype=d.order.dtype)).expand(B, extra)], 1)
+        return PruneDecision(grow(d.drop), grow(d.update_mask), d.update_values, renumber=d.renumber, order=order)
 
 
 def test_cached_generation_equals_recompute(llava):
+    """Decoding with the cache (each layer's new position continues from its own rebuilt length) equals
+    recomputing the whole longer sequence under the prefill's decisions (renumbered in the same order)."""
     model, _, inputs = llava
     L = model.config.text_config.num_hidden_layers
     spy = _Spy(layers=(0, 2), keep=[24, 10])
     steps = 3
     with apply_dop(model, DOPPolicy.full(L), token_pruner=spy), torch.no_grad():
-        cached = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-    cached = cached[:, inputs["input_ids"].shape[1] :]
+        out = model.generate(
+            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    cached = out.sequences[:, inputs["input_ids"].shape[1] :]
+    assert spy.decisions[0].renumber and spy.decisions[0].update_mask.any()
     # recomputation without cache under the prefill's decisions (SparseVLM itself would pick new raters
     # once generated tokens join the text, as the official code does not either: it prunes in prefill only)
     seq, mask, extra = inputs["input_ids"], inputs["attention_mask"], {"pixel_values": inputs["pixel_values"]}
     with apply_dop(model, DOPPolicy.full(L), token_pruner=_Replay(spy.decisions)), torch.no_grad():
         for t in range(steps):
-            nxt = model(input_ids=seq, attention_mask=mask, use_cache=False, **extra).logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(input_ids=seq, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
+            torch.testing.assert_close(logits, out.logits[t], atol=1e-5, rtol=1e-5)
+            nxt = logits.argmax(-1, keepdim=True)
             assert torch.equal(nxt[:, 0], cached[:, t])
             seq, mask = torch.cat([seq, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
 

@@ -1,4 +1,5 @@
-"""DivPrune: greedy max-min diversity, checked by hand, against a naive loop, and through the executor."""
+"""DivPrune: greedy max-min diversity, checked by hand, against a naive loop of the official rule, and through
+the executor (golden fixtures of the official code: test_golden_divprune.py)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import torch
 
 from vlmeval_dop import DOPPolicy, apply_dop
 from vlmeval_dop.reducers import ReducerError
-from vlmeval_dop.reducers.divprune import divprune_select
+from vlmeval_dop.reducers.divprune import divprune_order, divprune_select
 from vlmeval_dop.tiny import TINY_FAMILIES, load_tiny, tiny_image, tiny_inputs
 
 
@@ -28,16 +29,16 @@ def test_by_hand_on_the_circle():
 
 
 def _naive(features, n):
-    """Independent reference: plain Python loops over the max-min objective."""
+    """Independent reference of the official greedy in plain Python: first the token whose column's
+    second-smallest distance (its own ~0 included) is largest, then the token whose smallest distance to
+    the picks is largest, picked tokens not excluded; ties to the lowest index. Returns the pick order."""
     f = [v / v.norm() for v in features.double()]
-    d = [[1.0 - float(a @ b) for b in f] for a in f]
+    d = [[1.0 - float(a @ b) for a in f] for b in f]  # d[j][i]: column j
     N = len(f)
-    first = max(range(N), key=lambda i: (min(d[i][j] for j in range(N) if j != i), -i))
-    chosen = [first]
-    while len(chosen) < n:
-        rest = [i for i in range(N) if i not in chosen]
-        chosen.append(max(rest, key=lambda i: (min(d[i][j] for j in chosen), -i)))
-    return sorted(chosen)
+    picks = [max(range(N), key=lambda j: (sorted(d[j])[1], -j))]
+    while len(picks) < n:
+        picks.append(max(range(N), key=lambda j: (min(d[j][s] for s in picks), -j)))
+    return picks
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -45,7 +46,8 @@ def test_equals_naive_greedy(seed):
     g = torch.Generator().manual_seed(seed)
     f = torch.randn(30, 8, generator=g, dtype=torch.float64)
     for n in (1, 4, 11, 30):
-        assert divprune_select(f, n).tolist() == _naive(f, n)
+        assert divprune_order(f, n).tolist() == _naive(f, n)
+        assert divprune_select(f, n).tolist() == sorted(_naive(f, n))
 
 
 def test_bad_input():

@@ -1,4 +1,5 @@
-"""TRIM: CLIP text-similarity selection + mean token, by hand and against an independent recomputation."""
+"""TRIM: CLIP text-similarity selection + mean token, by hand and against an independent recomputation.
+Golden comparisons with the official code: tests/test_golden_trim.py."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,8 @@ from vlmeval_dop.reducers.clip_text import default_clip_source, load_clip_text
 from vlmeval_dop.reducers.trim import iqr_outlier_count, trim_scores, trim_select
 from vlmeval_dop.tiny import load_tiny, tiny_image, tiny_inputs
 
+from stock_reference import replaced_span_logits  # tests/stock_reference.py
+
 Q = "Which colour is the square?"
 
 
@@ -24,13 +27,10 @@ def test_scores_outliers_and_selection_by_hand():
     assert iqr_outlier_count(torch.tensor([1.0, 1, 1, 1, 10])) == 1
     assert iqr_outlier_count(torch.arange(1.0, 9.0)) == 0
     scores = torch.tensor([0.1, 0.5, 0.3, 0.5, 0.2])
-    # n_keep=3: top 2 = {1, 3} (tie -> lower index first), the mean of {0, 2, 4} sits at 4
-    idx, slot = trim_select(scores, 3)
-    assert idx.tolist() == [1, 3, 4] and slot == 4
-    idx, slot = trim_select(scores, 1)  # only the mean token of everything
-    assert idx.tolist() == [4] and slot == 4
-    idx, slot = trim_select(scores, 5)
-    assert idx.tolist() == [0, 1, 2, 3, 4] and slot is None
+    # n_keep=3: top 2 = {1, 3} (tie -> lower index first) + the mean token of {0, 2, 4}
+    assert trim_select(scores, 3).tolist() == [1, 3]
+    assert trim_select(scores, 1).tolist() == []  # only the mean token of everything
+    assert trim_select(scores, 5).tolist() == [0, 1, 2, 3, 4]  # all patches, no mean token
     with pytest.raises(ReducerError, match="valid: 0..5"):
         trim_select(scores, 6)
 
@@ -53,28 +53,26 @@ def _reference(model, inputs, n_keep):
         top = sorted(order[: n_keep - 1])
         rest = [i for i in range(len(scores)) if i not in top]
         merged = mm.multi_modal_projector(feats[rest].mean(0, keepdim=True))[0]
-    return sorted(top + [max(rest)]), max(rest), merged
+    return top, merged
 
 
-def test_through_the_executor_equals_rebuilt_sequence():
+@pytest.mark.parametrize("seed", [6, 8])  # seed 8 keeps the last patch (63): the mean token comes after it
+def test_through_the_executor_equals_rebuilt_sequence(seed):
+    """The official sequence: the kept patches in raster order, then the mean token (appended after them)."""
     model, processor = load_tiny("llava15")
-    inputs = tiny_inputs("llava15", processor, [Q], [tiny_image(6)])
+    inputs = tiny_inputs("llava15", processor, [Q], [tiny_image(seed)])
     n_keep = 9
     with apply_dop(model, DOPPolicy(4, 4, n_keep), reducer="trim") as h, torch.no_grad():
         got = model(**inputs).logits[0, -1]
-    kept, slot, merged = _reference(model, inputs, n_keep)
-    assert h.last_kept[0].tolist() == kept
+    top, merged = _reference(model, inputs, n_keep)
+    assert h.last_kept[0].tolist() == top + [-1]
     ids = inputs["input_ids"][0]
     vis = torch.nonzero(ids == model.config.image_token_id).flatten()
     with torch.no_grad():
-        emb = model.model.get_input_embeddings()(ids[None]).clone()
+        emb = model.model.get_input_embeddings()(ids[None])
         feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        emb[0, vis] = torch.cat(list(feats)).to(emb) if isinstance(feats, (list, tuple)) else feats.reshape(-1, emb.shape[-1])
-        emb[0, vis[slot]] = merged
-        keep = torch.ones(ids.numel(), dtype=torch.bool)
-        drop = [i for i in range(vis.numel()) if i not in kept]
-        keep[vis[drop]] = False
-        ref = model(inputs_embeds=emb[:, keep]).logits[0, -1]
+        img = torch.cat(list(feats)).to(emb) if isinstance(feats, (list, tuple)) else feats.reshape(-1, emb.shape[-1])
+    ref = replaced_span_logits(model, emb, vis, torch.cat([img[top], merged[None]]))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 

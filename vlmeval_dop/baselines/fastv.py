@@ -1,10 +1,30 @@
-"""FastV (Chen et al., ECCV 2024, "An Image is Worth 1/2 Tokens After Layer 2"), decoder-side.
+"""FastV (Chen et al., ECCV 2024, "An Image is Worth 1/2 Tokens After Layer 2"; official code
+github.com/pkunlp-icler/FastV), decoder-side.
 
-After decoder layer K-1 (so from layer K on), keep only the `keep` visual tokens that receive the most
-attention from the last prompt token in layer K-1 (averaged over heads); the others leave every later
-layer. Dropped tokens keep their original RoPE positions, as in the official implementation, which
-rebuilds the sequence at layer K with the kept tokens' position ids. The official default is K=2,
-R=50 % (keep = N_v / 2); the paper's budgets set K and `keep` to match TFLOPs (eval_configs).
+At the input of decoder layer K (official default K=2), i.e. after layer K-1, keep only the `keep` visual
+tokens (official `fast_v_attention_rank`) that receive the most attention from the last token in layer K-1
+(averaged over heads); the others leave every later layer. The kept tokens stay in sequence order at their
+original RoPE positions (official `keep_indexs.sort()`, `position_ids = keep_indexs`). Only `keep` (and `k`)
+is solved for the TFLOPs labels (eval_configs/baselines.yaml).
+
+When the ranking happens during generation:
+- default: once, at prefill; decoding then attends to the kept tokens through the KV cache. This is the
+  official KV-cache implementation (`src/FastV/lmms-eval/fastv_kvcache.py`, README "Support KV Cache") and what
+  the later papers the DOP paper takes its FastV numbers from ran.
+- `per_step=True`: the official evaluation scripts' setting (`inference_aokvqa.py` / `inference_ocrvqa.py` call
+  `generate(use_cache=False)` on the inplace `LlamaModel.forward`): every new token reruns the whole sequence
+  and the newest token re-ranks the image tokens. Generation must then run without a KV cache: the VLMEvalKit
+  wrapper passes `use_cache=False` for such a pruner; with `apply_dop` directly call
+  `model.generate(..., use_cache=False)` (with a cache the ranking happens at prefill only). Per-step FLOPs
+  are those of a full prefill per new token; the TFLOPs labels count the prefill only.
+
+The official scripts pass `--fast-v-sys-length 36` although the LLaVA-1.5 image starts at index 35, so their
+ranked window is shifted by one token (the first image token always stays, the first text token may be
+dropped); `fastv_kvcache.py` uses 35:611. Ours ranks exactly the image placeholders (the 35:611 window).
+
+Matched against the official inplace `LlamaModel.forward` (tests/golden/fastv/README.md: a 16-layer LLaMA
+decoder under a LLaVA-1.5-shaped sequence, K=2, 3 seeds x keep 288 / 144 / 64): kept sets, positions and logits
+identical; with `per_step=True` the greedy tokens and every step's kept set identical too.
 """
 from __future__ import annotations
 
@@ -50,22 +70,29 @@ class FastV(AttentionRankPruner):
 
     Args:
         k: first layer (0-based) that runs without the dropped tokens; scores come from layer k-1.
-        keep: visual tokens kept per sample from layer k on (at most the visual tokens present).
+        keep: visual tokens kept per sample from layer k on (official `fast_v_attention_rank`; at most the
+            visual tokens present).
+        per_step: re-rank at every generated token, as the official evaluation (`generate(use_cache=False)`);
+            needs generation without a KV cache (see the module docstring). Default: rank once at prefill.
     """
 
     name = "fastv"
 
-    def __init__(self, k: int = 2, keep: int = 288):
+    def __init__(self, k: int = 2, keep: int = 288, per_step: bool = False):
         if k < 1:
             raise ValueError(f"FastV needs k >= 1 (scores come from layer k-1), got k={k}")
         if keep < 0:
             raise ValueError(f"FastV keep must be >= 0, got {keep}")
-        self.k, self.keep = k, keep
+        if not isinstance(per_step, bool):
+            raise ValueError(f"FastV per_step must be true or false, got {per_step!r}")
+        self.k, self.keep, self.per_step = k, keep, per_step
         super().__init__({k - 1: keep})
 
     @staticmethod
-    def layer_tokens(num_layers: int, n_visual: int, text_tokens: int, k: int = 2, keep: int = 288) -> list[tuple[int, int]]:
-        """Per-layer (n_A, n_P) for the analytic TFLOPs (used to match baselines to a budget)."""
+    def layer_tokens(
+        num_layers: int, n_visual: int, text_tokens: int, k: int = 2, keep: int = 288, per_step: bool = False
+    ) -> list[tuple[int, int]]:
+        """Per-layer (n_A, n_P) of the prefill for the analytic TFLOPs (the same with `per_step`)."""
         return fastv_layer_tokens(num_layers, k, n_visual, keep, text_tokens)
 
 

@@ -18,10 +18,17 @@ Two parts, as in the paper:
 Attention rows are recomputed from the layer's q/k projections (like `attention.query_attention`, but the
 official code reduces heads by max, not mean), so the model keeps sdpa attention.
 
-Deviations from the official code (`llava/eval/statistical_analysis.py`, `modeling_llama.py`):
+Matched against the official code on golden inputs (tests/golden/fitprune/README.md, a 16-layer LLaMA decoder
+under a LLaVA-1.5-shaped sequence): with the official delete schemes of 50 / 70 / 90 % (first 16 layers, via
+`FitPruneSchedule.from_official_scheme`) the tokens dropped at every layer and the logits equal the official
+inference for 3 seeds; the fitting rule drops the same tokens at every layer as the official `fit_model` for 3
+calibration samples x alpha 0.02 / 0.05 / 0.1. Kept tokens keep their original positions, as in the official code.
+
+Differences from the official code (`llava/eval/statistical_analysis.py`, `modeling_llama.py`):
 - Timing: the official code removes tokens inside layer l, after its attention (so layer l's MLP already
-  runs without them); this executor drops after layer l (layer l+1 on). The fitting simulates exactly what
-  the executor runs, so the recipe and its FLOPs are consistent.
+  runs without them); this executor drops after layer l (layer l+1 on). The MLP is per token, so the kept
+  tokens, their states and the outputs are the same; only layer l's MLP also runs on the dropped tokens (in
+  our FLOPs count). The fitting simulates exactly what the executor runs, so recipe and FLOPs agree.
 - Budget: a fraction of the full decoder prefill FLOPs of `flops.schedule_flops` with `text_tokens`
   non-visual tokens (default: the calibration mean). `text_tokens=0` gives the official accounting, which
   counts visual tokens only (its MAC formula is proportional to ours).

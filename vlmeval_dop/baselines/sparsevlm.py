@@ -1,43 +1,60 @@
 """SparseVLM (Zhang et al., ICML 2025, "SparseVLM: Visual Token Sparsification for Efficient
 Vision-Language Model Inference"), decoder-side, text-guided progressive sparsification with recycling.
 
-Method (official LLaVA-1.5 code, Gumpest/SparseVLMs, `USE_VERSION=1_0`; the 2_0 path is SparseVLM+):
+This is the official method as released in Gumpest/SparseVLMs (commit 26a5f48, `USE_VERSION=1_0`, the
+default; files `llava/model/language_model/modelling_sparse_llama.py` (`LlamaDynamicvitModel.forward`),
+`score.py` (`attn_postprocess_topk`), `utils.py` (`cluster_and_merge`); 2_0 is SparseVLM+), proven on golden
+outputs of that code (tests/golden/sparsevlm/, tests/test_golden_sparsevlm.py: kept sets, recycled tokens and
+their order, merged rows, sequence order, positions and logits of prefill and decoding all equal):
 1. Raters, once per prefill, from the decoder input: for the visual embeddings V and the text embeddings
    T after the image, `s = softmax(V T^T, over text).mean(over visual)`; raters are the text tokens with
    `s > mean(s)`.
-2. After each sparsification layer (official: 0-based layers 2, 6, 15, scores from that layer's attention),
-   the visual tokens still present are scored by the raters' softmax attention to them (mean over heads,
-   then over raters) and the top `keep` (stage schedule, at most present - 1) survive.
-3. Recycling: of the deleted tokens, the `int(0.3 n_del) + 1` best scored are clustered (DPC-kNN on that
-   layer's output hidden states, `int(n_rec / 10) + 1` clusters, k = the cluster count) and each cluster
-   is averaged into one aggregated token that stays in the sequence.
+2. After each sparsification layer (official: 0-based layers 2, 6, 15; that layer runs on all its tokens),
+   the visual tokens present are scored by the raters' softmax attention in that layer (mean over heads,
+   then over raters) and `torch.topk(score, min(keep, present - 1))` survive.
+3. Recycling: of the deleted tokens, the `int(0.3 n_del) + 1` best scored (`torch.topk` order) are
+   clustered by DPC-kNN on that layer's output hidden states (`int(n_rec / 10) + 1` clusters, k = the cluster
+   count; densities + `torch.rand * 1e-6` tie-breaking noise) and each cluster becomes one aggregated
+   token (its members weighted 1 / (size + 1e-6)).
+4. The sequence is rebuilt as prefix, kept visual tokens (in order), aggregated tokens (in the clustering's
+   center order), text; positions are renumbered 0..n-1 for the later layers, and in decoding each layer's
+   new token takes that layer's own cache length as position (official `get_usable_length`). Aggregated
+   tokens are visual tokens for the later stages (they can be kept, deleted and recycled again).
+Here step 4 is a `PruneDecision(renumber=True, order=keys)`: the aggregated rows take over the slots of
+tokens deleted at this layer (`update_mask/update_values`) with order keys after the last kept visual token;
+the executor renumbers positions in that order and continues decoding positions per layer.
+
+Tie-breaking noise: the official code draws `torch.rand((1, n_rec)) * 1e-6` from torch's default generator
+(on the hidden states' device, in their dtype) once per stage; so does this module, in the same order, so a
+run seeded like the official one (`torch.manual_seed(s)` before the prefill, nothing else drawing random
+numbers in between, as in inference) adds the same noise. `noise_seed=s` draws it from a private generator
+seeded with s at each prefill instead (the same numbers as the official run after `torch.manual_seed(s)`,
+independent of other uses of the global generator). The noise decides near-equal densities (mutual nearest
+neighbours have exactly equal ones): on the golden fixtures, other noise changes the aggregated tokens in 4 of 18 cases.
 
 Per-stage kept counts (official `score.py`, LLaVA-1.5, 576 visual tokens): RETAIN_TOKN 192 -> [300, 200,
 110], 128 -> [303, 110, 36], 96 -> [238, 48, 26], 64 -> [66, 30, 17]. The paper's adaptive deletion count
-(from the rank of the text-visual attention matrix) is replaced by these fixed schedules, as in the official
-code that produced the published LLaVA numbers: fixed counts make the per-layer token counts (and so the
-TFLOPs) a function of the arguments, which the matched-TFLOPs comparison needs. For other `retain` values
-the schedule is interpolated linearly between the official ones (scaled proportionally below 64 and above
-192), and for other visual token counts (LLaVA-NeXT) everything is scaled by `n_visual / 576`; the official
-code has no LLaVA-NeXT schedule. Layers 0-2 run all visual tokens: the official layer 2 computes its full
-output before pruning it (its score.py comment "2*576 4*300 10*200 16*110" counts one full layer less than
-the code runs; we count what the code runs). The paper-budget entries solve `retain` against the analytic
-TFLOPs (eval_configs/baselines.yaml); three full layers make LLaVA-1.5 23 % and LLaVA-NeXT 9 % infeasible.
+(from the rank of the text-visual attention matrix, the first release 91fb6d9) is replaced by these fixed
+schedules in the code that produced the published LLaVA numbers; fixed counts make the per-layer token
+counts (and so the TFLOPs) a function of the arguments, which the matched-TFLOPs comparison needs. For other
+`retain` values the schedule is interpolated linearly between the official ones (scaled proportionally below
+64 and above 192) -- the official README says to edit score.py's lists for other token counts; this is the
+only knob solved for a TFLOPs label -- and for other visual token counts (LLaVA-NeXT) everything is scaled by
+`n_visual / 576`; the official code has no LLaVA-NeXT schedule. Layers 0-2 run all visual tokens: the
+official layer 2 computes its full output before pruning it (its score.py comment "2*576 4*300 10*200
+16*110" counts one full layer less than the code runs; we count what the code runs). Aggregated tokens
+count as tokens of the later layers (`stage_counts`, `layer_tokens`). The paper-budget entries solve `retain`
+against the analytic TFLOPs (eval_configs/baselines.yaml); three full layers make LLaVA-1.5 23 % and
+LLaVA-NeXT 9 % infeasible.
 
-Deviations from the official code (and why):
-- Positions: the official code rebuilds the sequence and renumbers positions contiguously, appending the
-  aggregated tokens right after the kept visual tokens. Here, as for FastV/PDrop in this package, every
-  token keeps its original RoPE position (dropped tokens leave the later layers), and an aggregated token
-  takes the place (position and slot) of its cluster center, its *representative*: the center's hidden
-  state is overwritten by the cluster mean through `PruneDecision` (executor/token_pruner.py).
-- The attention rows are recomputed from the layer's q/k (`attention.query_attention`) instead of running
-  eager attention, exactly the same probabilities.
-- DPC-kNN: the official code adds uniform noise (1e-6) to the densities to break ties; here of two equal
-  densities the earlier token counts as the denser one (deterministic, same effect: one peak per tie).
-  The cluster mean is exact (the official divides by count + 1e-6).
-- Batches (the official code supports batch size 1): every sample is handled on its own; text tokens are
-  the real tokens after the sample's last visual token. Fallbacks the official code lacks: no text after
-  the image -> the last real token rates; no token above the mean -> all text tokens rate.
+Differences from the official code that do not change its results on the fixtures (float32):
+- Attention rows are recomputed from the layer's q/k for the raters only (`attention.query_attention`,
+  softmax in float32) instead of the layer's full attention matrix (official: in the model dtype, fp16 on
+  GPU); raters and clustering run in the model dtype as in the official code.
+- Batches (the official code supports batch size 1): every sample is handled on its own (noise drawn per
+  sample, in batch order); text tokens are the real tokens after the sample's last visual token; with several
+  images the visual tokens of a sample form one set. Fallbacks the official code lacks: no text after the
+  image -> the last real token rates; no token above the mean -> all text tokens rate.
 """
 from __future__ import annotations
 
@@ -142,94 +159,108 @@ def sparsevlm_layer_tokens(
 def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
     """(T,) bool: text tokens rating the visual ones (official "Select Text Raters", SparseVLM Sec. 3.2).
 
-    `softmax(V T^T, dim=text).mean(dim=visual) > its mean`; all text tokens if none is above the mean.
+    `softmax(V T^T, dim=text).mean(dim=visual) > its mean`, computed in the inputs' dtype as the official
+    code does; all text tokens if none is above the mean (the official code would have no rater).
     """
-    rel = torch.softmax(visual_embeds.float() @ text_embeds.float().T, dim=-1).mean(0)
+    rel = torch.softmax(visual_embeds @ text_embeds.T, dim=-1).mean(0)
     raters = rel > rel.mean()
     return raters if bool(raters.any()) else torch.ones_like(raters)
 
 
-def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
-    """(m, m) Euclidean distances / sqrt(C) (official scaling), via one Gram product (memory O(m^2))."""
-    x = x.float()
-    sq = (x * x).sum(-1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
-    d2 = (d2 + d2.T) / 2  # exactly symmetric, so mutual neighbours get exactly equal densities
-    d2.fill_diagonal_(0.0)
-    return d2.sqrt() / math.sqrt(x.shape[-1])
+def pairwise_distance(x: torch.Tensor, chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """(m, m) Euclidean distances / sqrt(C) of the rows of x (m, C), in x's dtype.
+
+    Computed from the row differences as the official `cluster_and_merge` does (not from a Gram matrix),
+    so the distances, hence the densities and their ties, are the official values bit for bit; the rows
+    are processed in chunks of at most `chunk_bytes` of differences (the same values, bounded memory).
+    """
+    m, C = x.shape
+    rows = max(1, chunk_bytes // max(1, m * C * x.element_size()))
+    dist = torch.cat([(x[i : i + rows, None, :] - x[None, :, :]).norm(dim=-1, p=2) for i in range(0, m, rows)])
+    return dist / (C**0.5)
 
 
-def dpc_knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def density_noise(m: int, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(m,) official density tie-breaking noise: `torch.rand((1, m)) * 1e-6` in `like`'s dtype and device.
+
+    With `generator=None` this draws from torch's default generator exactly as the official code does, so
+    a run seeded like the official one (`torch.manual_seed(s)` before the prefill) draws the same numbers.
+    """
+    return (torch.rand((1, m), generator=generator, device=like.device, dtype=like.dtype) * 1e-6)[0]
+
+
+def dpc_knn(x: torch.Tensor, k: int, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DPC-kNN clustering of the official `cluster_and_merge`: (centers (k,), assignment (m,) in 0..k-1).
 
-    density_i = exp(-mean of the squared distances to the k nearest tokens (itself included));
-    delta_i = distance to the nearest denser token (the largest distance overall if none; of equal
-    densities the earlier token counts as denser);
-    centers = top-k of density x delta; every token joins its nearest center, centers their own.
+    density_i = exp(-mean of the squared distances to the k nearest rows, itself included) + noise_i
+    (official: `density_noise`; None adds nothing); delta_i = distance to the nearest strictly denser row
+    (the largest distance overall if none); centers = `torch.topk(delta x density, k)` in that order; every
+    row joins its nearest center (`argmin`), centers their own. All in x's dtype, as the official code.
     """
     m = x.shape[0]
     if not 1 <= k <= m:
         raise ValueError(f"DPC-kNN needs 1 <= k <= {m} tokens, got k={k}")
     dist = pairwise_distance(x)
-    density = torch.exp(-(torch.topk(dist, k, dim=-1, largest=False).values ** 2).mean(-1))
-    # [i, j]: j is denser than i; equal densities (mutual nearest neighbours at k=2 are common) count the
-    # earlier token as denser, where the official code breaks them with 1e-6 random noise
-    idx = torch.arange(m, device=x.device)
-    tie = (density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None])
-    denser = (density[None, :] > density[:, None]) | tie
-    delta = torch.where(denser, dist, dist.max()).min(-1).values
-    centers = torch.sort(delta * density, descending=True, stable=True).indices[:k]
-    assign = dist[centers].argmin(0)
+    nearest = torch.topk(dist, k=k, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(dim=-1)).exp()
+    if noise is not None:
+        density = density + noise
+    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
+    delta = torch.where(denser, dist, dist.max()).min(dim=-1).values
+    centers = torch.topk(delta * density, k=k, dim=-1).indices
+    assign = dist[centers].argmin(dim=0)
     assign[centers] = torch.arange(k, device=x.device)
     return centers, assign
 
 
 def merge_clusters(x: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
-    """(k, C) mean of each cluster's tokens (every cluster is non-empty: it holds its center)."""
-    sums = torch.zeros(k, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, assign, x.float())
-    counts = torch.bincount(assign, minlength=k).to(sums)
-    return sums / counts[:, None]
+    """(k, C) cluster means in x's dtype: each row weighted 1 / (cluster size + 1e-6), then summed, as the
+    official `cluster_and_merge` averages (so the means are its values, not exact means)."""
+    size = x.new_zeros(k).index_add_(0, assign, x.new_ones(x.shape[0])) + 1e-6
+    return x.new_zeros(k, x.shape[-1]).index_add_(0, assign, x * (1.0 / size[assign])[:, None])
 
 
 @dataclass
 class Stage:
-    """One sample's decision at one sparsification layer, in local indices of the visual tokens present."""
+    """One sample's decision at one sparsification layer, in local indices of the visual tokens present
+    (in sequence order)."""
 
-    kept: torch.Tensor  # kept by score (ascending)
-    deleted: torch.Tensor  # not kept by score (ascending), representatives included
-    recycled: torch.Tensor  # deleted tokens that are clustered (ascending)
-    representatives: torch.Tensor  # cluster centers (ascending): they stay and carry the cluster means
-    merged: torch.Tensor  # (clusters, C) float32 means, rows in the order of `representatives`
+    kept: torch.Tensor  # kept by score (ascending = sequence order)
+    deleted: torch.Tensor  # not kept by score (ascending)
+    recycled: torch.Tensor  # deleted tokens that are clustered, in the official order (best score first)
+    centers: torch.Tensor  # cluster centers (local indices), in the order of `merged`
+    merged: torch.Tensor  # (clusters, C) aggregated tokens in the official order (appended in this order)
 
 
 def sparsify_stage(
     score: torch.Tensor, hidden: torch.Tensor, keep: int, recycle: bool = True,
     recycle_ratio: float = RECYCLE_RATIO, cluster_ratio: float = CLUSTER_RATIO,
+    generator: torch.Generator | None = None,
 ) -> Stage:  # fmt: skip
-    """Keep the top min(keep, n - 1) of `score` (n,), recycle the best-scored deleted tokens of `hidden`
-    (n, C) into DPC-kNN cluster means placed at their centers. Ties go to the earlier token."""
+    """One official stage on the visual tokens present, in sequence order: keep `torch.topk(score,
+    min(keep, n - 1))`; of the deleted ones recycle the `int(ratio n_del) + 1` best (`torch.topk` order)
+    and cluster their rows of `hidden` (n, C) with `dpc_knn` (k = `int(cluster_ratio n_rec) + 1`, noise
+    from `density_noise(generator)`) into aggregated tokens."""
     n = score.numel()
-    order = torch.sort(score, descending=True, stable=True).indices
-    kept = torch.sort(order[: min(keep, n - 1)]).values
-    deleted = torch.sort(order[min(keep, n - 1) :]).values
+    mask = torch.zeros(n, dtype=torch.bool, device=score.device)
+    mask[torch.topk(score, min(keep, n - 1)).indices] = True
+    kept, deleted = torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
     n_rec, n_clu = recycle_counts(deleted.numel(), recycle_ratio, cluster_ratio) if recycle else (0, 0)
-    empty = deleted[:0]
     if n_rec == 0:
-        return Stage(kept, deleted, empty, empty, hidden.new_zeros(0, hidden.shape[-1], dtype=torch.float32))
-    best = torch.sort(score[deleted], descending=True, stable=True).indices[:n_rec]
-    recycled = deleted[torch.sort(best).values]
+        empty = deleted[:0]
+        return Stage(kept, deleted, empty, empty, hidden.new_zeros(0, hidden.shape[-1]))
+    recycled = deleted[torch.topk(score[deleted], n_rec).indices]
     x = hidden[recycled]
-    centers, assign = dpc_knn(x, n_clu)
-    merged = merge_clusters(x, assign, n_clu)
-    reps, perm = torch.sort(recycled[centers])
-    return Stage(kept, deleted, recycled, reps, merged[perm])
+    centers, assign = dpc_knn(x, n_clu, density_noise(n_rec, x, generator))
+    return Stage(kept, deleted, recycled, recycled[centers], merge_clusters(x, assign, n_clu))
 
 
 def sparsevlm_selection_flops(spec, stats: Sequence[dict]) -> float:
     """FLOPs of our selection work for one sample's `SparseVLM.last_stats` (matmuls only, as measured).
 
     Raters: V T^T (2 N_v T H). Each stage: K projection of the keys in the layer, Q projection of the
-    raters, their score rows (as `query_attention`), and the recycled tokens' Gram matrix (2 m^2 H).
+    raters and their score rows (as `query_attention`). The recycled tokens' distances are elementwise
+    (row differences, as the official code), not matmuls, and are not counted.
     """
     h, total = spec.hidden_size, 0.0
     for s in stats:
@@ -238,7 +269,6 @@ def sparsevlm_selection_flops(spec, stats: Sequence[dict]) -> float:
         else:
             q, n = s["queries"], s["keys"]
             total += 2.0 * n * h * spec.kv_dim + 2.0 * q * h * spec.q_dim + 2.0 * q * n * spec.q_dim
-            total += 2.0 * s["recycled"] ** 2 * h
     return total
 
 
@@ -254,10 +284,14 @@ class SparseVLM:
         n_visual: visual tokens entering the decoder, to scale `retain` (576 for LLaVA-1.5).
         recycle: recycle deleted tokens into aggregated ones (official: on).
         recycle_ratio / cluster_ratio: official 0.3 / 0.1.
+        noise_seed: draw the density tie-breaking noise from a generator seeded with this at each prefill
+            (None, the default: torch's default generator, as the official code; see the module docstring).
 
     The rater selection needs the decoder input, so the hook also calls `select` after layer 0 (dropping
     nothing there unless 0 is a sparsification layer). `last_stats[b]` records, per sample, the work done
-    (for `sparsevlm_selection_flops`) and the counts of each stage.
+    (for `sparsevlm_selection_flops`) and the counts of each stage; `last_stages[s][b]` the slots of stage
+    s (last prefill): `visual` (in sequence order), `kept`, `recycled` (official order), `merged_slots`
+    (ascending; row j of `merged` lives in slot j) and `merged` (official order).
     """
 
     name = "sparsevlm"
@@ -265,7 +299,7 @@ class SparseVLM:
     def __init__(
         self, layers: Sequence[int] = OFFICIAL_LAYERS, retain: float = 192, keep: Sequence[int] | None = None,
         n_visual: int = OFFICIAL_VISUAL, recycle: bool = True, recycle_ratio: float = RECYCLE_RATIO,
-        cluster_ratio: float = CLUSTER_RATIO,
+        cluster_ratio: float = CLUSTER_RATIO, noise_seed: int | None = None,
     ):  # fmt: skip
         layers = [int(x) for x in layers]
         if not layers or any(x < 0 for x in layers) or sorted(set(layers)) != layers:
@@ -287,8 +321,11 @@ class SparseVLM:
         self.schedule = dict(zip(layers, keep))
         self.recycle, self.recycle_ratio, self.cluster_ratio = recycle, recycle_ratio, cluster_ratio
         self.layers = tuple(sorted({0, *layers}))
+        self.noise_seed = noise_seed
         self._raters: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
         self.last_stats: list[list[dict]] = []
+        self.last_stages: list[dict[int, dict]] = []
 
     @staticmethod
     def layer_tokens(
@@ -309,6 +346,7 @@ class SparseVLM:
         vis_all = ctx.visual & ctx.alive
         real = ctx.pad_valid & ctx.alive
         self.last_stats = [[] for _ in range(B)]
+        self.last_stages = []
         for b in range(B):
             vis = torch.nonzero(vis_all[b]).flatten()
             if vis.numel() == 0:
@@ -336,6 +374,9 @@ class SparseVLM:
     def select(self, ctx: DecoderPruneContext) -> PruneDecision | None:
         if ctx.layer_idx == 0:
             self._raters = self.raters(ctx)
+            self._generator = None
+            if self.noise_seed is not None:
+                self._generator = torch.Generator(device=ctx.hidden_out.device).manual_seed(self.noise_seed)
         if ctx.layer_idx not in self.schedule or self._raters is None or not bool(self._raters.any()):
             return None
         keep = self.schedule[ctx.layer_idx]
@@ -343,21 +384,56 @@ class SparseVLM:
         B, N = ctx.visual.shape
         drop = torch.zeros(B, N, dtype=torch.bool, device=ctx.visual.device)
         update = torch.zeros_like(drop)
+        order = ctx.order.clone()
         values = []
         keys = (ctx.alive & ctx.pad_valid).sum(1).tolist()
+        self.last_stages.append({})
         for b in range(B):
             vis = torch.nonzero(ctx.visual[b] & ctx.alive[b]).flatten()
             if vis.numel() == 0:
                 continue
-            st = sparsify_stage(rel[b, vis], ctx.hidden_out[b, vis], keep, self.recycle, self.recycle_ratio, self.cluster_ratio)
+            vis = vis[torch.sort(ctx.order[b, vis], stable=True).indices]  # sequence order
+            st = sparsify_stage(
+                rel[b, vis], ctx.hidden_out[b, vis], keep, self.recycle, self.recycle_ratio, self.cluster_ratio,
+                self._generator,
+            )  # fmt: skip
             drop[b, vis[st.deleted]] = True
-            stat = {"layer": ctx.layer_idx, "keys": keys[b], "queries": rows.numel(), "present": vis.numel(),
-                    "kept": st.kept.numel(), "recycled": st.recycled.numel(), "clusters": st.representatives.numel()}  # fmt: skip
-            if st.representatives.numel():
-                reps = vis[st.representatives]  # ascending, like the rows of st.merged
-                drop[b, reps] = False
-                update[b, reps] = True
+            m = st.merged.shape[0]
+            # the aggregated tokens take over slots of tokens deleted now (row j -> j-th slot by index, as
+            # update_values are ordered) with keys that sort them, in their official order, right after
+            # the kept visual tokens: the official sequence is prefix, kept, aggregated, text
+            slots = torch.sort(vis[st.deleted[:m]]).values
+            if m:
+                order[b, slots] = _append_keys(ctx.order[b], vis[st.kept], vis, ctx.alive[b] & ~drop[b], m)
+                drop[b, slots] = False
+                update[b, slots] = True
                 values.append(st.merged)
-            self.last_stats[b].append(stat)
+            self.last_stages[-1][b] = {
+                "layer": ctx.layer_idx, "visual": vis, "kept": vis[st.kept], "recycled": vis[st.recycled],
+                "merged_slots": slots, "merged": st.merged,
+            }  # fmt: skip
+            self.last_stats[b].append({
+                "layer": ctx.layer_idx, "keys": keys[b], "queries": rows.numel(), "present": vis.numel(),
+                "kept": st.kept.numel(), "recycled": st.recycled.numel(), "clusters": m,
+            })  # fmt: skip
         vals = torch.cat(values) if values else None
-        return PruneDecision(drop=drop, update_mask=update if values else None, update_values=vals)
+        return PruneDecision(
+            drop=drop, update_mask=update if values else None, update_values=vals,
+            renumber=True, order=order,
+        )  # fmt: skip
+
+
+def _append_keys(
+    order: torch.Tensor, kept: torch.Tensor, visual: torch.Tensor, survivors: torch.Tensor, m: int,
+) -> torch.Tensor:  # fmt: skip
+    """(m,) sort keys placing m new tokens, in this order, right after the last kept visual token (or the
+    last survivor before the visual tokens if none is kept) and before the next survivor (`survivors`:
+    (N,) bool, the tokens that stay, not counting the new ones)."""
+    if kept.numel():
+        lo = order[kept].max()
+    else:
+        before = order[survivors & (order < order[visual].min())]
+        lo = before.max() if before.numel() else order[visual].min() - 1
+    later = order[survivors & (order > lo)]
+    hi = later.min() if later.numel() else lo + m + 1
+    return lo + (hi - lo) * torch.arange(1, m + 1, dtype=order.dtype, device=order.device) / (m + 1)

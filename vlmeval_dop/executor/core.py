@@ -329,6 +329,12 @@ class DOPHandle:
             cache = DOPCache(config=module.config)
         if cache is not None:
             kwargs["cache"] = cache
+            if getattr(self.token_pruner, "per_step", False):
+                # a per-step method re-ranks at every generated token, which only a cache-free run does
+                raise ValueError(
+                    f"token pruner {self.token_pruner.name!r} has per_step=True and re-ranks at every step; "
+                    "generate with use_cache=False (a cache would freeze its prefill ranking)"
+                )
         past = cache.dop_seen if cache is not None else 0
 
         input_ids = pending.get("input_ids")

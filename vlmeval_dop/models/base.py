@@ -245,7 +245,10 @@ class DOPWrapper(BaseModel):
         inputs = self.model_inputs(message, dataset)
         gen = self.generation_config()
         with torch.inference_mode(), self._pruning() as handle:
-            out = self.model.generate(**inputs, generation_config=gen)
+            # a pruner that re-ranks at every new token (FastV per_step, the official FastV evaluation) needs
+            # each step to rerun the whole sequence: no KV cache
+            per_step = getattr(getattr(handle, "token_pruner", None), "per_step", False)
+            out = self.model.generate(**inputs, generation_config=gen, **({"use_cache": False} if per_step else {}))
         self._record(inputs, handle)
         new = out[0, inputs["input_ids"].shape[1]:]
         return self.decode(new)

@@ -1,41 +1,46 @@
 """VisionZip (Yang et al., CVPR 2025, "VisionZip: Longer is Better but Not Necessary in Vision Language
-Models"; official code github.com/dvlab-research/VisionZip, `visionzip/clip_encoder.py`).
+Models"; official code github.com/dvlab-research/VisionZip, `CLIPVisionTower_VisionZip.forward` in
+`visionzip/clip_encoder.py`, configured by `visionzip(model, dominant, contextual)` in `visionzip/main.py`).
 
-Per vision-tower crop, on the feature layer (`vision_feature_layer = -2`, the official `attentions[-2]`):
+Official method, per vision-tower crop, on the feature layer (`vision_feature_layer = -2`: the official
+`attentions[-2]`, `hidden_states[-2]` and that layer's keys):
 
-1. **Dominant tokens**: the `D` patches with the largest [CLS] attention (official: summed over heads;
-   we rank the head *mean* from `VisionCapture`, the same order).
-2. **Contextual tokens**: the remaining patches (in raster order) are split into `C` *targets*, taken
-   uniformly (`step = max(1, R // C)`, `targets = remaining[::step][:C]`), and the rest, each assigned to
-   its most similar target by cosine similarity of the layer's head-averaged keys (official `metric` =
-   `key_states.mean(heads)`). A target's merged feature is `target + mean(assigned)` (the official
-   formula: the target is added to the mean of its group, not averaged with it; a target that receives
-   nothing keeps its own feature).
-3. Merging is done on the pre-projector features (the feature layer's output, as official); merged
-   tokens are then passed through the model's own projector (`model.model.multi_modal_projector`).
+1. **Dominant tokens**: `visionzip(model, dominant=54, ...)` keeps `dominant - 1` patches with the largest
+   [CLS] attention (official: summed over heads; we rank the head *mean* from `VisionCapture`, the same
+   order) **plus the [CLS] token itself**: `dominant` tokens, [CLS] first, the patches in raster order.
+2. **Contextual tokens**: the remaining patches (raster order) are split into `contextual` *targets*,
+   taken uniformly (`step = max(1, R // contextual)`, targets = every `step`-th remaining patch, the first
+   `contextual` of them), and the rest, each assigned to its most similar target by cosine similarity of
+   the layer's head-averaged keys (official `metric`, first target on ties). A contextual token is
+   `target + mean(assigned)` (a target that receives nothing keeps its own feature).
+3. The crop's output is `[CLS, dominant..., contextual...]` (`dominant + contextual` rows) on the
+   pre-projector features; every row then goes through the model's projector
+   (`model.model.multi_modal_projector`), the [CLS] row included, and the LLM sees the rows in that order
+   at contiguous positions (`ReplacedSpan`; `handle.last_kept` reports each row's patch, -1 for [CLS]).
 
-Official split: `visionzip(model, dominant=54, contextual=10)` for 64 tokens, 108+20 for 128, 162+30 for
-192 (README / paper Table 1), i.e. contextual = n / 6.4; we use `C = round(n_keep * 10 / 64)`,
-`D = n_keep - C` for every budget.
+Budget: the official settings are `(dominant, contextual)` = (54, 10) for 64 tokens, (108, 20) for 128,
+(162, 30) for 192 (README / paper Table 1): contextual = n / 6.4. `n_keep` tokens use
+`visionzip_split(n_keep)`: `contextual = round(n_keep * 10 / 64)`, `dominant = n_keep - contextual`
+([CLS] counted among the dominant tokens as official), exactly the official pairs at 64/128/192. The
+official code cannot run `contextual = 0` (division by zero); here that keeps [CLS] + dominant patches.
 
-Deviations from the official code, and why:
-- The official `dominant` count includes the [CLS] token, which is fed to the LLM as one of the 64
-  tokens. A llava-hf image span has no placeholder for [CLS] (`vision_feature_select_strategy =
-  "default"` drops it), and a token must sit at a real image position here, so we keep `D` *patch*
-  tokens instead (one more patch than official, no [CLS]).
-- Placement: the official code appends the contextual tokens after the dominant ones. Here a contextual
-  token takes the position (RoPE index) of its target token, and all kept tokens stay in raster order
-  (`KeptTokens`: indices = dominant and target patches, sorted; embeddings of the targets replaced).
-- Kept tokens whose feature is unchanged (dominant tokens, targets that received nothing) keep the
-  exact decoder-input embedding of the stock model instead of re-running the projector on them (same
-  value up to float rounding), so `n_keep = all` reproduces the stock model exactly.
-- LLaVA-NeXT: the official code gives every crop (base + grid crops) `D + C` tokens and does not unpad
-  or add newline tokens to the kept grid. llava-hf's span is the base crop, then the *unpadded* grid with
-  one `image_newline` per row. We split `n_keep` evenly over the crops (remainder to the first crops, a
-  crop never gets more than its surviving patches, the excess goes round-robin to the others), run
-  VisionZip per crop restricted to the patches that survive unpadding, and drop the newline tokens, as
-  the official kept grid has none. Only if `n_keep` exceeds the span's vision-tower tokens are newline
-  tokens kept (the first ones, in order), so exactly `n_keep` indices are always returned.
+Computation follows the official dtypes: keys averaged over heads, similarities and the merge in the
+features' own dtype (fp16 on GPU, as official). The [CLS] attention comes from `VisionCapture` (softmax
+in float32; official: the eager attention in the model dtype, summed over heads): in float32 both rank
+the patches alike (golden test); in fp16 near-ties may rank differently (not measured against an fp16
+run of the official code).
+
+LLaVA-NeXT (official `prepare_inputs_labels_for_multimodal_visionzip` + `restore_image_features_sorted`,
+for `mm_patch_merge_type` containing `unpad`, as the LLaVA-NeXT checkpoints): every crop (base + grid
+crops) gets the same `(dominant, contextual)`; the image becomes the base crop's rows, then the grid crops'
+dominant patches in raster order of the stitched (rows*24, cols*24) grid, then the grid crops' [CLS] rows
+(crop order), then their contextual rows (crop order). No unpadding and no newline rows (the official code
+drops both). With `n_keep` for the whole image, each of its `k` crops keeps `n_keep // k` tokens
+(`visionzip_split` of that), so 640 on a 5-crop image is the official 128-token setting per crop.
+Rows whose patch lies in llava-hf's unpadded-away border report -1 in `handle.last_kept`.
+
+Golden test: `tests/test_golden_visionzip.py` against outputs of the official code
+(`tests/golden/visionzip/README.md`).
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import KeptTokens, ReducerError, ReductionContext, check_family
+from .base import ReducerError, ReductionContext, ReplacedSpan, check_family, check_n_keep
 from .vision import CLIP_FAMILIES, VisionCapture, vision_capture
 
 #: official (dominant, contextual) = (54, 10) for 64 tokens: the contextual share of the budget
@@ -51,25 +56,31 @@ CONTEXTUAL_FRACTION = 10 / 64
 
 
 def visionzip_split(n_keep: int) -> tuple[int, int]:
-    """(dominant, contextual) counts for a budget of `n_keep` tokens: 64 -> (54, 10), 128 -> (108, 20),
-    192 -> (162, 30) as the official settings."""
+    """Official `(dominant, contextual)` knobs for `n_keep` tokens ([CLS] counts as a dominant token):
+    64 -> (54, 10), 128 -> (108, 20), 192 -> (162, 30) as the official settings."""
     contextual = int(round(n_keep * CONTEXTUAL_FRACTION))
     return n_keep - contextual, contextual
 
 
 @dataclass
-class Merged:
-    """Result of a merging selection on one crop.
+class VisionZipRows:
+    """Official VisionZip output of one crop: rows `[CLS, dominant..., contextual...]`.
 
     Attributes:
-        kept: (K,) sorted local indices of the kept tokens.
-        features: (K, D) pre-projector features of the kept tokens (merged where `changed`).
-        changed: (K,) bool, the kept tokens whose feature differs from their own (merge targets).
+        dominant: (dominant - 1,) patch indices (0-based, [CLS] excluded) of the dominant patches, ascending.
+        targets: (contextual,) patch indices of the contextual tokens' targets, in output order.
+        rows: (dominant + contextual, D) pre-projector features in output order.
     """
 
-    kept: torch.Tensor
-    features: torch.Tensor
-    changed: torch.Tensor
+    dominant: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor
+
+    @property
+    def sources(self) -> torch.Tensor:
+        """(dominant + contextual,) patch index of each row, -1 for [CLS]."""
+        cls = torch.full((1,), -1, dtype=torch.long, device=self.dominant.device)
+        return torch.cat([cls, self.dominant, self.targets])
 
 
 def _top_by_attention(cls_attn: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,105 +89,97 @@ def _top_by_attention(cls_attn: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def visionzip_select(
-    cls_attn: torch.Tensor, keys: torch.Tensor, features: torch.Tensor, n_dominant: int, n_contextual: int
-) -> Merged:
-    """VisionZip on one crop.
+    cls_attn: torch.Tensor, metric: torch.Tensor, features: torch.Tensor, dominant: int, contextual: int
+) -> VisionZipRows:
+    """Official VisionZip on one crop.
 
     Args:
-        cls_attn: (M,) [CLS] attention to each patch.
-        keys: (M, d) head-averaged keys of the patches (the similarity metric).
-        features: (M, D) pre-projector features of the patches.
-        n_dominant, n_contextual: token counts (sum <= M).
+        cls_attn: (P,) [CLS] attention to each patch (any positive multiple of the official head sum).
+        metric: (1+P, d) the feature layer's keys averaged over heads, [CLS] first (official `metric`).
+        features: (1+P, D) the feature layer's output, [CLS] first (pre-projector features).
+        dominant: official `dominant` knob, [CLS] included (>= 1).
+        contextual: official `contextual` knob (>= 0).
 
     Returns:
-        `Merged` with `n_dominant + n_contextual` kept tokens.
+        `VisionZipRows` with `dominant + contextual` rows.
     """
-    M = cls_attn.numel()
-    if n_dominant < 0 or n_contextual < 0 or n_dominant + n_contextual > M:
+    P = cls_attn.numel()
+    if dominant < 1 or contextual < 0 or dominant - 1 + contextual > P or features.shape[0] != P + 1:
         raise ReducerError(
-            f"VisionZip cannot keep {n_dominant} dominant + {n_contextual} contextual of {M} tokens; "
-            f"valid: dominant + contextual in 0..{M}"
+            f"VisionZip cannot keep dominant={dominant} ([CLS] included) + contextual={contextual} tokens of a "
+            f"crop with {P} patches; valid: dominant >= 1, dominant - 1 + contextual <= {P}"
         )
     device = features.device
-    dominant = _top_by_attention(cls_attn, n_dominant)
-    rest = torch.ones(M, dtype=torch.bool, device=device)
-    rest[dominant] = False
-    remaining = torch.nonzero(rest, as_tuple=False).flatten()  # raster order, as official masked_select
-    out_feats = features.clone()
-    changed = torch.zeros(M, dtype=torch.bool, device=device)
-    if n_contextual > 0:
+    dom = torch.sort(_top_by_attention(cls_attn, dominant - 1)).values  # raster order, as official
+    rest = torch.ones(P, dtype=torch.bool, device=device)
+    rest[dom] = False
+    remaining = torch.nonzero(rest, as_tuple=False).flatten()  # patch indices, raster order
+    ctx_rows = features[:0]
+    targets = remaining[:0]
+    if contextual:
         R = remaining.numel()
-        step = max(1, R // n_contextual)
-        is_target = torch.zeros(R, dtype=torch.bool, device=device)
-        is_target[torch.arange(0, R, step, device=device)[:n_contextual]] = True
-        targets, others = remaining[is_target], remaining[~is_target]
-        if others.numel():
-            wide = torch.promote_types(features.dtype, torch.float32)  # at least float32
-            k = torch.nn.functional.normalize(keys.to(wide), dim=-1)
-            assign = (k[others] @ k[targets].T).argmax(dim=1)  # first target on ties
-            sums = torch.zeros(targets.numel(), features.shape[1], dtype=wide, device=device)
-            sums.index_add_(0, assign, features[others].to(wide))
-            counts = torch.bincount(assign, minlength=targets.numel())
-            got = counts > 0
-            merged = features[targets].to(wide) + sums / counts.clamp(min=1).unsqueeze(1)
-            out_feats[targets[got]] = merged[got].to(features.dtype)
-            changed[targets[got]] = True
-    else:
-        targets = remaining[:0]
-    kept = torch.sort(torch.cat([dominant, targets])).values
-    return Merged(kept=kept, features=out_feats[kept], changed=changed[kept])
+        pick = torch.zeros(R, dtype=torch.bool, device=device)
+        pick[torch.arange(0, R, max(1, R // contextual), device=device)[:contextual]] = True
+        targets, others = remaining[pick], remaining[~pick]
+        m = metric[1:][remaining]
+        m = m / m.norm(dim=-1, keepdim=True)
+        assign = (m[~pick] @ m[pick].T).argmax(dim=1)  # first target on ties, as official argmax
+        one_hot = torch.zeros(others.numel(), contextual, dtype=features.dtype, device=device)
+        one_hot[torch.arange(others.numel(), device=device), assign] = 1
+        counts = one_hot.sum(dim=0).clamp(min=1).unsqueeze(1)
+        patches = features[1:]
+        ctx_rows = patches[targets] + (one_hot.T @ patches[others]) / counts
+    rows = torch.cat([features[:1], features[1:][dom], ctx_rows])
+    return VisionZipRows(dominant=dom, targets=targets, rows=rows)
 
 
-# --- mapping crops onto an image span (shared with PruMerge+) -------------------------------------------
+def _crop_rows(cap: VisionCapture, row: int, n: int) -> VisionZipRows:
+    """VisionZip with `n` tokens on crop `row` of the capture."""
+    d, c = visionzip_split(n)
+    metric = cap.keys[row].mean(dim=1)  # (1+P, head_dim): official head-averaged keys, features' dtype
+    return visionzip_select(cap.cls_attention[row], metric.to(cap.features.dtype), cap.features[row], d, c)
 
 
-@dataclass
-class CropTokens:
-    """The placeholders of one image span that come from one vision-tower crop.
+def next_official_order(parts: list[VisionZipRows], grid_rows: int, grid_cols: int, side: int):
+    """Official LLaVA-NeXT packing of per-crop VisionZip outputs (base crop first, grid crops row-major):
+    `(rows, (crop, patch) of each row)` with patch -1 for [CLS] rows.
 
-    Attributes:
-        positions: (M,) span-local indices of those placeholders, in span order.
-        row: the crop's row in `VisionCapture.features`.
-        patches: (M,) patch index (0..P-1, without [CLS]) of each placeholder inside the crop.
+    Order: base crop's rows; the grid crops' dominant patches in raster order of the stitched
+    (grid_rows*side, grid_cols*side) grid; the grid crops' [CLS] rows; their contextual rows (crop order).
     """
+    base = parts[0]
+    crop_of = [torch.zeros(base.rows.shape[0], dtype=torch.long)]
+    patch_of = [base.sources.cpu()]
+    rows = [base.rows]
+    grid = parts[1:]
+    if len(grid) != grid_rows * grid_cols:
+        raise ReducerError(f"LLaVA-NeXT image has {len(grid)} grid crops, its grid is {grid_rows}x{grid_cols}")
+    keys, dom_rows, dom_crop, dom_patch = [], [], [], []
+    for g, part in enumerate(grid):
+        p = part.dominant.cpu()
+        y = (g // grid_cols) * side + p // side
+        x = (g % grid_cols) * side + p % side
+        keys.append(y * grid_cols * side + x)
+        dom_rows.append(part.rows[1 : 1 + p.numel()])
+        dom_crop.append(torch.full_like(p, g + 1))
+        dom_patch.append(p)
+    if grid:
+        order = torch.argsort(torch.cat(keys))
+        rows.append(torch.cat(dom_rows)[order.to(base.rows.device)])
+        crop_of.append(torch.cat(dom_crop)[order])
+        patch_of.append(torch.cat(dom_patch)[order])
+        rows.append(torch.stack([part.rows[0] for part in grid]))
+        crop_of.append(torch.arange(1, len(grid) + 1))
+        patch_of.append(torch.full((len(grid),), -1, dtype=torch.long))
+        for g, part in enumerate(grid):
+            n_dom = part.dominant.numel()
+            rows.append(part.rows[1 + n_dom :])
+            crop_of.append(torch.full((part.targets.numel(),), g + 1, dtype=torch.long))
+            patch_of.append(part.targets.cpu())
+    return torch.cat(rows), torch.cat(crop_of), torch.cat(patch_of)
 
-    positions: torch.Tensor
-    row: int
-    patches: torch.Tensor
 
-
-def span_crops(ctx: ReductionContext, cap: VisionCapture, image: int) -> tuple[list[CropTokens], torch.Tensor]:
-    """The crops of image number `image` (index into `ctx.images`) and its newline placeholders.
-
-    LLaVA-1.5: one crop whose P patches are the span. LLaVA-NeXT: from `llava_next_layout` (base crop, then
-    the unpadded grid crops; newline placeholders returned separately).
-    """
-    span = ctx.images[image]
-    crops = cap.image_crops(image)
-    P = cap.features.shape[1] - 1
-    if getattr(ctx.model.config, "vision_feature_select_strategy", "default") != "default":
-        raise ReducerError(
-            "vision-side merging reducers need vision_feature_select_strategy='default' (no [CLS] token in the span)"
-        )
-    if ctx.family == "llava":
-        if crops.stop - crops.start != 1 or span.num_tokens != P:
-            raise ReducerError(f"LLaVA image span has {span.num_tokens} tokens but the vision tower produced {P} patches")
-        ar = torch.arange(P)
-        return [CropTokens(ar, crops.start, ar)], ar[:0]
-    from .llava_next_layout import llava_next_layout
-
-    sizes = ctx.model_inputs.get("image_sizes")
-    if sizes is None:
-        raise ReducerError("LLaVA-NeXT reducers need the image_sizes input")
-    lay = llava_next_layout(ctx.model, image_size=sizes[image], num_tokens=span.num_tokens)
-    if lay.num_crops != crops.stop - crops.start or lay.side * lay.side != P:
-        raise ReducerError(f"LLaVA-NeXT layout has {lay.num_crops} crops of {lay.side}^2 patches, the tower gave "
-                           f"{crops.stop - crops.start} of {P}")  # fmt: skip
-    out = []
-    for c in range(lay.num_crops):
-        pos = lay.crop_positions(c)
-        out.append(CropTokens(pos, crops.start + c, lay.patch[pos]))
-    return out, torch.nonzero(lay.newline, as_tuple=False).flatten()
+# --- per-crop budget split (PruMerge+'s LLaVA-NeXT path) ------------------------------------------------
 
 
 def split_budget(n_keep: int, sizes: list[int]) -> list[int]:
@@ -196,61 +199,69 @@ def split_budget(n_keep: int, sizes: list[int]) -> list[int]:
     return out
 
 
-def merge_per_crop(
-    reducer, ctx: ReductionContext, n_keep: int, per_crop, full_is_identity: bool = False
-) -> list[KeptTokens]:
-    """Run `per_crop(capture, crop, k) -> Merged` on every crop of every image and assemble `KeptTokens`:
-    unchanged kept tokens keep their decoder-input embedding, merged ones get projector(merged feature).
-    `full_is_identity`: an image with `n_keep` = all its tokens is returned unchanged (no merging)."""
-    name = reducer.name
-    check_family(reducer, ctx.family)
-    cap = vision_capture(ctx)
-    projector = ctx.model.model.multi_modal_projector
-    out = []
-    for i, span in enumerate(ctx.images):
-        N = span.num_tokens
-        if not 0 <= n_keep <= N:
-            raise ReducerError(f"{name} cannot keep {n_keep} of the {N} visual tokens of image {i}; valid: 0..{N}")
-        if full_is_identity and n_keep == N:
-            out.append(KeptTokens(torch.arange(N), None))
-            continue
-        crops, newlines = span_crops(ctx, cap, i)
-        sizes = [c.positions.numel() for c in crops]
-        n_vision = sum(sizes)
-        budgets = split_budget(min(n_keep, n_vision), sizes)
-        kept_pos, merged_pos, merged_feats = [], [], []
-        for crop, k in zip(crops, budgets):
-            res = per_crop(cap, crop, k)
-            pos = crop.positions[res.kept.cpu()]
-            kept_pos.append(pos)
-            merged_pos.append(pos[res.changed.cpu()])
-            merged_feats.append(res.features[res.changed])
-        kept_pos.append(newlines[: max(0, n_keep - n_vision)])  # only when n_keep exceeds the vision tokens
-        idx = torch.sort(torch.cat(kept_pos)).values
-        embeds = ctx.image_embeds(span)[idx.to(ctx.inputs_embeds.device)].clone()
-        mpos, mfeat = torch.cat(merged_pos), torch.cat(merged_feats)
-        if mpos.numel():
-            proj_dtype = next(projector.parameters()).dtype
-            with torch.no_grad():
-                new = projector(mfeat.to(proj_dtype)[None])[0]
-            rows = torch.searchsorted(idx, mpos)
-            embeds[rows.to(embeds.device)] = new.to(embeds)
-        out.append(KeptTokens(idx.cpu(), embeds))
-    return out
-
-
 class VisionZip:
-    """Reducer: VisionZip dominant + contextual tokens per crop (LLaVA-1.5, LLaVA-NeXT); see module doc."""
+    """Reducer: official VisionZip, `[CLS, dominant, contextual]` per crop (LLaVA-1.5; LLaVA-NeXT with the
+    official packing); see module doc. Returns `ReplacedSpan`s."""
 
     name = "visionzip"
     families = CLIP_FAMILIES
     needs_vision_capture = True
 
-    def select(self, ctx: ReductionContext, n_keep: int) -> list[KeptTokens]:
-        def per_crop(cap: VisionCapture, crop: CropTokens, k: int) -> Merged:
-            d, c = visionzip_split(k)
-            keys = cap.keys[crop.row, 1:].float().mean(dim=1)  # (P, head_dim): official head-averaged metric
-            p = crop.patches.to(cap.features.device)
-            return visionzip_select(cap.cls_attention[crop.row, p], keys[p], cap.features[crop.row, 1:][p], d, c)
+    def select(self, ctx: ReductionContext, n_keep: int) -> list[torch.Tensor | ReplacedSpan]:
+        check_family(self, ctx.family)
+        check_n_keep("VisionZip", ctx, n_keep)
+        cap = vision_capture(ctx)
+        if getattr(ctx.model.config, "vision_feature_select_strategy", "default") != "default":
+            raise ReducerError("VisionZip needs vision_feature_select_strategy='default' ([CLS] not in the span)")
+        projector = ctx.model.model.multi_modal_projector
+        P = cap.features.shape[1] - 1
+        out: list[torch.Tensor | ReplacedSpan] = []
+        for i, span in enumerate(ctx.images):
+            if n_keep == 0:
+                out.append(torch.empty(0, dtype=torch.long))
+                continue
+            crops = cap.image_crops(i)
+            if ctx.family == "llava":
+                if crops.stop - crops.start != 1 or span.num_tokens != P:
+                    raise ReducerError(
+                        f"LLaVA image span has {span.num_tokens} tokens but the vision tower produced {P} patches"
+                    )
+                part = _crop_rows(cap, crops.start, n_keep)
+                rows, sources = part.rows, part.sources.cpu()  # span index = patch index
+            else:
+                rows, sources = self._next(ctx, cap, i, span.num_tokens, n_keep)
+            with torch.no_grad():
+                embeds = projector(rows.to(next(projector.parameters()).dtype)[None])[0]
+            out.append(ReplacedSpan(embeds.to(ctx.inputs_embeds.dtype), sources))
+        return out
 
-        return merge_per_crop(self, ctx, n_keep, per_crop)
+    @staticmethod
+    def _next(ctx: ReductionContext, cap: VisionCapture, image: int, num_tokens: int, n_keep: int):
+        """LLaVA-NeXT: official packing of all crops, `n_keep // crops` tokens each; (rows, sources)."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        from .llava_next_layout import llava_next_layout
+
+        sizes = ctx.model_inputs.get("image_sizes")
+        if sizes is None:
+            raise ReducerError("VisionZip on LLaVA-NeXT needs the image_sizes input")
+        crops = cap.image_crops(image)
+        k = crops.stop - crops.start
+        per_crop = n_keep // k
+        if per_crop < 1:
+            raise ReducerError(f"VisionZip keeps the same count in each of the image's {k} crops (official); "
+                               f"n_keep={n_keep} is below {k}")  # fmt: skip
+        cfg = ctx.model.config
+        size = [int(v) for v in (sizes[image].tolist() if isinstance(sizes[image], torch.Tensor) else sizes[image])]
+        grid_rows, grid_cols = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        lay = llava_next_layout(ctx.model, size, num_tokens=num_tokens)
+        if lay.num_crops != k:
+            raise ReducerError(f"LLaVA-NeXT layout has {lay.num_crops} crops, the vision tower gave {k}")
+        parts = [_crop_rows(cap, crops.start + c, per_crop) for c in range(k)]
+        rows, crop_of, patch_of = next_official_order(parts, grid_rows, grid_cols, lay.side)
+        # span placeholder of each (crop, patch); -1 where unpadding removed it or for [CLS] rows
+        where = torch.full((k, lay.side * lay.side), -1, dtype=torch.long)
+        real = ~lay.newline
+        where[lay.crop[real], lay.patch[real]] = torch.nonzero(real).flatten()
+        sources = torch.where(patch_of >= 0, where[crop_of, patch_of.clamp(min=0)], -1)
+        return rows, sources
