@@ -15,6 +15,11 @@ What it adds before handing the (unchanged) flags to `vlmeval.run.main()`:
   Tables 26-30) and `--data` a known dataset: otherwise one clear error
   naming the closest valid names, before anything runs. An entry whose weights are neither cached nor
   downloadable stops with a message saying so (not a traceback from inside transformers).
+- `--model` and `--data` (or `--config`) are required and `--work-dir` must be writable: checked first.
+- At the end, a summary names every (model, benchmark) that failed and why (VLMEvalKit logs a failed
+  benchmark and goes on to the next); the exit code is 1 when every requested benchmark failed, else
+  VLMEvalKit's own (0 for partial success). Ctrl-C prints "interrupted; rerun the same command to resume"
+  and exits 130 (VLMEvalKit's `--reuse` keeps finished predictions).
 Everything else (`--work-dir`, `--mode`, `--reuse`, `--judge`, `--verbose`, `--config`, torchrun, outputs
 under `<work-dir>/<model>/`) is VLMEvalKit's own behaviour.
 """
@@ -81,7 +86,67 @@ def register(supported_vlm: dict) -> list[str]:
     return names
 
 
+INTERRUPTED = "interrupted; rerun the same command to resume"
+
+
+class Outcomes:
+    """Records what VLMEvalKit reports per (model, dataset) through its `upsert_dataset_status` (wrapped)."""
+
+    def __init__(self, original):
+        self.original = original
+        self.seen: dict[tuple[str, str], dict] = {}
+
+    def __call__(self, run_dir, model_name, dataset_name, *args, **kwargs):
+        rec = self.seen.setdefault((model_name, dataset_name), {})
+        if kwargs.get("error_message") is not None and isinstance(kwargs["error_message"], str):
+            rec["failed"] = kwargs["error_message"]
+        from vlmeval_dop.checks import VLMEVAL_FAILED_SKIPS
+
+        skip = kwargs.get("skip_reason")
+        if isinstance(skip, str) and skip in VLMEVAL_FAILED_SKIPS:
+            rec["failed"] = skip.replace("_", " ")
+        return self.original(run_dir, model_name, dataset_name, *args, **kwargs)
+
+    def failures(self) -> dict[tuple[str, str], str]:
+        return {k: r["failed"] for k, r in self.seen.items() if "failed" in r}
+
+
+def summarize(outcomes: Outcomes, requested: int, work_dir: str) -> int:
+    """Print the failed (model, benchmark) pairs; 1 if all `requested` failed, else 0."""
+    failed = outcomes.failures()
+    if not failed:
+        return 0
+    print(f"run.py: {len(failed)} of {requested} benchmark run(s) failed:", file=sys.stderr)
+    for (model, data), why in failed.items():
+        print(f"  {model} x {data}: {why.splitlines()[0] if why else 'failed'}", file=sys.stderr)
+    print(f"  (details: VLMEvalKit's log under {work_dir}/logs/; rerun the same command to retry, finished "
+          "predictions are kept with --reuse)", file=sys.stderr)
+    return 1 if len(failed) >= requested else 0
+
+
+def _check_args(args) -> None:
+    from vlmeval_dop.fileio import check_writable_dir
+
+    if args.config is None and (not args.model or not args.data):
+        raise _fail("give --model <entry ...> and --data <benchmark ...> (or --config <file>); "
+                    "`vlmeval-dop list` shows the entries")
+    try:
+        check_writable_dir(args.work_dir, "--work-dir")
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        raise SystemExit(130) from None
+    if code:
+        raise SystemExit(code)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = sys.argv[0] if sys.argv else "run.py"
     # vlmeval.run must be imported before anything initialises CUDA: under torchrun it assigns each local
@@ -98,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.argv = [prog] + argv
     args = vrun.parse_args()  # VLMEvalKit's own parser: same flags, same help, same errors
+    _check_args(args)
     for name in args.model or []:
         try:
             runnable_entry(name)
@@ -113,7 +179,14 @@ def main(argv: list[str] | None = None) -> None:
             raise _fail(str(exc)) from None
 
     sys.argv = [prog] + rewrite_data_aliases(argv, resolve)
-    vrun.main()
+    outcomes = Outcomes(vrun.upsert_dataset_status)
+    vrun.upsert_dataset_status = outcomes  # VLMEvalKit reports each benchmark's outcome through it
+    try:
+        vrun.main()
+    finally:
+        vrun.upsert_dataset_status = outcomes.original
+    requested = len(args.model or []) * len(args.data or []) or len(outcomes.seen)
+    return summarize(outcomes, requested, args.work_dir)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ is always called with `--reuse`, so its own finished predictions are kept too. C
 something this framework lacks (an unregistered reducer/baseline, a search ablation, a model family) are
 listed as blocked with the reason, never silently dropped. Non-accuracy tables (efficiency, search cost,
 ...) are produced by other tools; the plan says which.
+
+A run ends with a failure summary: every cell that has no score file after its run.py call (run.py
+failed, or VLMEvalKit logged the benchmark as failed and went on), why (VLMEvalKit's recorded error for
+it, else run.py's exit code) and where the log is; the exit code is 1 if any cell failed. Arguments are
+checked before anything runs (exit 2); Ctrl-C prints "interrupted; rerun the same command to resume" and
+exits 130.
 """
 from __future__ import annotations
 
@@ -47,11 +53,10 @@ class Cell:
 
 def benchmark_datasets() -> dict[str, str]:
     """The paper's benchmark aliases -> VLMEvalKit dataset names (eval_configs/entries.yaml)."""
-    import yaml
-
+    from vlmeval_dop.fileio import read_yaml
     from vlmeval_dop.registry import CONFIG_DIR, ENTRIES_FILE
 
-    return dict(yaml.safe_load((CONFIG_DIR / ENTRIES_FILE).read_text())["benchmarks"])
+    return dict(read_yaml(CONFIG_DIR / ENTRIES_FILE, "restore it (git checkout -- eval_configs/)")["benchmarks"])
 
 
 def is_finished(work_dir: Path, entry: str, dataset: str) -> bool:
@@ -215,7 +220,11 @@ def format_plan(number: int, cells: list[Cell]) -> str:
 
 
 def run_cells(cells: list[Cell], work_dir: Path, limit: int | None, gpus: int, extra: list[str]) -> int:
-    """Run the `todo` cells (at most `limit`) through the repository's run.py, one call per entry."""
+    """Run the `todo` cells (at most `limit`) through the repository's run.py, one call per entry; every
+    entry is tried even if another failed. Returns 0 if every cell run has its score file, else 1 (after a
+    summary of the failed cells on stderr)."""
+    import time
+
     todo = [c for c in cells if c.status == "todo"][: limit if limit is not None else None]
     by_entry: dict[str, list[str]] = {}
     for c in todo:
@@ -223,27 +232,80 @@ def run_cells(cells: list[Cell], work_dir: Path, limit: int | None, gpus: int, e
         if c.dataset not in datasets:  # the best/mean rows of a swap share their runs
             datasets.append(c.dataset)
     launcher = [sys.executable] if gpus <= 1 else ["torchrun", f"--nproc-per-node={gpus}"]
+    failed: list[tuple[str, str, str]] = []  # (entry, dataset, why)
+    unscored: list[tuple[str, str, str]] = []  # finished without a local score (e.g. an EvalAI submission)
     for entry, datasets in by_entry.items():
         cmd = launcher + [str(HERE.parent / "run.py"), "--model", entry, "--data", *datasets,
                           "--work-dir", str(work_dir), "--reuse", *extra]
         print("$", " ".join(cmd), flush=True)
+        started = time.time()
         rc = subprocess.call(cmd)
-        if rc != 0:
-            print(f"run.py failed for {entry} (exit {rc}); finished cells are kept, rerun to continue", file=sys.stderr)
-            return rc
+        for dataset in datasets:
+            if not is_finished(work_dir, entry, dataset):
+                ok, why = _outcome(work_dir, entry, dataset, rc, started)
+                (unscored if ok else failed).append((entry, dataset, why))
+    for entry, dataset, why in unscored:
+        print(f"reproduce/run.py: {entry} x {dataset} finished without a local score ({why})", file=sys.stderr)
+    if failed:
+        keys = {(e, d) for e, d, _ in failed}
+        cells_failed = sum(1 for c in todo if (c.entry, c.dataset) in keys)
+        print(f"reproduce/run.py: {cells_failed} of {len(todo)} cell(s) failed ({len(failed)} entry x benchmark "
+              "run(s)); finished cells are kept, rerun the same command to retry the others:", file=sys.stderr)
+        for entry, dataset, why in failed:
+            print(f"  {entry} x {dataset}: {why}", file=sys.stderr)
+        log = _latest_log(work_dir)
+        if log is not None:
+            print(f"  log: {log}", file=sys.stderr)
+        return 1
     return 0
 
 
+def _outcome(work_dir: Path, entry: str, dataset: str, rc: int, started: float) -> tuple[bool, str]:
+    """(finished?, why) of a cell without a score file: VLMEvalKit's record of (entry, dataset) in this run
+    (`<entry>/status.json`: an error, or a skip reason such as a test split scored by an external server),
+    else the exit code of run.py."""
+    import json
+
+    from vlmeval_dop.checks import VLMEVAL_FAILED_SKIPS
+
+    status = Path(work_dir) / entry / "status.json"
+    try:
+        if status.stat().st_mtime >= started - 1:
+            rec = (json.loads(status.read_text()).get("datasets") or {}).get(dataset) or {}
+            if rec.get("error_message"):
+                return False, str(rec["error_message"]).splitlines()[0]
+            skip = rec.get("skip_reason")
+            if skip:
+                return skip not in VLMEVAL_FAILED_SKIPS, str(skip).replace("_", " ")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return False, f"run.py exited with code {rc}" if rc else "run.py exited 0 but wrote no score file"
+
+
+def _latest_log(work_dir: Path) -> Path | None:
+    logs = sorted(Path(work_dir).glob("logs/*.log"), key=lambda p: p.stat().st_mtime)
+    return logs[-1] if logs else None
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", type=int, required=True, help="paper table number (1-30)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan only")
-    parser.add_argument("--limit", type=int, default=None, help="run at most this many cells")
+    parser.add_argument("--limit", type=int, default=None, help="run at most this many cells (>= 0)")
     parser.add_argument("--work-dir", type=Path, default=Path("outputs"), help="VLMEvalKit work dir")
     parser.add_argument("--gpus", type=int, default=1, help="> 1: launch run.py with torchrun")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     try:
+        _check_args(args)
         cells = plan_table(args.table, args.work_dir)
     except ValueError as exc:
         print(f"reproduce/run.py: error: {exc}", file=sys.stderr)
@@ -252,6 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     return run_cells(cells, args.work_dir, args.limit, args.gpus, extra)
+
+
+def _check_args(args) -> None:
+    """Everything checked before anything runs (ValueError: one line, exit 2)."""
+    from vlmeval_dop.fileio import check_writable_dir
+
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit {args.limit}: give a number of cells >= 0")
+    if args.gpus < 1:
+        raise ValueError(f"--gpus {args.gpus}: give a number of GPUs >= 1")
+    if not args.dry_run:
+        check_writable_dir(args.work_dir, "--work-dir")
 
 
 if __name__ == "__main__":

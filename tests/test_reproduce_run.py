@@ -40,7 +40,16 @@ def test_finished_cells_are_reused_not_rerun(tmp_path, monkeypatch):
     mine = [c for c in cells if c.entry == "llava15_7b"]
     assert [c.status for c in mine if c.dataset == "TextVQA_VAL"] == ["done"]
     calls = []
-    monkeypatch.setattr(rrun.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+
+    def fake_run(cmd):  # run.py scoring every benchmark it was given (a cell without one is a failure)
+        calls.append(cmd)
+        entry = cmd[cmd.index("--model") + 1]
+        (tmp_path / entry).mkdir(exist_ok=True)
+        for d in cmd[cmd.index("--data") + 1 : cmd.index("--work-dir")]:
+            (tmp_path / entry / f"{entry}_{d}_acc.csv").write_text("Overall\n1\n")
+        return 0
+
+    monkeypatch.setattr(rrun.subprocess, "call", fake_run)
     assert rrun.run_cells(cells, tmp_path, limit=3, gpus=1, extra=["--judge", "exact_matching"]) == 0
     (cmd,) = calls
     data = cmd[cmd.index("--data") + 1 : cmd.index("--work-dir")]

@@ -18,6 +18,8 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     text = cfg.text_tokens if args.text_tokens is None else args.text_tokens
     if text < 0:
         raise PolicyError(f"--text-tokens must be >= 0, got {text}")
+    if not 0 <= args.system_tokens <= text:
+        raise PolicyError(f"--system-tokens must be in 0..{text} (the text tokens), got {args.system_tokens}")
     r = policy_tflops(cfg.arch, policy, text, system_tokens=args.system_tokens)
     result = {
         "model": cfg.name,
@@ -124,8 +126,10 @@ def _torchrun_device(device: str | None) -> tuple[str | None, bool]:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from .checks import check_device
     from .search.run import run_search
 
+    check_device(args.device)  # before joining a process group with it
     device, created = _torchrun_device(args.device)
     try:
         summary = run_search(
@@ -143,14 +147,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
         return 0
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
-        return 0
+        return _install_status(args, summary)
     work = "" if summary["layer_forwards"] is None else (
         f", {summary['layer_forwards']} decoder-layer forwards ({summary['layer_equivalents']} layer-equivalents)")
-    print(f"profiled {summary['samples']} samples of {summary['dataset']} ({summary['newly_profiled']} new){work}")
+    stale = summary.get("recomputed_stale", 0)
+    redo = f", {stale} of them recomputed: computed before with other settings or data" if stale else ""
+    print(f"profiled {summary['samples']} samples of {summary['dataset']} ({summary['newly_profiled']} new{redo}){work}")
     _print_policies(summary)
     print(f"outputs: {summary['dir']} (profile.json, profile.png, policies.yaml, search.json)")
     _print_installed(summary)
-    return 0
+    return _install_status(args, summary)
 
 
 def _print_policies(summary: dict) -> None:
@@ -169,6 +175,14 @@ def _print_installed(summary: dict) -> None:
         print(f"  installed: python run.py --model {name} --data <dataset>")
 
 
+def _install_status(args: argparse.Namespace, summary: dict) -> int:
+    """1 (with one line per budget on stderr) when --install was asked for and a budget got no policy."""
+    missing = summary.get("not_installed") or {}
+    for budget, why in missing.items():
+        print(f"vlmeval-dop {args.command}: error: nothing installed for budget {budget}: {why}", file=sys.stderr)
+    return 1 if missing else 0
+
+
 def _cmd_solve(args: argparse.Namespace) -> int:
     from .search.run import solve_profile
 
@@ -176,12 +190,12 @@ def _cmd_solve(args: argparse.Namespace) -> int:
                             reducer=args.reducer, install=args.install, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
-        return 0
+        return _install_status(args, summary)
     src = f" (curves of {summary['transferred_from']}, transferred by Eq. 12)" if summary["transferred_from"] else ""
     print(f"{summary['model']}, reducer {summary['reducer']}, objective {summary['objective']}{src}")
     _print_policies(summary)
     _print_installed(summary)
-    return 0
+    return _install_status(args, summary)
 
 
 def _cmd_fitprune(args: argparse.Namespace) -> int:
@@ -274,15 +288,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = "interrupted; rerun the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done; 1 a failure while working (disk full, I/O error, a requested
+    install that could not be made); 2 bad input (one line naming it, before any model loads); 130 Ctrl-C."""
+    import errno
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)  # finished samples are on disk: the same command resumes
+        return 130
     except (PolicyError, KeyError, ValueError) as exc:  # bad input: one clear line, no traceback
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"vlmeval-dop {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine, not the input: disk full, permissions, ...
+        where = f" ({exc.filename})" if exc.filename else ""
+        hint = "; free some space and rerun the same command to resume" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+            else ""
+        print(f"vlmeval-dop {args.command}: error: {exc.strerror or exc}{where}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

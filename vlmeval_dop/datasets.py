@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from PIL import Image, ImageDraw
 from vlmeval.dataset.image_base import ImageBaseDataset
 from vlmeval.dataset.image_vqa import ImageVQADataset
@@ -49,7 +48,9 @@ SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
 @lru_cache(maxsize=None)
 def benchmark_aliases(config_dir: Path | None = None) -> dict[str, str]:
     """The paper's short benchmark names -> VLMEvalKit dataset names (eval_configs/entries.yaml)."""
-    raw = yaml.safe_load(((config_dir or CONFIG_DIR) / "entries.yaml").read_text()) or {}
+    from .fileio import read_yaml
+
+    raw = read_yaml((config_dir or CONFIG_DIR) / "entries.yaml", "restore it (git checkout -- eval_configs/)") or {}
     return {str(k): str(v) for k, v in (raw.get("benchmarks") or {}).items()}
 
 
@@ -86,6 +87,126 @@ def resolve_dataset_name(name: str) -> str:
         f"unknown dataset {name!r}.{hint} Paper benchmarks: {', '.join(aliases)}; "
         f"offline demo: DOP_Demo; any VLMEvalKit dataset name, or a custom {LMUDataRoot()}/<name>.tsv."
     )
+
+
+# ---------------------------------------------------------------------------------------- validation
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given; the message names the file, the row and the problem."""
+
+
+def dataset_source(name: str, dataset=None) -> str:
+    """Where a dataset's rows come from, for messages: its TSV file, else its name."""
+    path = getattr(dataset, "data_path", None) or osp.join(LMUDataRoot(), f"{name}.tsv")
+    return str(path) if osp.exists(str(path)) else name
+
+
+def _check_tsv_file(path: str) -> None:
+    """A custom TSV read before VLMEvalKit does, so that its problems are named (cheap: header + 1 row)."""
+    if osp.getsize(path) == 0:
+        raise DatasetError(f"{path} is empty; a dataset TSV needs a header (index, question, image or image_path) "
+                           "and rows")
+    try:
+        head = pd.read_csv(path, sep="\t", nrows=1)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path} is not a readable TSV ({exc})") from None
+    _check_columns(path, head.columns)
+    if len(head) == 0:
+        raise DatasetError(f"{path} has a header but no rows")
+
+
+def _check_columns(where: str, columns) -> None:
+    cols = {str(c) for c in columns}
+    missing = [c for c in ("index", "question") if c not in cols]
+    if not cols & {"image", "image_path"}:
+        missing.append("image or image_path")
+    if missing:
+        raise DatasetError(f"{where}: missing column(s) {', '.join(missing)} (has: {', '.join(sorted(cols))})")
+
+
+def load_checked_dataset(name: str):
+    """VLMEvalKit's dataset `name`, checked before any model work: the file exists and is readable, the
+    columns index / question / image or image_path exist, there are rows, and indices are unique (a
+    duplicate index would make two rows one sample). Raises DatasetError naming the file and the problem."""
+    from vlmeval.dataset import build_dataset
+
+    register_datasets()
+    resolved = resolve_dataset_name(name)
+    path = osp.join(LMUDataRoot(), f"{resolved}.tsv")
+    if osp.isfile(path) and resolved != "DOP_Demo":  # DOP_Demo is built in memory, not read from a file
+        _check_tsv_file(path)
+    try:
+        dataset = build_dataset(resolved)
+    except DatasetError:
+        raise
+    except Exception as exc:  # VLMEvalKit's own loading: name the file and the problem
+        raise DatasetError(f"{dataset_source(resolved)}: VLMEvalKit could not load dataset {resolved!r} "
+                           f"({type(exc).__name__}: {exc}); check that the file is complete and has the columns "
+                           "index, question and image or image_path") from None
+    if dataset is None:
+        raise DatasetError(f"dataset {resolved!r} could not be built by VLMEvalKit (name or $LMUData/{resolved}.tsv)")
+    where = dataset_source(resolved, dataset)
+    data = dataset.data
+    if len(data) == 0:
+        raise DatasetError(f"{where}: no rows with an image")
+    _check_columns(where, data.columns)
+    counts = data["index"].astype(str).value_counts()
+    dup = counts[counts > 1]
+    if len(dup):
+        idx = dup.index[0]
+        rows = [str(_row_number(data, label)) for label in data.index[data["index"].astype(str) == idx]]
+        raise DatasetError(f"{where}: index {idx} appears {int(dup.iloc[0])} times (rows {', '.join(rows)})"
+                           f"{f' and {len(dup) - 1} other indices repeat' if len(dup) > 1 else ''}; "
+                           "every row needs its own index")
+    return dataset
+
+
+def _row_number(data: pd.DataFrame, label) -> int | str:
+    # rows read from a TSV keep their 0-based file row as label (also after VLMEvalKit drops image-less rows)
+    if isinstance(label, (int, np.integer)):
+        return int(label) + 1
+    pos = data.index.get_loc(label)
+    return pos + 1 if isinstance(pos, int) else "?"
+
+
+def row_label(dataset, row) -> str:
+    """`<file> row <n> (index <i>)` of a row of `dataset.data` (n counts the file's data rows from 1)."""
+    return f"{dataset_source(dataset.dataset_name, dataset)} row {_row_number(dataset.data, row.name)} " \
+           f"(index {row['index']})"
+
+
+def checked_messages(dataset, rows: pd.DataFrame, message_of, single_image: bool = False) -> list:
+    """The VLMEvalKit message of each row (`message_of(row)`), checked: a non-empty question, images that
+    decode (size rule of vlmeval_dop/images.py), and with `single_image` exactly one image per prompt.
+    Raises DatasetError naming the file, the row and the problem."""
+    import binascii
+
+    from .images import ImageError, open_image
+
+    out = []
+    for _, row in rows.iterrows():
+        label = row_label(dataset, row)
+        question = row.get("question")
+        if question is None or (isinstance(question, float) and np.isnan(question)) or not str(question).strip():
+            raise DatasetError(f"{label}: empty question")
+        try:
+            message = message_of(row)
+        except (binascii.Error, OSError) as exc:  # bad base64, not an image, truncated file
+            raise DatasetError(f"{label}: the image does not decode ({type(exc).__name__}: {exc}); the file may be "
+                               "truncated, or the cell is not base64 of an image") from None
+        except AssertionError as exc:  # VLMEvalKit's dump_image: an image_path that does not exist
+            raise DatasetError(f"{label}: the image cannot be found ({exc})") from None
+        images = [m["value"] for m in message if m["type"] == "image"]
+        if single_image and len(images) != 1:
+            raise DatasetError(
+                f"{label}: the prompt has {len(images)} images; the search profiles single-image prompts (n_v "
+                "counts one image's visual tokens): use single-image rows")
+        for path in images:
+            try:
+                open_image(path)
+            except ImageError as exc:
+                raise DatasetError(f"{label}: {exc}") from None
+        out.append(message)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ VQA metric

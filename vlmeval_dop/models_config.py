@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
 
 from .arch import ArchSpec
 from .policy import DOPPolicy
@@ -32,7 +31,9 @@ def _read(name: str, config_dir: Path | None) -> dict:
     path = (config_dir or CONFIG_DIR) / name
     if not path.exists():
         raise FileNotFoundError(f"{path} not found (eval_configs/ ships with the repository; install with pip -e .)")
-    return yaml.safe_load(path.read_text())
+    from .fileio import read_yaml  # a syntax error names the file and the fix
+
+    return read_yaml(path, "it ships with the repository: restore it (git checkout -- eval_configs/) or fix the syntax")
 
 
 @lru_cache(maxsize=None)

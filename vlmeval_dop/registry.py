@@ -29,8 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .fileio import FileFormatError, read_yaml
 from .models_config import CONFIG_DIR, load_models, load_paper_policies
 from .policy import DOPPolicy, OperationMask, PolicyError
 
@@ -43,6 +42,7 @@ _ENTRY_KEYS = {"model", "method", "budget", "policy", "reducer", "baseline", "ba
 _MODEL_KEYS = {"wrapper", "tiny", "hf_id", "args", "text_tokens"}
 _METHOD_KEYS = {"reducer", "label"}
 _PAPER_KEYS = {"methods", "dop"}
+_CONFIG_FIX = "it ships with the repository: restore it (git checkout -- eval_configs/) or fix the syntax"
 
 
 class EntryError(KeyError):
@@ -248,7 +248,7 @@ def load_entries(config_dir: Path | None = None) -> dict[str, Entry]:
     path = cfg_dir / ENTRIES_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found (eval_configs/ ships with the repository)")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, _CONFIG_FIX) or {}
     _check_keys(str(path), raw, {"models", "methods", "paper", "entries", "benchmarks"})
     paper_models = load_models(config_dir)
     paper_policies = load_paper_policies(config_dir)
@@ -337,7 +337,7 @@ SEARCH_TAG_RE = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 
 def method_for_reducer(reducer: str, config_dir: Path | None = None) -> str:
     """The method label of DOP with `reducer` (entries.yaml `methods`: cdpruner -> dopcd), else `dop<reducer>`."""
-    raw = yaml.safe_load(((config_dir or CONFIG_DIR) / ENTRIES_FILE).read_text()) or {}
+    raw = read_yaml((config_dir or CONFIG_DIR) / ENTRIES_FILE, _CONFIG_FIX) or {}
     return _method_of(reducer, raw.get("methods") or {})
 
 
@@ -352,25 +352,87 @@ def searched_policy_file(tag: str, reducer: str, config_dir: Path | None = None)
     return (config_dir or CONFIG_DIR) / SEARCHED_DIR / f"{tag}.{reducer}.yaml"
 
 
+# Searched policy files that could not be read, {path: reason}. Decision: a broken or stray file in
+# eval_configs/searched/ is skipped with a warning naming it (its entries are missing), never a failure of
+# every `run.py` / `vlmeval-dop list` call; installing into it is refused until it is fixed or deleted.
+SKIPPED_SEARCHED: dict[str, str] = {}
+
+
 def _searched_entries(cfg_dir: Path, models: dict[str, ModelSpec], methods: dict[str, dict]) -> list[Entry]:
     """Entries `{model}_{method}{budget}_{tag}` for the searched policies in eval_configs/searched/ (files in
-    policies.yaml form, one per search tag and reducer)."""
+    policies.yaml form, one per search tag and reducer). Unreadable files are skipped (SKIPPED_SEARCHED)."""
+    import sys
+
     out = []
     for path in sorted((cfg_dir / SEARCHED_DIR).glob("*.yaml")):
-        tag, _, reducer = path.stem.partition(".")
-        if not reducer or not SEARCH_TAG_RE.match(tag):
-            raise EntryError(f"{path}: searched policy files are named <tag>.<reducer>.yaml")
-        method = _method_of(reducer, methods)
-        for model_name, budgets in (yaml.safe_load(path.read_text()) or {}).items():
-            if model_name not in models:
-                raise EntryError(f"{path}: model {model_name!r} unknown; valid: {', '.join(models)}")
-            for budget, raw in sorted((budgets or {}).items(), reverse=True):
-                out.append(Entry(
-                    f"{model_name}_{method}{budget_label(float(budget))}_{tag}", models[model_name], method,
-                    budget=float(budget), policy=_policy(f"{path.name}: {model_name}", raw), reducer=reducer,
-                    source=f"{SEARCHED_DIR}/{path.name}",
-                ))
+        try:
+            out += _searched_file_entries(path, models, methods)
+            SKIPPED_SEARCHED.pop(str(path), None)
+        except (EntryError, FileFormatError, PolicyError, TypeError, ValueError, AttributeError) as exc:
+            reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            SKIPPED_SEARCHED[str(path)] = reason
+            print(f"vlmeval-dop: warning: skipped {path}: {reason} (its entries are unavailable; fix or delete the "
+                  "file, or reinstall it with `vlmeval-dop search|solve --install`)", file=sys.stderr)
     return out
+
+
+def _searched_file_entries(path: Path, models: dict[str, ModelSpec], methods: dict[str, dict]) -> list[Entry]:
+    tag, _, reducer = path.stem.partition(".")
+    if not reducer or not SEARCH_TAG_RE.match(tag):
+        raise EntryError("searched policy files are named <tag>.<reducer>.yaml")
+    method = _method_of(reducer, methods)
+    data = read_yaml(path, "fix the file or delete it") or {}
+    if not isinstance(data, dict):
+        raise EntryError(f"expected a mapping of model -> {{budget: [d_A, d_P, n_v]}}, got {type(data).__name__}")
+    out = []
+    for model_name, budgets in data.items():
+        if model_name not in models:
+            raise EntryError(f"model {model_name!r} unknown; valid: {', '.join(models)}")
+        if not isinstance(budgets, dict):
+            raise EntryError(f"{model_name}: expected a mapping of budget -> [d_A, d_P, n_v], got {budgets!r}")
+        for budget, raw in sorted(budgets.items(), reverse=True):
+            out.append(Entry(
+                f"{model_name}_{method}{budget_label(float(budget))}_{tag}", models[model_name], method,
+                budget=float(budget), policy=_policy(f"{path.name}: {model_name}", raw), reducer=reducer,
+                source=f"{SEARCHED_DIR}/{path.name}",
+            ))
+    return out
+
+
+def install_policies(tag: str, reducer: str, model_key: str, policies: dict, overwrite: bool = False,
+                     config_dir: Path | None = None) -> dict[str, str]:
+    """Install solved policies {budget: DOPPolicy} as entries `{model}_{method}{budget}_{tag}`.
+
+    Safe against concurrent installs and crashes: under an exclusive lock on eval_configs/searched/ the file
+    is re-read, a budget already holding a *different* policy refuses the whole install (unless
+    `overwrite`; nothing is written then), the merge is written to a temporary file (mode 0644) and renamed
+    over the old one. Concurrent installs of different budgets therefore all land, and a conflicting one
+    is refused exactly as it would be without concurrency. Returns {budget: entry name}.
+    """
+    from .fileio import atomic_write_text, locked
+    from .search.optimize import policies_yaml
+
+    path = searched_policy_file(tag, reducer, config_dir)
+    method = method_for_reducer(reducer, config_dir)
+    with locked(path.parent):
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        data = read_yaml(path, "fix the file or delete it, then install again") if text else {}
+        if data is not None and not isinstance(data, dict):
+            raise FileFormatError(f"{path} is not a mapping of model -> {{budget: policy}}; fix or delete it")
+        old = {float(b): list(v) for b, v in ((data or {}).get(model_key) or {}).items()}
+        for budget, policy in policies.items():
+            new = _policy_list(policy)
+            if float(budget) in old and old[float(budget)] != new and not overwrite:
+                raise ValueError(f"{path} already holds {model_key} @ {budget}: {old[float(budget)]} (not {new}); "
+                                 "pick another --install tag or pass --overwrite")
+        if policies:
+            atomic_write_text(path, policies_yaml(text, model_key, policies, path))
+    load_entries.cache_clear()  # the new entries exist from now on in this process too
+    return {str(b): f"{model_key}_{method}{budget_label(float(b))}_{tag}" for b in sorted(policies, reverse=True)}
+
+
+def _policy_list(policy: DOPPolicy) -> list[int]:
+    return [policy.d_A, policy.d_P, policy.n_v] + ([policy.d_A_sys, policy.d_P_sys] if policy.has_system_depths else [])
 
 
 def _paper_baseline_entries(cfg_dir: Path, models: dict[str, ModelSpec], paper_models: dict) -> list[Entry]:
@@ -378,7 +440,7 @@ def _paper_baseline_entries(cfg_dir: Path, models: dict[str, ModelSpec], paper_m
     path = cfg_dir / BASELINES_FILE
     if not path.exists():
         return []
-    raw = _check_keys(str(path), yaml.safe_load(path.read_text()) or {}, {"baselines", "paper"})
+    raw = _check_keys(str(path), read_yaml(path, _CONFIG_FIX) or {}, {"baselines", "paper"})
     methods = {n: _check_keys(f"baselines.{n}", d, _BASELINE_KEYS) for n, d in (raw.get("baselines") or {}).items()}
     out = []
     for model_name, names in (raw.get("paper") or {}).items():
@@ -477,7 +539,10 @@ def get_entry(name: str, config_dir: Path | None = None) -> Entry:
     if name not in entries:
         if name in INFEASIBLE_BASELINES:
             raise EntryError(f"entry {name!r} does not exist: {INFEASIBLE_BASELINES[name]}")
-        raise _unknown(name, list(entries))
+        exc = _unknown(name, list(entries))
+        if SKIPPED_SEARCHED:  # the entry may be in a searched file that could not be read
+            exc = EntryError(f"{exc} (skipped unreadable searched policy files: {', '.join(SKIPPED_SEARCHED)})")
+        raise exc
     return entries[name]
 
 

@@ -24,11 +24,11 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from PIL import Image
 from vlmeval.smp import get_logger
 from vlmeval.vlm.base import BaseModel
 
 from ..executor import apply_dop
+from ..images import open_image
 from ..policy import DOPPolicy, OperationMask, PolicyError
 from .weights import WeightsUnavailableError, resolve_weights, weights_unavailable
 
@@ -186,11 +186,12 @@ class DOPWrapper(BaseModel):
 
     @staticmethod
     def split_message(message: list[dict]) -> list[tuple[str, Any]]:
-        """[(type, value)] with images opened as RGB PIL images, in message order."""
+        """[(type, value)] with images opened as RGB PIL images, in message order; images over
+        `images.MAX_SIDE` px are downscaled before any padding (never an out-of-memory canvas)."""
         out = []
         for item in message:
             if item["type"] == "image":
-                out.append(("image", Image.open(item["value"]).convert("RGB")))
+                out.append(("image", open_image(item["value"])))  # size rule: vlmeval_dop/images.py
             elif item["type"] == "text":
                 out.append(("text", item["value"]))
             else:

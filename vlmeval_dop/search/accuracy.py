@@ -14,9 +14,8 @@ sharded like `profile.ProfileRun`); `build_accuracy_profile` merges them into a 
 from __future__ import annotations
 
 import copy
-import json
 import string
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,6 +282,7 @@ class AccuracyProfileRun(RankFiles):
     rank: int = 0
     world_size: int = 1
     generation_config: Any = None
+    sample_keys: Mapping[str, str] | None = None  # as ProfileRun's (model, weights, row, inputs)
     FILE_PREFIX = "acc_samples"
 
     def run(
@@ -298,31 +298,41 @@ class AccuracyProfileRun(RankFiles):
 
         Each record holds the sample's full score, its drops per curve and every generated answer.
         """
-        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
-        done = self.finished_ids()
+        done = self.resume()
         added = 0
-        with open(self.samples_file, "a", encoding="utf-8") as fh:
-            for ids, inputs, rows, *resized in tqdm(batches, total=total, desc="accuracy profiling", unit="batch"):
-                if all(i in done for i in ids):
+        for ids, inputs, rows, *resized in tqdm(batches, total=total, desc="accuracy profiling", unit="batch"):
+            if all(i in done for i in ids):
+                continue
+            out = profile_accuracy_batch(
+                model, processor_decode, inputs, rows, scorer, self.depths, self.visual, self.reducer,
+                self.max_new_tokens, generation_config=self.generation_config,
+                resized=resized[0] if resized else None,
+            )
+            for b, sid in enumerate(ids):
+                if sid in done:
                     continue
-                out = profile_accuracy_batch(
-                    model, processor_decode, inputs, rows, scorer, self.depths, self.visual, self.reducer,
-                    self.max_new_tokens, generation_config=self.generation_config,
-                    resized=resized[0] if resized else None,
-                )
-                for b, sid in enumerate(ids):
-                    if sid in done:
-                        continue
-                    record = {
-                        "id": sid,
-                        "full": float(out.full_scores[b]),
-                        **{c: [float(v) for v in out.drops[c][b].tolist()] for c in CURVES},
-                        "answers": {k: v[b] for k, v in out.answers.items()},
-                    }
-                    fh.write(json.dumps(record, sort_keys=True) + "\n")
-                    added += 1
-                fh.flush()  # a finished sample survives an interruption
+                self.write_record({  # one whole line per finished sample: it survives an interruption
+                    "id": sid,
+                    "full": float(out.full_scores[b]),
+                    **{c: [float(v) for v in out.drops[c][b].tolist()] for c in CURVES},
+                    "answers": {k: v[b] for k, v in out.answers.items()},
+                })
+                added += 1
         return added
+
+    def settings(self) -> Any:
+        """What determines a record besides the sample: points, reducer, decoding, metric code."""
+        import sys
+
+        from . import divergence
+        from .profile import code_version
+
+        gen = None if self.generation_config is None else self.generation_config.to_dict()
+        if isinstance(gen, dict):
+            gen.pop("transformers_version", None)
+        return {"objective": "acc_drop", "depths": list(self.depths), "visual": list(self.visual),
+                "reducer": self.reducer, "max_new_tokens": self.max_new_tokens, "generation": gen,
+                "code": code_version(divergence, sys.modules[__name__])}
 
 
 def build_accuracy_profile(out_dir: Path, **kwargs):

@@ -42,9 +42,7 @@ near the floor the optimum is then ``(0, 0, N_v)``, whose outputs equal ``(0, 0,
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -475,21 +473,33 @@ def write_policy(path: str | Path, model: str, budget: float, policy: DOPPolicy)
     by replacing (or appending) only that model's line; a file in another layout is rewritten in that
     style, keeping its leading comment block. Budgets of a model are ordered from largest to smallest (the
     paper's tables). Policies with system depths are written as 5-lists ``[d_A, d_P, n_v, d_A_sys,
-    d_P_sys]``; ``n_v=None`` (all tokens) cannot be written in this form and is an error.
+    d_P_sys]``; ``n_v=None`` (all tokens) cannot be written in this form and is an error. The file is
+    replaced atomically (temporary file + rename) and is world-readable (0644).
     """
-    if policy.n_v is None:
-        raise ValueError("policies.yaml needs an explicit n_v; use the model's visual token count")
+    from ..fileio import atomic_write_text
+
     path = Path(path)
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    data = yaml.safe_load(text) or {}
+    return atomic_write_text(path, policies_yaml(text, model, {budget: policy}, path))
+
+
+def policies_yaml(text: str, model: str, policies: Mapping[float, DOPPolicy], path: Any = "policies") -> str:
+    """`text` (a policies.yaml-style file's content) with ``policies`` {budget: policy} set for `model`,
+    laid out as `write_policy` describes; `path` only names the file in errors."""
+    from ..fileio import parse_yaml
+
+    data = parse_yaml(text, path, "fix the file or delete it") or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a mapping of model -> {{budget: policy}}")
-    values = [policy.d_A, policy.d_P, policy.n_v]
-    if policy.has_system_depths:
-        values += [policy.d_A_sys, policy.d_P_sys]
     old = data.get(model)
     entry = {float(b): list(v) for b, v in (old or {}).items()}
-    entry[float(budget)] = values
+    for budget, policy in policies.items():
+        if policy.n_v is None:
+            raise ValueError("policies.yaml needs an explicit n_v; use the model's visual token count")
+        values = [policy.d_A, policy.d_P, policy.n_v]
+        if policy.has_system_depths:
+            values += [policy.d_A_sys, policy.d_P_sys]
+        entry[float(budget)] = values
     entry = dict(sorted(entry.items(), key=lambda kv: -kv[0]))
     new_data = dict(data)
     new_data[model] = entry
@@ -520,12 +530,7 @@ def write_policy(path: str | Path, model: str, budget: float, policy: DOPPolicy)
         out = "\n".join(header + body) + "\n"
     if yaml.safe_load(out) != {m: {float(b): list(v) for b, v in e.items()} for m, e in new_data.items()}:
         raise RuntimeError(f"internal error: rewriting {path} would change other entries")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-        f.write(out)
-    os.replace(tmp, path)
-    return path
+    return out
 
 
 def _parses_to(line: str, expected: Any) -> bool:

@@ -15,11 +15,16 @@ costs proportionally less), so the saving is a number. `profile_naive` is the pa
 forward per point, vision included) and the independent reference the tests compare against.
 
 Results are written per sample to `<out_dir>/samples.rank<r>.jsonl` as they finish; a rerun skips the
-samples already there (resume), and `merge_samples` averages them into the profile.
+samples already there (resume), and `merge_samples` averages them into the profile. Every record carries a
+`key`: a fingerprint of everything that determines it (sampling points, reducer, this code's version and
+the caller's per-sample key: model and weights, dataset row, model inputs, decoding settings). A record
+whose key differs from the current one is never reused: that sample is computed again. Records are
+appended as whole lines (fileio.RecordFile): a line torn by a kill or a full disk is dropped on the next
+run and its sample computed again.
 """
 from __future__ import annotations
 
-import json
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,32 +204,104 @@ def profile_naive(
 
 SAMPLES_PATTERN = "samples.rank*.jsonl"
 
+# Bump when the profiling procedure changes what a record holds; divergence.py's source is hashed as well
+# (search/divergence.py: the KL of Eq. 10), so editing it invalidates cached samples automatically.
+PROFILE_VERSION = 2
+
+
+def code_version(*modules) -> str:
+    """Fingerprint of this package's record format and the source of `modules` (default: divergence.py)."""
+    import inspect
+
+    from . import divergence
+    from ..fileio import fingerprint
+
+    return fingerprint(PROFILE_VERSION, [inspect.getsource(m) for m in (modules or (divergence,))])
+
 
 class RankFiles:
     """Per-rank sample files of a resumable, shardable job: `<out_dir>/<FILE_PREFIX>.rank<r>.jsonl`, one JSON
-    record with an "id" per finished sample. Subclasses are dataclasses with `out_dir`, `rank`, `world_size`."""
+    record with an "id" and a "key" per finished sample. Subclasses are dataclasses with `out_dir`, `rank`,
+    `world_size`, `sample_keys` and a `settings()` method (what, apart from the sample, determines a record).
+
+    Attributes set by `resume()`: `stale` (records of this run's samples computed under another key, which
+    are computed again) and `torn` (incomplete lines dropped).
+    """
 
     FILE_PREFIX = "samples"
     out_dir: Path
     rank: int
     world_size: int
+    sample_keys: Mapping[str, str] | None
 
     @property
     def samples_file(self) -> Path:
         return Path(self.out_dir) / f"{self.FILE_PREFIX}.rank{self.rank}.jsonl"
 
+    def settings(self) -> Any:
+        raise NotImplementedError
+
+    def record_key(self, sample_id: str) -> str:
+        """The key a record of `sample_id` must carry to be reused: settings + the caller's sample key."""
+        from ..fileio import fingerprint
+
+        if not hasattr(self, "_settings_key"):
+            self._settings_key = fingerprint(self.FILE_PREFIX, self.settings())
+        sample = None if self.sample_keys is None else self.sample_keys.get(sample_id)
+        return fingerprint(self._settings_key, sample)
+
+    def expected_keys(self, ids: Iterable[str]) -> dict[str, str]:
+        """{id: record key} of these samples (what `merge_samples(expected=...)` takes)."""
+        return {i: self.record_key(i) for i in ids}
+
+    def resume(self) -> set[str]:
+        """Ids whose finished record (any rank's file) matches its current key. This rank's own file is
+        first rewritten without torn lines and without records that do not match (computed again)."""
+        from ..fileio import RecordFile
+
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        own = RecordFile(self.samples_file)
+        records, self.torn = own.read()
+        keep, self.stale = [], 0
+        for record, raw in records:
+            if record.get("key") == self.record_key(str(record["id"])):
+                keep.append(raw)
+            elif self.sample_keys is None or str(record["id"]) in self.sample_keys:
+                self.stale += 1
+        if self.torn or len(keep) != len(records):
+            own.rewrite(keep)
+        if self.torn:
+            _warn(f"{own.path}: dropped {self.torn} incomplete record(s) (an interrupted write); "
+                  "those samples are computed again")
+        if self.stale:
+            _warn(f"{own.path}: {self.stale} finished sample(s) were computed with other settings or data (model, "
+                  "weights, dataset row, sampling points, reducer, decoding or code version) and are computed again")
+        return self.finished_ids()
+
     def finished_ids(self) -> set[str]:
-        """Sample ids already profiled by any rank (a resumed job skips them)."""
-        done: set[str] = set()
+        """Sample ids already finished by any rank with the current key (read only)."""
+        from ..fileio import RecordFile
+
+        done = set()
         for path in Path(self.out_dir).glob(f"{self.FILE_PREFIX}.rank*.jsonl"):
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    done.add(json.loads(line)["id"])
+            for record, _ in RecordFile(path).read()[0]:
+                if record.get("key") == self.record_key(str(record["id"])):
+                    done.add(str(record["id"]))
         return done
+
+    def write_record(self, record: dict) -> None:
+        """Append one finished sample (with its key) as a whole line."""
+        from ..fileio import RecordFile
+
+        RecordFile(self.samples_file).append({**record, "key": self.record_key(str(record["id"]))})
 
     def shard(self, items: Sequence[Any]) -> Iterator[Any]:
         """This rank's slice of `items` (every world_size-th, starting at rank)."""
         return iter(items[self.rank :: self.world_size])
+
+
+def _warn(msg: str) -> None:
+    tqdm.write(f"vlmeval-dop: {msg}", file=sys.stderr)
 
 
 @dataclass
@@ -234,6 +311,8 @@ class ProfileRun(RankFiles):
     Attributes:
         out_dir: one directory per (model, reducer, dataset, samples, seed).
         rank, world_size: this process's shard (torchrun: each rank profiles samples i % world == rank).
+        sample_keys: {sample id: fingerprint of what determines it besides the points and reducer}
+            (search/run.py: model, weights, dataset row, model inputs); None keys by id alone.
     """
 
     out_dir: Path
@@ -243,39 +322,53 @@ class ProfileRun(RankFiles):
     rank: int = 0
     world_size: int = 1
     counter: ProfileCounter = field(default_factory=ProfileCounter)
+    sample_keys: Mapping[str, str] | None = None
+
+    def settings(self) -> Any:
+        return {"objective": "kl", "depths": list(self.depths), "visual": list(self.visual),
+                "reducer": self.reducer, "code": code_version()}
 
     def run(self, model, batches: Iterable[tuple[list[str], dict[str, Any]]], total: int | None = None) -> int:
         """Profile every batch `(sample_ids, inputs)` of this rank's shard not yet done; returns samples added.
 
         With an image-side reducer a batch is `(sample_ids, inputs, {n_v: resized inputs})`."""
-        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
-        done = self.finished_ids()
+        done = self.resume()
         added = 0
-        with open(self.samples_file, "a", encoding="utf-8") as fh:
-            for ids, inputs, *resized in tqdm(batches, total=total, desc="profiling", unit="batch"):
-                if all(i in done for i in ids):
+        for ids, inputs, *resized in tqdm(batches, total=total, desc="profiling", unit="batch"):
+            if all(i in done for i in ids):
+                continue
+            out = profile_batch(model, inputs, self.depths, self.visual, self.reducer, self.counter,
+                                resized[0] if resized else None)
+            for b, sid in enumerate(ids):
+                if sid in done:
                     continue
-                out = profile_batch(model, inputs, self.depths, self.visual, self.reducer, self.counter,
-                                    resized[0] if resized else None)
-                for b, sid in enumerate(ids):
-                    if sid in done:
-                        continue
-                    record = {"id": sid, **{c: [float(v) for v in out[c][b].tolist()] for c in CURVES}}
-                    fh.write(json.dumps(record, sort_keys=True) + "\n")
-                    added += 1
-                fh.flush()  # a finished sample survives an interruption
+                # one whole line per finished sample: it survives an interruption
+                self.write_record({"id": sid, **{c: [float(v) for v in out[c][b].tolist()] for c in CURVES}})
+                added += 1
         return added
 
 
-def merge_samples(out_dir: Path, pattern: str = SAMPLES_PATTERN) -> dict[str, Any]:
+def merge_samples(out_dir: Path, pattern: str = SAMPLES_PATTERN,
+                  expected: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Average every rank's per-sample results (files `pattern` under `out_dir`); sample order does not
-    matter (sorted by id)."""
+    matter (sorted by id).
+
+    `expected` ({id: record key}, `RankFiles.expected_keys`): exactly these samples, each from a record with
+    that key (records of other samples or settings in the folder are ignored); one missing is an error.
+    """
+    from ..fileio import RecordFile
+
     records: dict[str, dict[str, Any]] = {}
     for path in sorted(Path(out_dir).glob(pattern)):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                records[r["id"]] = r
+        for r, _ in RecordFile(path).read()[0]:
+            sid = str(r["id"])
+            if expected is None or expected.get(sid) == r.get("key"):
+                records[sid] = r
+    if expected is not None:
+        missing = sorted(set(expected) - set(records))
+        if missing:
+            raise RuntimeError(f"{len(missing)} profiled sample(s) missing under {out_dir} (e.g. {missing[0]}); "
+                               "rerun the same command to compute them")
     if not records:
         raise FileNotFoundError(f"no profiled samples under {out_dir}")
     ids = sorted(records)
@@ -299,12 +392,13 @@ def build_profile(
     visual: Sequence[int],
     pattern: str = SAMPLES_PATTERN,
     objective: str = "kl",
+    expected: Mapping[str, str] | None = None,
 ):
-    """Merge the per-sample results under `out_dir` (files `pattern`) into a `DivergenceProfile` (curves.py)
-    of `objective` ("kl", or "acc_drop" for accuracy.py's drops)."""
+    """Merge the per-sample results under `out_dir` (files `pattern`; `expected` as in `merge_samples`) into
+    a `DivergenceProfile` (curves.py) of `objective` ("kl", or "acc_drop" for accuracy.py's drops)."""
     from .curves import profile_from_measurements
 
-    merged = merge_samples(out_dir, pattern)
+    merged = merge_samples(out_dir, pattern, expected)
     points = {"D_A": list(depths), "D_P": list(depths), "D_v": list(visual)}
     means = {c: dict(zip(points[c], merged["mean"][c])) for c in CURVES}
     per_sample = {

@@ -86,21 +86,19 @@ def validation_items(entry: str, data: str, samples: int, seed: int, device: str
     """`samples` random rows (seed) of dataset `data` as model inputs built by `entry`'s wrapper.
 
     The unpruned entry's VLMEvalKit wrapper builds each prompt (its own custom prompt where it has one,
-    else the dataset's) and processor inputs exactly as evaluation does.
+    else the dataset's) and processor inputs exactly as evaluation does. The dataset and the drawn rows are
+    checked before the weights load (datasets.load_checked_dataset / checked_messages: columns, unique
+    indices, non-empty questions, images that decode, one image per prompt), so a bad dataset fails with a
+    message naming the file and the row, in seconds.
     """
+    from ..datasets import checked_messages, load_checked_dataset
     from ..registry import get_entry, load_entry
 
     e = get_entry(entry)
     if e.policy is not None or e.baseline is not None:
         raise PolicyError(f"this runs on an unpruned model entry (e.g. {e.model.name!r}), not on {entry!r}")
-    wrapper = load_entry(entry, **({"device": device} if device else {}))
-    wrapper.load()
-
-    from vlmeval.dataset import build_dataset
-
-    dataset = build_dataset(data)
-    if dataset is None:
-        raise ValueError(f"dataset {data!r} could not be built by VLMEvalKit (name or $LMUData/{data}.tsv)")
+    wrapper = load_entry(entry, **({"device": device} if device else {}))  # no weights yet
+    dataset = load_checked_dataset(data)
     rows = dataset.data.sample(n=min(samples, len(dataset.data)), random_state=seed)
     wrapper.set_dump_image(dataset.dump_image)  # as VLMEvalKit's inference loop: custom prompts save images
 
@@ -109,10 +107,120 @@ def validation_items(entry: str, data: str, samples: int, seed: int, device: str
             return wrapper.build_prompt(row, dataset.dataset_name)
         return dataset.build_prompt(row)
 
-    messages = [message_of(row) for _, row in rows.iterrows()]
+    messages = checked_messages(dataset, rows, message_of, single_image=True)
+    wrapper.load()
     items = [([str(row["index"])], wrapper.model_inputs(m, dataset.dataset_name))
              for (_, row), m in zip(rows.iterrows(), messages)]
     return ValidationSet(e, wrapper.model, dataset, items, rows, _pad_token_id(wrapper), wrapper, messages)
+
+
+def weights_id(wrapper) -> str:
+    """What identifies the loaded weights: a local checkpoint's content id (fileio.checkpoint_id), or the
+    Hub id with the commit of its cached snapshot."""
+    import os
+
+    path = wrapper._checkpoint()
+    if os.path.isdir(path):
+        return _checkpoint_id_cached(os.path.realpath(path))
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(path, "config.json")
+    return f"{path}@{Path(config).parent.name}" if isinstance(config, str) else path
+
+
+_CHECKPOINT_IDS: dict[str, str] = {}
+
+
+def _checkpoint_id_cached(path: str) -> str:
+    from ..fileio import checkpoint_id
+
+    if path not in _CHECKPOINT_IDS:
+        _CHECKPOINT_IDS[path] = checkpoint_id(path)
+    return _CHECKPOINT_IDS[path]
+
+
+def sample_keys(val: ValidationSet, items: Sequence) -> dict[str, str]:
+    """{sample id: fingerprint of what determines its record apart from the profiling settings}: the model
+    entry and its wrapper settings, the weights id, the library versions that compute the forward, the
+    dataset row's content and the exact model inputs built from it (also the resized ones of `resize`)."""
+    import torch
+    import transformers
+
+    from ..fileio import fingerprint, tensor_digest
+
+    w = val.wrapper
+    context = fingerprint({
+        "entry": val.entry.name, "model_args": val.entry.model.args, "weights": weights_id(w),
+        "dtype": str(w.dtype), "device": w.device.type, "attn": w.attn_implementation,
+        "dataset": val.dataset_name, "torch": torch.__version__, "transformers": transformers.__version__,
+    })
+    rows = {str(row["index"]): row for _, row in val.rows.iterrows()}
+    keys = {}
+    for item in items:
+        (sid,) = item[0]
+        row = {str(k): str(v) for k, v in rows[sid].items()}
+        keys[sid] = fingerprint(context, row, tensor_digest(item[1]), tensor_digest(item[2]) if len(item) > 2 else None)
+    return keys
+
+
+def check_search_args(entry: str, reducer: str, budgets, samples: int, out_dir, *, alpha=None, text_tokens=None,
+                      depths=None, visual=None, device=None, batch_size: int = 1, objective: str = "kl",
+                      max_new_tokens=None, install=None, config_dir=None) -> None:
+    """Every argument of `run_search` checked before any model loads or anything is written (UsageError)."""
+    from ..checks import (UsageError, check_alpha, check_budgets, check_device, check_min, check_out_dir,
+                          check_reducer)
+    from ..registry import get_entry
+
+    e = get_entry(entry)
+    if e.policy is not None or e.baseline is not None:
+        raise PolicyError(f"this runs on an unpruned model entry (e.g. {e.model.name!r}), not on {entry!r}")
+    check_reducer(reducer)
+    if objective not in OBJECTIVES:
+        raise UsageError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    check_budgets(budgets)
+    check_alpha(alpha)
+    check_min(text_tokens, "--text-tokens", 0)
+    check_min(samples, "--samples", 1)
+    check_min(batch_size, "--batch-size", 1)
+    check_min(max_new_tokens, "--max-new-tokens", 1)
+    L, n_v = _model_shape(e)
+    for d in depths or []:
+        if d < 0 or (L is not None and d > L):
+            top = L if L is not None else "its layer count"
+            raise UsageError(f"--depths {d}: sampling depths of {e.model.name} are in 0..{top}")
+    for n in visual or []:
+        if n < 1 or (n_v is not None and n > n_v):
+            raise UsageError(f"--visual {n}: sampling n_v values are in 1..{n_v or 'the visual tokens'}")
+    check_device(device)
+    check_out_dir(out_dir)
+    if install is not None:
+        _check_install_target(install, reducer, config_dir)
+
+
+def _model_shape(entry) -> tuple[int | None, int | None]:
+    """(decoder layers, visual tokens) of an entry's model without loading it; None where unknown or varying."""
+    if entry.model.paper:
+        papers = load_models()
+        if entry.model.name not in papers:  # a model of entries.yaml outside models.yaml: checked later
+            return None, None
+        arch = papers[entry.model.name].arch
+        return arch.num_layers, arch.visual_tokens
+    from ..registry import _tiny_arch
+
+    arch = _tiny_arch(entry.model.tiny)
+    return arch.num_layers, None if entry.model.wrapper == "qwen2_5_vl" else arch.visual_tokens
+
+
+def _check_install_target(tag: str, reducer: str, config_dir) -> None:
+    """A bad tag, or an existing install file that cannot be read, fails before any work."""
+    from ..checks import check_out_dir
+    from ..fileio import read_yaml
+    from ..registry import searched_policy_file
+
+    path = searched_policy_file(tag, reducer, config_dir)
+    check_out_dir(path.parent, "install folder")
+    if path.exists():
+        read_yaml(path, "fix the file or delete it, then install again")
 
 
 def _pad_token_id(wrapper) -> int:
@@ -134,8 +242,12 @@ def run_fitprune(entry: str, data: str, budgets: list[float] | None, samples: in
     {budget: path}.
     """
     from ..baselines.fitprune import fit_fitprune_schedule
+    from ..checks import check_budgets, check_device, check_min
     from ..registry import load_entries
 
+    check_budgets(budgets)
+    check_min(samples, "--samples", 1)
+    check_device(device)
     todo = {}
     for cand in load_entries().values():
         if cand.baseline == "fitprune" and cand.required_file and cand.model.name == entry:
@@ -215,32 +327,26 @@ def run_search(
     import torch
 
     from .batching import batched, num_batches
-    from .optimize import InfeasibleBudgetError, optimize, write_policy
+    from .optimize import write_policy
     from .plot import plot_profile
-    from .profile import ProfileRun, build_profile
+    from .profile import IMAGE_SIDE_REDUCERS, ProfileRun, build_profile
 
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    from ..reducers import REDUCERS
-    from .profile import IMAGE_SIDE_REDUCERS
-
-    valid_reducers = sorted(REDUCERS) + list(IMAGE_SIDE_REDUCERS)
-    if reducer not in valid_reducers:
-        raise ValueError(f"unknown reducer {reducer!r}; valid reducers: {', '.join(valid_reducers)}")
-    if install is not None:
-        from ..registry import searched_policy_file
-
-        searched_policy_file(install, reducer, config_dir)  # a bad tag fails before any work
+    check_search_args(entry, reducer, budgets, samples, out_dir, alpha=alpha, text_tokens=text_tokens,
+                      depths=depths, visual=visual, device=device, batch_size=batch_size, objective=objective,
+                      max_new_tokens=max_new_tokens, install=install, config_dir=config_dir)
     rank, world = distributed_rank()
     val = validation_items(entry, data, samples, seed, device)
     model, items = val.model, val.items
     setup = _setup(val.entry.model.name, model, items[0][1], alpha, text_tokens, depths, visual, budgets)
+    if reducer not in IMAGE_SIDE_REDUCERS:
+        _check_visual_points(val, setup.visual)
     suffix = "" if objective == "kl" else f"-{objective}"
     run_dir = Path(out_dir) / f"{val.entry.model.name}-{reducer}-{val.dataset_name}-{len(items)}-{seed}{suffix}"
+    if reducer in IMAGE_SIDE_REDUCERS:  # D_v runs the model on images resized for each n_v (DOP_R)
+        items = val.with_resized(setup.visual)
+    keys = sample_keys(val, items)
     if objective == "kl":
-        run = ProfileRun(run_dir, setup.depths, setup.visual, reducer, rank=rank, world_size=world)
+        run = ProfileRun(run_dir, setup.depths, setup.visual, reducer, rank=rank, world_size=world, sample_keys=keys)
     else:
         from .accuracy import AccuracyProfileRun, sample_scorer
 
@@ -249,13 +355,11 @@ def run_search(
         if max_new_tokens is not None:
             gen.max_new_tokens = max_new_tokens
         run = AccuracyProfileRun(run_dir, setup.depths, setup.visual, reducer, gen.max_new_tokens,
-                                 rank=rank, world_size=world, generation_config=gen)
+                                 rank=rank, world_size=world, generation_config=gen, sample_keys=keys)
     if recompute and rank == 0:
         for old in run_dir.glob(f"{run.FILE_PREFIX}.rank*.jsonl"):
             old.unlink()  # asked for: profile every sample again
     _barrier(world)
-    if reducer in IMAGE_SIDE_REDUCERS:  # D_v runs the model on images resized for each n_v (DOP_R)
-        items = val.with_resized(setup.visual)
     mine = list(run.shard(items))
     batches, total = batched(mine, batch_size, val.pad_token_id), num_batches(mine, batch_size)
     if objective == "kl":
@@ -267,7 +371,7 @@ def run_search(
         added = run.run(model, decode, scorer, jobs, total=total)
     counter = getattr(run, "counter", None)  # generation has no prefix sharing to count
     counts = torch.tensor([counter.layer_forwards if counter else 0, counter.layer_equivalents if counter else 0,
-                           added], dtype=torch.float64)
+                           added, run.stale, run.torn], dtype=torch.float64)
     if world > 1:
         import torch.distributed as dist
 
@@ -282,21 +386,17 @@ def run_search(
         run_dir, model=setup.model_key, reducer=reducer, dataset=val.dataset_name, seed=seed,
         num_layers=setup.spec.num_layers, num_visual=setup.spec.visual_tokens,
         depths=setup.depths, visual=setup.visual, pattern=f"{run.FILE_PREFIX}.rank*.jsonl", objective=objective,
+        expected=run.expected_keys(keys),
     )
-    profile.save(run_dir / "profile.json")
-    results, policies = {}, {}
-    for budget in setup.budgets:
-        try:
-            r = optimize(profile, setup.spec, budget, text_tokens=setup.text_tokens, alpha=setup.alpha,
-                         model=setup.model_key)
-        except InfeasibleBudgetError as exc:
-            results[str(budget)] = {"error": str(exc)}
-            continue
-        results[str(budget)] = r.to_dict()
-        policies[budget] = r.policy
-        write_policy(run_dir / "policies.yaml", setup.model_key, budget, r.policy)
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(run_dir / "profile.json", profile.to_json())  # never a half-written profile
+    results, policies = _solve_budgets(profile, setup.spec, setup.budgets, setup.text_tokens, setup.alpha,
+                                       setup.model_key)
+    for budget, policy in policies.items():
+        write_policy(run_dir / "policies.yaml", setup.model_key, budget, policy)
     plot_profile(run_dir / "profile.json", run_dir / "profile.png", policies=policies)
-    installed = _install(install, reducer, setup.model_key, policies, overwrite, config_dir) if install else {}
+    installed, not_installed = _install(install, reducer, setup.model_key, policies, results, overwrite, config_dir)
     summary = {
         "entry": entry, "dataset": val.dataset_name, "reducer": reducer, "samples": len(items),
         "seed": seed, "objective": objective, "newly_profiled": int(counts[2]), "depths": setup.depths,
@@ -304,11 +404,40 @@ def run_search(
         "layer_forwards": int(counts[0]) if objective == "kl" else None,
         "layer_equivalents": round(float(counts[1]), 3) if objective == "kl" else None,
         "batch_size": batch_size, "world_size": world, "results": results, "dir": str(run_dir),
-        "installed": installed,
+        "installed": installed, "not_installed": not_installed,
+        "recomputed_stale": int(counts[3]), "dropped_incomplete": int(counts[4]),
     }
-    (run_dir / "search.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(run_dir / "search.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _barrier(world)
     return summary
+
+
+def _check_visual_points(val: ValidationSet, visual: Sequence[int]) -> None:
+    """Every sample has at least max(visual) visual tokens (before anything is written)."""
+    from ..checks import UsageError
+
+    image_id = val.model.config.image_token_id
+    for ids, inputs in val.items:
+        n = int((inputs["input_ids"][0] == image_id).sum())
+        if max(visual) > n:
+            raise UsageError(f"sampling point n_v={max(visual)} exceeds the {n} visual tokens of sample index {ids[0]} "
+                             "of the validation set; give smaller --visual values")
+
+
+def _solve_budgets(profile, spec, budgets, text_tokens, alpha, model) -> tuple[dict, dict]:
+    """Eq. 7 per budget: ({budget: result dict or {"error": why}}, {budget: policy} of the feasible ones)."""
+    from .optimize import InfeasibleBudgetError, optimize
+
+    results, policies = {}, {}
+    for budget in budgets:
+        try:
+            r = optimize(profile, spec, budget, text_tokens=text_tokens, alpha=alpha, model=model)
+        except InfeasibleBudgetError as exc:
+            results[str(budget)] = {"error": str(exc)}
+            continue
+        results[str(budget)] = r.to_dict()
+        policies[budget] = r.policy
+    return results, policies
 
 
 def solve_profile(
@@ -329,62 +458,66 @@ def solve_profile(
     Appendix C.5): e.g. LLaVA-1.5-7B's curves solved for LLaVA-1.5-13B (Table 5). `reducer` names the
     reduction the target's policies run with (default: the profile's; the paper transfers DOP_CD curves to
     DOP_R models, `reducer="resize"`). Budgets default to the model's labels; `install` as in `run_search`.
+    Every argument and the profile file are checked before anything is solved or written.
     """
+    from ..checks import UsageError, check_alpha, check_budgets, check_min, check_reducer
     from ..models_config import load_models
-    from .curves import DivergenceProfile
-    from .optimize import InfeasibleBudgetError, optimize
     from .transfer import transfer_to_model
 
     papers = load_models(config_dir)
     if model not in papers:
-        raise ValueError(f"unknown paper model {model!r}; valid: {', '.join(papers)}")
-    profile = DivergenceProfile.load(profile_path)
+        raise UsageError(f"unknown paper model {model!r}; valid: {', '.join(papers)}")
+    check_budgets(budgets)
+    check_alpha(alpha)
+    check_min(text_tokens, "--text-tokens", 0)
+    check_reducer(reducer)
+    profile = load_profile(profile_path)
     reducer = reducer or profile.reducer
+    check_reducer(reducer)
     if install is not None:
-        from ..registry import searched_policy_file
-
-        searched_policy_file(install, reducer, config_dir)  # a bad tag fails before any work
+        _check_install_target(install, reducer, config_dir)
     pm = papers[model]
     source = profile.model
     if source != model:
         profile = transfer_to_model(profile, model, reducer=reducer, config_dir=config_dir)
-    results, policies = {}, {}
-    for budget in budgets or sorted(pm.budgets, reverse=True):
-        try:
-            r = optimize(profile, pm.arch, budget, text_tokens=text_tokens if text_tokens is not None else pm.text_tokens,
-                         alpha=alpha if alpha is not None else pm.alpha, model=model)
-        except InfeasibleBudgetError as exc:
-            results[str(budget)] = {"error": str(exc)}
-            continue
-        results[str(budget)] = r.to_dict()
-        policies[budget] = r.policy
-    installed = _install(install, reducer, model, policies, overwrite, config_dir) if install else {}
+    results, policies = _solve_budgets(
+        profile, pm.arch, budgets or sorted(pm.budgets, reverse=True),
+        text_tokens if text_tokens is not None else pm.text_tokens, alpha if alpha is not None else pm.alpha, model)
+    installed, not_installed = _install(install, reducer, model, policies, results, overwrite, config_dir)
     return {"profile": str(profile_path), "model": model, "reducer": reducer, "objective": profile.objective,
-            "transferred_from": source if source != model else None, "results": results, "installed": installed}
+            "transferred_from": source if source != model else None, "results": results, "installed": installed,
+            "not_installed": not_installed}
 
 
-def _install(tag: str, reducer: str, model_key: str, policies: dict, overwrite: bool, config_dir) -> dict[str, str]:
-    """Write the solved policies where the registry makes entries of them; returns {budget: entry name}."""
-    import yaml
+PROFILE_FIX = "rerun the `vlmeval-dop search` that wrote it (the same command resumes from its samples)"
 
-    from ..registry import budget_label, load_entries, method_for_reducer, searched_policy_file
-    from .optimize import write_policy
 
-    path = searched_policy_file(tag, reducer, config_dir)
-    old = (yaml.safe_load(path.read_text()) or {}).get(model_key, {}) if path.exists() else {}
-    old = {float(b): list(v) for b, v in (old or {}).items()}
-    for budget, policy in policies.items():
-        new = [policy.d_A, policy.d_P, policy.n_v] + ([policy.d_A_sys, policy.d_P_sys] if policy.has_system_depths else [])
-        if float(budget) in old and old[float(budget)] != new and not overwrite:
-            raise ValueError(f"{path} already holds {model_key} @ {budget}: {old[float(budget)]} (not {new}); "
-                             "pick another --install tag or pass --overwrite")
-    method = method_for_reducer(reducer, config_dir)
-    out = {}
-    for budget, policy in sorted(policies.items(), reverse=True):
-        write_policy(path, model_key, budget, policy)
-        out[str(budget)] = f"{model_key}_{method}{budget_label(float(budget))}_{tag}"
-    load_entries.cache_clear()  # the new entries exist from now on in this process too
-    return out
+def load_profile(path):
+    """A `profile.json` written by `vlmeval-dop search`; FileFormatError naming the file and the fix if it is
+    missing, not a file, not JSON (e.g. truncated) or not a profile."""
+    from ..fileio import FileFormatError, read_json
+    from .curves import DivergenceProfile
+
+    data = read_json(path, PROFILE_FIX)
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{path} holds a JSON {type(data).__name__}, not a divergence profile; {PROFILE_FIX}")
+    try:
+        return DivergenceProfile.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        msg = f"missing field {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+        raise FileFormatError(f"{path} is not a divergence profile ({msg}); {PROFILE_FIX}") from None
+
+
+def _install(tag, reducer: str, model_key: str, policies: dict, results: dict, overwrite: bool,
+             config_dir) -> tuple[dict[str, str], dict[str, str]]:
+    """Install the solved policies where the registry makes entries of them (registry.install_policies: locked,
+    atomic). Returns ({budget: entry name}, {budget: why not installed} for budgets without a policy)."""
+    if not tag:
+        return {}, {}
+    from ..registry import install_policies
+
+    not_installed = {b: r["error"] for b, r in results.items() if "error" in r}
+    return install_policies(tag, reducer, model_key, policies, overwrite, config_dir), not_installed
 
 
 def _setup(model_key, model, first_inputs, alpha, text_tokens, depths, visual, budgets) -> SearchSetup:
