@@ -49,6 +49,7 @@ _T0 = time.perf_counter()  # the suite's clock starts before the heavy imports: 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -735,64 +736,62 @@ def markdown(report: dict) -> str:
             out.append(f"- {name}: {p['reason']}")
     if any(p["reason"] for p in parts.values()):
         out.append("")
-    if "latency" in parts:
-        out += ["## Prefill latency vs executed TFLOPs (DOP, uniform reducer, vs stock)", "",
-                "| model | attn | budget | policy | TFLOPs (Eq. 11) | executed | prefill ms | stock ms | latency / stock | (latency / stock) / executed |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in parts["latency"]["rows"]:
-            out.append(f"| {r['model']} | {r['attn']} | {_fmt(r['budget'], 0, True)} | {r['policy']} | "
-                       f"{_fmt(r['tflops_ratio'], 1, True)} | {_fmt(r['executed_ratio'], 1, True)} | {_fmt(r['prefill_ms'])} | "
-                       f"{_fmt(r['full_ms'])} | {_fmt(r['latency_ratio'], 3)} | {_fmt(r['latency_over_executed'], 2)} |")
-        out.append("")
-    if "cdpruner" in parts:
-        out += ["## DOP_CD vs CDPruner at equal TFLOPs (prefill)", "",
-                "| model | attn | budget | CDPruner | TFLOPs | ms | DOP_CD | TFLOPs | ms | DOP_CD / CDPruner | DOP_CD / stock | paper, A100 (ms) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in parts["cdpruner"]["rows"]:
-            paper = ", ".join(f"{k} {v}" for k, v in (r["paper_ms"] or {}).items()) or "-"
-            out.append(f"| {r['model']} | {r['attn']} | {_fmt(r['budget'], 0, True)} | {r['cdpruner_policy']} | "
-                       f"{_fmt(r['cdpruner_tflops_ratio'], 1, True)} | {_fmt(r['cdpruner_ms'])} | {r['dop_cd_policy']} | "
-                       f"{_fmt(r['dop_cd_tflops_ratio'], 1, True)} | {_fmt(r['dop_cd_ms'])} | {_fmt(r['dop_cd_over_cdpruner'], 3)} | "
-                       f"{_fmt(r['dop_cd_over_full'], 3)} | {paper} |")
-        out.append("")
-    if "overhead" in parts:
-        out += ["## Full-policy overhead vs stock transformers", "",
-                "| model | attn | phase | stock ms | DOP full ms | overhead (medians) | overhead (paired) | pairs | <= 2 % |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in parts["overhead"]["rows"]:
-            out.append(f"| {r['model']} | {r['attn']} | {r['phase']} | {_fmt(r['stock_ms'])} | {_fmt(r['dop_full_ms'])} | "
-                       f"{r['overhead_pct']:+.2f} % | {r['paired_overhead_pct']:+.2f} % | {r['pairs']} | {'yes' if r['met'] else 'no'} |")
-        out.append("")
-    if "memory" in parts:
-        out += ["## Peak memory (GiB): prefill and generate, DOP_CD vs stock", "",
-                "Peak allocated during the call; 'above start' = over what was allocated when it began (weights, "
-                "inputs, the CLIP text tower), i.e. activations and KV cache.", "",
-                "| model | method | policy | TFLOPs | weights | prefill peak | prefill above start | generate peak | generate above start | tokens | generate ms (1 run) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in parts["memory"]["rows"]:
-            out.append(f"| {r['model']} | {r['method']} | {r['policy']} | {_fmt(r['tflops_ratio'], 1, True)} | "
-                       f"{_fmt(r['weights_gib'], 2)} | {_fmt(r['prefill_peak_gib'], 2)} | {_fmt(r['prefill_above_gib'], 2)} | "
-                       f"{_fmt(r['decode_peak_gib'], 2)} | {_fmt(r['decode_above_gib'], 2)} | {r['decode_tokens']} | "
-                       f"{_fmt(r['sample_ms'])} |")
-        if any(not r["measured"] for r in parts["memory"]["rows"]):
+    def paper_ms(r):
+        return ", ".join(f"{k} {v}" for k, v in (r["paper_ms"] or {}).items()) or "-"
+
+    def search_target(r):
+        return f"{r['target_samples']}: {r['seconds_for_target']:.1f}" + (" (projected)" if r["projected"] else "")
+
+    pct = functools.partial(_fmt, pct=True)
+    tables = {  # part -> (title, preamble, [(column, cell(row))])
+        "latency": ("Prefill latency vs executed TFLOPs (DOP, uniform reducer, vs stock)", None, [
+            ("model", lambda r: r["model"]), ("attn", lambda r: r["attn"]), ("budget", lambda r: pct(r["budget"], 0)),
+            ("policy", lambda r: r["policy"]), ("TFLOPs (Eq. 11)", lambda r: pct(r["tflops_ratio"])),
+            ("executed", lambda r: pct(r["executed_ratio"])), ("prefill ms", lambda r: _fmt(r["prefill_ms"])),
+            ("stock ms", lambda r: _fmt(r["full_ms"])), ("latency / stock", lambda r: _fmt(r["latency_ratio"], 3)),
+            ("(latency / stock) / executed", lambda r: _fmt(r["latency_over_executed"], 2))]),
+        "cdpruner": ("DOP_CD vs CDPruner at equal TFLOPs (prefill)", None, [
+            ("model", lambda r: r["model"]), ("attn", lambda r: r["attn"]), ("budget", lambda r: pct(r["budget"], 0)),
+            ("CDPruner", lambda r: r["cdpruner_policy"]), ("TFLOPs", lambda r: pct(r["cdpruner_tflops_ratio"])),
+            ("ms", lambda r: _fmt(r["cdpruner_ms"])), ("DOP_CD", lambda r: r["dop_cd_policy"]),
+            ("TFLOPs", lambda r: pct(r["dop_cd_tflops_ratio"])), ("ms", lambda r: _fmt(r["dop_cd_ms"])),
+            ("DOP_CD / CDPruner", lambda r: _fmt(r["dop_cd_over_cdpruner"], 3)),
+            ("DOP_CD / stock", lambda r: _fmt(r["dop_cd_over_full"], 3)), ("paper, A100 (ms)", paper_ms)]),
+        "overhead": ("Full-policy overhead vs stock transformers", None, [
+            ("model", lambda r: r["model"]), ("attn", lambda r: r["attn"]), ("phase", lambda r: r["phase"]),
+            ("stock ms", lambda r: _fmt(r["stock_ms"])), ("DOP full ms", lambda r: _fmt(r["dop_full_ms"])),
+            ("overhead (medians)", lambda r: f"{r['overhead_pct']:+.2f} %"),
+            ("overhead (paired)", lambda r: f"{r['paired_overhead_pct']:+.2f} %"), ("pairs", lambda r: str(r["pairs"])),
+            ("<= 2 %", lambda r: "yes" if r["met"] else "no")]),
+        "memory": ("Peak memory (GiB): prefill and generate, DOP_CD vs stock",
+                   "Peak allocated during the call; 'above start' = over what was allocated when it began (weights, "
+                   "inputs, the CLIP text tower), i.e. activations and KV cache.", [
+            ("model", lambda r: r["model"]), ("method", lambda r: r["method"]), ("policy", lambda r: r["policy"]),
+            ("TFLOPs", lambda r: pct(r["tflops_ratio"])), ("weights", lambda r: _fmt(r["weights_gib"], 2)),
+            ("prefill peak", lambda r: _fmt(r["prefill_peak_gib"], 2)),
+            ("prefill above start", lambda r: _fmt(r["prefill_above_gib"], 2)),
+            ("generate peak", lambda r: _fmt(r["decode_peak_gib"], 2)),
+            ("generate above start", lambda r: _fmt(r["decode_above_gib"], 2)),
+            ("tokens", lambda r: str(r["decode_tokens"])), ("generate ms (1 run)", lambda r: _fmt(r["sample_ms"]))]),
+        "reducers": ("Reducer cost vs the pruned prefill", None, [
+            ("model", lambda r: r["model"]), ("setting", lambda r: r["setting"]), ("reducer", lambda r: r["reducer"]),
+            ("reducer ms", lambda r: _fmt(r["reducer_ms"], 2)), ("pruned prefill", lambda r: r["prefill_policy"]),
+            ("prefill ms", lambda r: _fmt(r["prefill_ms"])), ("ratio", lambda r: pct(r["ratio"], 2))]),
+        "search": ("Search profiling cost (D_A, D_P, D_v curves; CDPruner for D_v)", None, [
+            ("model", lambda r: r["model"]), ("procedure", lambda r: r["procedure"]), ("batch", lambda r: str(r["batch"])),
+            ("samples run", lambda r: str(r["samples"])), ("seconds", lambda r: f"{r['seconds']:.1f}"),
+            ("s / sample", lambda r: f"{r['seconds_per_sample']:.3f}"), ("target samples: s", search_target),
+            ("layer-eq / sample", lambda r: str(r["layer_equivalents_per_sample"])),
+            ("paper, A100 (min, 100 samples)", lambda r: "-" if r["paper_a100_min"] is None else str(r["paper_a100_min"]))]),
+    }
+    for name, (title, preamble, columns) in tables.items():
+        if name not in parts:
+            continue
+        out += [f"## {title}", ""] + ([preamble, ""] if preamble else [])
+        out += ["| " + " | ".join(c for c, _ in columns) + " |", "|" + "---|" * len(columns)]
+        out += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in parts[name]["rows"]]
+        if name == "memory" and any(not r["measured"] for r in parts[name]["rows"]):
             out.append("\n(CPU run: peak memory is measured on CUDA only; the rows show the code path ran.)")
-        out.append("")
-    if "reducers" in parts:
-        out += ["## Reducer cost vs the pruned prefill", "",
-                "| model | setting | reducer | reducer ms | pruned prefill | prefill ms | ratio |", "|---|---|---|---|---|---|---|"]
-        for r in parts["reducers"]["rows"]:
-            out.append(f"| {r['model']} | {r['setting']} | {r['reducer']} | {_fmt(r['reducer_ms'], 2)} | {r['prefill_policy']} | "
-                       f"{_fmt(r['prefill_ms'])} | {_fmt(r['ratio'], 2, True)} |")
-        out.append("")
-    if "search" in parts:
-        out += ["## Search profiling cost (D_A, D_P, D_v curves; CDPruner for D_v)", "",
-                "| model | procedure | batch | samples run | seconds | s / sample | target samples: s | layer-eq / sample | paper, A100 (min, 100 samples) |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in parts["search"]["rows"]:
-            proj = f"{r['target_samples']}: {r['seconds_for_target']:.1f}" + (" (projected)" if r["projected"] else "")
-            out.append(f"| {r['model']} | {r['procedure']} | {r['batch']} | {r['samples']} | "
-                       f"{r['seconds']:.1f} | {r['seconds_per_sample']:.3f} | {proj} | {r['layer_equivalents_per_sample']} | "
-                       f"{r['paper_a100_min'] if r['paper_a100_min'] is not None else '-'} |")
         out.append("")
     return "\n".join(out)
 
