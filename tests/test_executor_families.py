@@ -43,14 +43,12 @@ test_single_operation_pruning_equals_masking = te.test_single_operation_pruning_
 
 def test_arch_spec_and_family_facts(tiny):
     family, model, processor = tiny
-    spec = ArchSpec.from_model(model)
-    text = model.config.get_text_config(decoder=True)
-    assert spec.family == FAMILY_KEY[family]
-    assert (spec.num_layers, spec.hidden_size, spec.intermediate_size) == (
-        text.num_hidden_layers, text.hidden_size, text.intermediate_size,
-    )  # fmt: skip
-    assert spec.kv_dim == text.num_key_value_heads * spec.head_dim and spec.kv_dim < spec.q_dim  # GQA
-    assert spec.gqa and spec.image_token_ids == (model.config.image_token_id,)
+    spec, text = ArchSpec.from_model(model), model.config.get_text_config(decoder=True)
+    shape = (text.num_hidden_layers, text.hidden_size, text.num_attention_heads * spec.head_dim,
+             text.num_key_value_heads * spec.head_dim, text.intermediate_size)  # fmt: skip
+    assert (spec.family, spec.num_layers, spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size) == (
+        FAMILY_KEY[family], *shape)
+    assert spec.gqa and spec.kv_dim < spec.q_dim and spec.image_token_ids == (model.config.image_token_id,)
     inputs = te._inputs(family, processor, n=1)
     assert int(te._visual(model, inputs["input_ids"]).sum()) == TINY_VISUAL_TOKENS[family]
     attn = te._lm(model).layers[0].self_attn

@@ -329,28 +329,55 @@ def _build_llava(next_: bool):
     return model, processor, gen
 
 
+def _qwen_mrope_text(tok, ids: dict, **overrides) -> dict:
+    """Text config of the Qwen M-RoPE families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): GQA, the real mrope_section
+    [16, 24, 24] of head_dim 128 scaled to head_dim 16 unless overridden."""
+    text_config = dict(
+        vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
+        # M-RoPE: (temporal, height, width) sections of the head_dim/2 rotary frequencies
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+    text_config.update(overrides)
+    assert sum(text_config["rope_parameters"]["mrope_section"]) == _TEXT["head_dim"] // 2
+    return text_config
+
+
+def _qwen_mrope_rest(config_cls, model_cls, processor_cls, video_cls, tok, ids, text_config, vision_config,
+                     patch: int, size: dict, template: str, **norm):  # fmt: skip
+    """Model (built here: after the configs, so the weights' RNG draws follow the model alone), processor and
+    generation settings of a Qwen M-RoPE family."""
+    from transformers import Qwen2VLImageProcessor
+
+    config = config_cls(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )  # fmt: skip
+    model = model_cls(config)
+    image_processor = Qwen2VLImageProcessor(size=size, patch_size=patch, temporal_patch_size=2, merge_size=2, **norm)
+    video_processor = video_cls(size=size, patch_size=patch, temporal_patch_size=2, merge_size=2, **norm)
+    processor = processor_cls(image_processor, tok, video_processor, chat_template=template)
+    gen = dict(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+    )  # fmt: skip
+    return model, processor, gen
+
+
 def _build_qwen25vl():
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
     )
 
     tok = _qwen_tokenizer(internvl=False)
     ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
-    head_dim = _TEXT["head_dim"]
-    text_config = dict(
-        vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=128000, rms_norm_eps=1e-6,
-        hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
-        # M-RoPE: (temporal, height, width) sections of the head_dim/2 rotary frequencies, the real
-        # [16, 24, 24] of head_dim 128 scaled to head_dim 16.
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False, **_TEXT,
-    )  # fmt: skip
-    assert sum(text_config["rope_parameters"]["mrope_section"]) == head_dim // 2
+    text_config = _qwen_mrope_text(tok, ids)
     vision_config = dict(
         depth=_VISION_LAYERS, hidden_size=_VISION["hidden_size"], intermediate_size=_VISION["intermediate_size"],
         num_heads=_VISION["num_attention_heads"], hidden_act="silu", out_hidden_size=_TEXT["hidden_size"],
@@ -359,21 +386,23 @@ def _build_qwen25vl():
         # last block attends fully (real: windowed blocks with full attention in 7, 15, 23, 31).
         window_size=112, fullatt_block_indexes=[_VISION_LAYERS - 1], initializer_range=0.02,
     )  # fmt: skip
-    config = Qwen2_5_VLConfig(
-        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
-    )  # fmt: skip
-    model = Qwen2_5_VLForConditionalGeneration(config)
     size = {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=_PATCH, temporal_patch_size=2, merge_size=2)
-    video_processor = Qwen2VLVideoProcessor(size=size, patch_size=_PATCH, temporal_patch_size=2, merge_size=2)
-    processor = Qwen2_5_VLProcessor(image_processor, tok, video_processor, chat_template=_QWEN25VL_TEMPLATE)
-    gen = dict(
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
+    return _qwen_mrope_rest(
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLVideoProcessor, tok, ids,
+        text_config, vision_config, _PATCH, size, _QWEN25VL_TEMPLATE,
     )  # fmt: skip
-    return model, processor, gen
+
+
+def _qwen2_text(tok) -> tuple[int, int, dict]:
+    """(<|im_end|> id, <|endoftext|> id, text config) of a Qwen2 decoder with GQA (InternVL3, LLaVA-OneVision)."""
+    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    text_config = dict(
+        model_type="qwen2", vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+    return im_end, eot, text_config
 
 
 def _build_internvl3(qwen3: bool = False):
@@ -388,15 +417,9 @@ def _build_internvl3(qwen3: bool = False):
     )
 
     tok = _qwen_tokenizer(internvl=True, qwen3=qwen3)
-    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    im_end, eot, text_config = _qwen2_text(tok)
     downsample = 0.5
     image_seq_length = int((_TILE // _PATCH) ** 2 * downsample**2)  # 16 per tile (real: 256 per 448 px tile)
-    text_config = dict(
-        model_type="qwen2", vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, tie_word_embeddings=False, **_TEXT,
-    )  # fmt: skip
     if qwen3:  # Qwen3-8B's config: no biases, 40960 positions (q/k norms come with the model type)
         text_config.update(model_type="qwen3", attention_bias=False, max_position_embeddings=40960)
     vision_config = dict(
@@ -424,45 +447,22 @@ def _build_internvl3(qwen3: bool = False):
 def _build_qwen2vl():
     """Qwen2-VL-7B-Instruct layout: Qwen2 decoder with M-RoPE (as Qwen2.5-VL), Qwen2-VL's vision tower (no
     window attention, LayerNorm blocks, quick_gelu MLP) and processor."""
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     tok = _qwen_tokenizer(internvl=False)
     ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
-    text_config = dict(
-        vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=32768, rms_norm_eps=1e-6,
-        hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
-        # the real mrope_section [16, 24, 24] of head_dim 128 scaled to head_dim 16, as for Qwen2.5-VL
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False, **_TEXT,
-    )  # fmt: skip
+    text_config = _qwen_mrope_text(tok, ids, max_position_embeddings=32768)
     vision_config = dict(
         depth=_VISION_LAYERS, embed_dim=_VISION["hidden_size"], hidden_size=_TEXT["hidden_size"],
         num_heads=_VISION["num_attention_heads"], mlp_ratio=_VISION["intermediate_size"] // _VISION["hidden_size"],
         hidden_act="quick_gelu", patch_size=_PATCH, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.02,
     )  # fmt: skip
-    config = Qwen2VLConfig(
-        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
-    )  # fmt: skip
-    model = Qwen2VLForConditionalGeneration(config)
     size = {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=_PATCH, temporal_patch_size=2, merge_size=2)
-    video_processor = Qwen2VLVideoProcessor(size=size, patch_size=_PATCH, temporal_patch_size=2, merge_size=2)
     # Qwen2-VL-Instruct's chat template renders one image turn exactly as Qwen2.5-VL-Instruct's
-    processor = Qwen2VLProcessor(image_processor, tok, video_processor, chat_template=_QWEN25VL_TEMPLATE)
-    gen = dict(
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
+    return _qwen_mrope_rest(
+        Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor, tok, ids,
+        text_config, vision_config, _PATCH, size, _QWEN25VL_TEMPLATE,
     )  # fmt: skip
-    return model, processor, gen
 
 
 # LLaVA-OneVision anyres pinpoints: the real 384 x {1..6} x 384 x {1..6} grid scaled to the 112 px tile; a
@@ -489,13 +489,7 @@ def _build_llavaov():
     )
 
     tok = _qwen_tokenizer(internvl=False, llava_ov=True)
-    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
-    text_config = dict(
-        model_type="qwen2", vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, tie_word_embeddings=False, **_TEXT,
-    )  # fmt: skip
+    im_end, eot, text_config = _qwen2_text(tok)
     vision_config = dict(
         model_type="siglip_vision_model", image_size=_TILE, patch_size=_PATCH, num_hidden_layers=_VISION_LAYERS,
         hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, **_VISION,
@@ -598,25 +592,17 @@ def _build_qwen3vl():
     """Qwen/Qwen3-VL-8B-Instruct layout: Qwen3 decoder (q/k RMSNorm) with interleaved M-RoPE, a 16 px patch
     tower (32 px per LLM token) whose intermediate layers feed DeepStack: their merged features are added to the
     visual tokens' hidden states after the first decoder layers (here after layers 0 and 1; real: 0, 1, 2)."""
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
-    )
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     tok = _qwen_tokenizer(internvl=False, qwen3=True)
     ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
-    text_config = dict(
-        vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=262144, rms_norm_eps=1e-6,
-        hidden_act="silu", initializer_range=_INIT_RANGE, attention_bias=False,
+    text_config = _qwen_mrope_text(
+        tok, ids, max_position_embeddings=262144, attention_bias=False,
         # interleaved M-RoPE: the real mrope_section [24, 20, 20] of head_dim 128 scaled to head_dim 16
         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
                          "mrope_interleaved": True},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False, **_TEXT,
     )  # fmt: skip
+    del text_config["use_sliding_window"]  # not a Qwen3-VL text config field
     patch = 16
     vision_config = dict(
         depth=_VISION_LAYERS, hidden_size=_VISION["hidden_size"], intermediate_size=_VISION["intermediate_size"],
@@ -624,23 +610,13 @@ def _build_qwen3vl():
         patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
         deepstack_visual_indexes=[0, 1], initializer_range=0.02,
     )  # fmt: skip
-    config = Qwen3VLConfig(
-        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
-    )  # fmt: skip
-    model = Qwen3VLForConditionalGeneration(config)
     unit = 2 * patch  # 32 px per LLM token
     size = {"shortest_edge": 2 * unit * 2 * unit, "longest_edge": 7 * unit * 7 * unit}  # a 224x224 image: 7x7
-    half = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=patch, temporal_patch_size=2, merge_size=2, **half)
-    video_processor = Qwen3VLVideoProcessor(size=size, patch_size=patch, temporal_patch_size=2, merge_size=2, **half)
-    processor = Qwen3VLProcessor(image_processor, tok, video_processor, chat_template=_QWEN3VL_TEMPLATE)
-    gen = dict(
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
+    return _qwen_mrope_rest(
+        Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor, tok, ids,
+        text_config, vision_config, patch, size, _QWEN3VL_TEMPLATE, image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
     )  # fmt: skip
-    return model, processor, gen
 
 
 def _check_family(family: str) -> None:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from .base import DOPWrapper
+from .reuse import refuse_resize
 
 
 class LLaVAOneVisionDOP(DOPWrapper):
@@ -30,11 +31,8 @@ class LLaVAOneVisionDOP(DOPWrapper):
     IMAGE_TOKEN = "<image>"  # LLaVA_OneVision_HF.DEFAULT_IMAGE_TOKEN
 
     def __init__(self, *args, **kwargs):
-        if kwargs.get("reducer") == "resize":
-            raise ValueError(
-                "the resize reduction (DOP_R) is not meaningful for LLaVA-OneVision: anyres tiling keeps a base "
-                "tile and at least one crop whatever the image size; use reducer 'uniform'"
-            )
+        refuse_resize(kwargs, "LLaVA-OneVision", "anyres tiling keeps a base tile and at least one crop whatever the "
+                      "image size")  # fmt: skip
         super().__init__(*args, **kwargs)
 
     def use_custom_prompt(self, dataset):

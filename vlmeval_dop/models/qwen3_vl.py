@@ -19,23 +19,9 @@ from vlmeval.vlm.qwen3_vl.model import Qwen3VLChat
 from vlmeval.vlm.qwen3_vl.prompt import Qwen3VLPromptMixin
 
 from .base import DOPWrapper
+from .reuse import vlmeval_inputs
 
 TOKEN_PIXELS = 32 * 32  # one LLM visual token: a 2x2 merge of 16 px patches
-
-
-class _InputsReady(Exception):
-    def __init__(self, inputs):
-        super().__init__("inputs built")
-        self.inputs = inputs
-
-
-class _InputsOnly:
-    """Stands in for VLMEvalKit's loaded model: `generate` returns control with the inputs it was given."""
-
-    device = torch.device("cpu")
-
-    def generate(self, **inputs):
-        raise _InputsReady(inputs)
 
 
 class Qwen3VLDOP(Qwen3VLPromptMixin, DOPWrapper):
@@ -62,7 +48,7 @@ class Qwen3VLDOP(Qwen3VLPromptMixin, DOPWrapper):
         """A `Qwen3VLChat` holding this wrapper's processor and settings, without a model of its own."""
         stub = Qwen3VLChat.__new__(Qwen3VLChat)
         stub.__dict__.update(
-            model_path=self.model_path or str(self.tiny), processor=self.processor, model=_InputsOnly(),
+            model_path=self.model_path or str(self.tiny), processor=self.processor,
             system_prompt=self.system_prompt, verbose=False, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
             total_pixels=None, fps=2, nframe=128, FRAME_FACTOR=2, use_audio_in_video=True, generate_kwargs={},
         )  # fmt: skip
@@ -80,10 +66,4 @@ class Qwen3VLDOP(Qwen3VLPromptMixin, DOPWrapper):
         return stub
 
     def build_inputs(self, message, dataset=None):
-        from transformers import BatchFeature
-
-        try:
-            self._vlmeval().generate_inner_transformers(message, dataset=dataset)
-        except _InputsReady as ready:
-            return BatchFeature(dict(ready.inputs))
-        raise RuntimeError("VLMEvalKit's Qwen3VLChat returned without calling generate")
+        return vlmeval_inputs(Qwen3VLChat.generate_inner_transformers, self._vlmeval(), message, dataset)

@@ -17,21 +17,7 @@ import torch
 from vlmeval.vlm.smolvlm import SmolVLM
 
 from .base import DOPWrapper
-
-
-class _InputsReady(Exception):
-    def __init__(self, inputs):
-        super().__init__("inputs built")
-        self.inputs = inputs
-
-
-class _InputsOnly:
-    """Stands in for VLMEvalKit's loaded model: `generate` returns control with the inputs it was given."""
-
-    device = torch.device("cpu")
-
-    def generate(self, **inputs):
-        raise _InputsReady(inputs)
+from .reuse import refuse_resize, vlmeval_inputs
 
 
 class SmolVLMDOP(DOPWrapper):
@@ -43,20 +29,11 @@ class SmolVLMDOP(DOPWrapper):
     DEFAULT_MAX_NEW_TOKENS = 2048
 
     def __init__(self, *args, **kwargs):
-        if kwargs.get("reducer") == "resize":
-            raise ValueError(
-                "the resize reduction (DOP_R) is not meaningful for SmolVLM: its tokens come in whole tiles and the "
-                "processor rescales every image to the same longest edge; use reducer 'uniform'"
-            )
+        refuse_resize(kwargs, "SmolVLM", "its tokens come in whole tiles and the processor rescales every image to "
+                      "the same longest edge")  # fmt: skip
         super().__init__(*args, **kwargs)
 
     def build_inputs(self, message, dataset=None):
-        from transformers import BatchFeature
-
         stub = SmolVLM.__new__(SmolVLM)
-        stub.processor, stub.model, stub.kwargs = self.processor, _InputsOnly(), {}
-        try:
-            SmolVLM.generate_inner(stub, message, dataset=dataset)
-        except _InputsReady as ready:
-            return BatchFeature(dict(ready.inputs))
-        raise RuntimeError("VLMEvalKit's SmolVLM.generate_inner returned without calling generate")
+        stub.processor, stub.kwargs = self.processor, {}
+        return vlmeval_inputs(SmolVLM.generate_inner, stub, message, dataset)
