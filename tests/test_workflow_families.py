@@ -4,7 +4,8 @@
     python run.py --model tiny_qwen3vl_dopr60_mine --data DOP_Demo
     vlmeval-dop flops --model tiny_qwen3vl --policy <the installed policy>
 
-(SmolVLM with `--reducer uniform`: resizing is refused there, see vlmeval_dop/models/smolvlm.py). The search's
+(SmolVLM with `--reducer uniform`: resizing is refused there, see vlmeval_dop/models/smolvlm.py), and the same for
+the other families beyond the paper (search works on each). The search's
 policies are installed into a copy of eval_configs/ (the repository's stays untouched), from which run.py builds
 the entry; the entry runs pruned with the installed policy, and `flops` reports the TFLOPs the search solved for.
 """
@@ -36,7 +37,11 @@ def config_copy(tmp_path, monkeypatch):
         cached.cache_clear()
 
 
-@pytest.mark.parametrize("family,reducer,method", [("qwen3vl", "resize", "dopr"), ("smolvlm", "uniform", "dopuniform")])
+WORKFLOWS = [("qwen3vl", "resize", "dopr"), ("smolvlm", "uniform", "dopuniform"), ("qwen2vl", "resize", "dopr"),
+             ("internvl35", "resize", "dopr"), ("llavaov", "uniform", "dopuniform")]
+
+
+@pytest.mark.parametrize("family,reducer,method", WORKFLOWS)
 def test_search_install_run_flops(family, reducer, method, config_copy, built, tmp_path, capsys):  # noqa: F811
     from vlmeval_dop.cli import main
 
@@ -59,8 +64,11 @@ def test_search_install_run_flops(family, reducer, method, config_copy, built, t
     counts = wrapper.last_layer_tokens
     if not policy.is_full(4):
         assert counts is not None and wrapper.pruned_samples == N_DEMO
-    if reducer == "resize":  # the image itself was resized to ~n_v tokens
-        assert wrapper.last_visual_tokens <= policy.n_v
+    if reducer == "resize" and policy.n_v is not None:  # the image itself was resized to ~n_v tokens
+        if family == "internvl35":  # one square tile of round(sqrt(n_v))^2 tokens
+            assert wrapper.last_visual_tokens == round(policy.n_v**0.5) ** 2
+        else:  # n_v x 32^2 (28^2) pixels
+            assert wrapper.last_visual_tokens <= policy.n_v
 
     capsys.readouterr()  # run.py's own output
     # the search counted the text tokens of its first sample (the model is not in models.yaml): find that count
