@@ -1,9 +1,9 @@
 """Per-family facts the executor needs: where the decoder lives, how positions work, where images sit.
 
-All supported families share transformers' layout `model.model.language_model.layers[i]` with
-LLaMA-style pre-norm decoder layers (`input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`).
-Adding a family is one `FamilyAdapter` entry in `FAMILIES` (plus `arch.SUPPORTED_CLASSES`); override
-the methods below where its layout differs.
+All supported families have LLaMA-style pre-norm decoder layers (`input_layernorm`, `self_attn`,
+`post_attention_layernorm`, `mlp`), in transformers' layout `model.model.language_model.layers[i]` (SmolVLM:
+`model.model.text_model`). Adding a family is one `FamilyAdapter` entry in `FAMILIES` (plus
+`arch.SUPPORTED_CLASSES`); override the methods below where its layout differs (docs/adding_a_model.md).
 """
 from __future__ import annotations
 
