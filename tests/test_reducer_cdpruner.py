@@ -14,10 +14,12 @@ from vlmeval_dop.reducers.cdpruner import (
     CDPruner,
     cdpruner_select,
     conditional_kernel,
+    dpp_map,
     crop_quotas,
     relevance_scores,
 )
 from vlmeval_dop.reducers.clip_text import default_clip_source, load_clip_text
+from vlmeval_dop.reducers.instruction import bare_question, prompt_text
 from vlmeval_dop.reducers.llava_next_layout import llava_next_layout
 from vlmeval_dop.tiny import load_tiny, tiny_image, tiny_inputs
 
@@ -60,6 +62,27 @@ def test_selection_properties_and_determinism():
         cdpruner_select(f, r, 51)
 
 
+def test_dpp_map_batched_and_exhausted():
+    from vlmeval_dop.reducers.dpp import dpp_greedy_map
+
+    g = torch.Generator().manual_seed(3)
+    f, r = torch.randn(3, 40, 16, generator=g), torch.rand(3, 40, generator=g) + 0.1
+    L = conditional_kernel(f, r)
+    picks = dpp_map(L, 12)
+    for b in range(3):  # each crop of the batch = the same greedy run alone, and = the float64 reference
+        assert torch.equal(picks[b], dpp_map(L[b : b + 1], 12)[0])
+        assert picks[b].tolist() == dpp_greedy_map(L[b], 12).tolist()
+    # rank 2 kernel, 5 picks: after two pivots the gains are <= 0 (the official loop would produce NaN and
+    # repeat picks); the rest are the unchosen items by decreasing diagonal, lowest index first
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0], [0.0, 3.0]])
+    Lr = (e @ e.T)[None]
+    out = dpp_map(Lr, 5)[0].tolist()
+    assert out[:2] == [4, 3] and sorted(out) == [0, 1, 2, 3, 4]
+    assert out[2:] == [2, 0, 1]  # diag 2, 1, 1
+    with pytest.raises(ReducerError, match="valid: 0..5"):
+        dpp_map(Lr, 6)
+
+
 def test_crop_quotas_by_hand():
     assert crop_quotas([576] * 5, 64) == [13, 13, 13, 13, 12]
     assert crop_quotas([64, 16, 16, 16, 16], 16) == [4, 3, 3, 3, 3]
@@ -97,9 +120,24 @@ def _clip_relevance(model, pixel_values):
     return relevance_scores(e, clip.encode_text(Q))
 
 
-def test_instruction_text_is_the_question():
+VQA = "\nAnswer the question using a single word or phrase."
+MCQ = "\nAnswer with the option's letter from the given choices directly."
+
+
+def test_bare_question_as_the_official_eval_scripts():
+    # model_vqa_loader.py / model_vqa_science.py strip their instruction; model_vqa_mmbench.py never adds it
+    assert bare_question(Q + VQA) == Q
+    mc = "Hint: a kitchen\nWhich is red?\nA. cup\nB. plate"
+    assert bare_question(mc + MCQ) == mc
+    assert bare_question("哪个是红色的？\nA. 杯子\nB. 盘子\n请直接回答选项字母。") == "哪个是红色的？\nA. 杯子\nB. 盘子"
+    assert bare_question(Q) == Q and bare_question("") == ""
+
+
+def test_instruction_text_is_the_bare_question():
+    """Outside VLMEvalKit the prompt is decoded from the tokens after the image and reduced to the question;
+    inside, the wrapper's exact prompt text is used (one for all samples, or one per sample)."""
     model, processor = load_tiny("llava15")
-    inputs = tiny_inputs("llava15", processor, [Q, "Describe it"], [tiny_image(1), tiny_image(2)])  # left padded
+    inputs = tiny_inputs("llava15", processor, [Q + VQA, "Describe it"], [tiny_image(1), tiny_image(2)])  # left padded
     pos = (inputs["input_ids"] == model.config.image_token_id).nonzero()
     from vlmeval_dop.reducers.base import ImageSpan
 
@@ -107,6 +145,29 @@ def test_instruction_text_is_the_question():
     ctx = ReductionContext("llava", model, inputs["input_ids"], torch.zeros(0), inputs["attention_mask"], spans)
     red = CDPruner()
     assert [red.instruction_text(ctx, s) for s in spans] == [Q, "Describe it"]
+    with prompt_text(["Which colour?" + MCQ, "How many?" + VQA]):
+        assert [red.instruction_text(ctx, s) for s in spans] == ["Which colour?", "How many?"]
+    with prompt_text("What is it?" + VQA):
+        assert [red.instruction_text(ctx, s) for s in spans] == ["What is it?"] * 2
+    assert CDPruner(text_fn=lambda c, s: "x").instruction_text(ctx, spans[0]) == "x"
+
+
+def test_wrapper_hands_the_bare_question_to_clip(lmu_root, monkeypatch):
+    """Through the VLMEvalKit wrapper of the DOP_CD entry: CLIP encodes the question without the VQA
+    instruction the dataset's prompt carries (the official model_vqa_loader.py text)."""
+    from vlmeval_dop.datasets import DOPDemoDataset
+    from vlmeval_dop.reducers.clip_text import ClipText
+    from vlmeval_dop.registry import load_entry
+
+    seen = []
+    encode = ClipText.encode_text
+    monkeypatch.setattr(ClipText, "encode_text", lambda self, text: seen.append(text) or encode(self, text))
+    wrapper = load_entry("tiny_llava15_dopcd").load()
+    ds = DOPDemoDataset("DOP_Demo")
+    msg = ds.build_prompt(ds.data.iloc[1])
+    msg = [m if m["type"] != "text" else dict(m, value=Q + VQA) for m in msg]
+    wrapper.generate(msg, dataset="TextVQA_VAL")
+    assert seen == [Q]
 
 
 def test_llava15_through_executor():
@@ -123,6 +184,8 @@ def test_llava15_through_executor():
 
 
 def test_llavanext_through_executor_per_crop():
+    """Square image: the official packing (every crop's DPP over all its patches, base crop then the grid in
+    row-major order, no newlines) keeps the span's own rows in span order; 16 = 4 + 3 + 3 + 3 + 3."""
     model, processor = load_tiny("llavanext")
     inputs = tiny_inputs("llavanext", processor, [Q], [tiny_image(4)])
     n_keep = 16

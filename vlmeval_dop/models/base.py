@@ -30,6 +30,7 @@ from vlmeval.vlm.base import BaseModel
 from ..executor import apply_dop
 from ..images import open_image
 from ..policy import DOPPolicy, OperationMask, PolicyError
+from ..reducers.instruction import prompt_text
 from .weights import WeightsUnavailableError, resolve_weights, weights_unavailable
 
 # a child of VLMEvalKit's root logger "vlmeval": same console and run log file as VLMEvalKit's messages
@@ -242,10 +243,17 @@ class DOPWrapper(BaseModel):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
 
+    @staticmethod
+    def prompt_of(message: list[dict]) -> str:
+        """The message's text items joined by newlines (as the prompts place them): the exact prompt
+        text-conditioned reducers read (`vlmeval_dop.reducers.instruction.prompt_text`) instead of decoding
+        it back from token ids; CDPruner reduces it to the official bare question."""
+        return "\n".join(item["value"] for item in message if item["type"] == "text")
+
     def generate_inner(self, message, dataset=None):
         inputs = self.model_inputs(message, dataset)
         gen = self.generation_config()
-        with torch.inference_mode(), self._pruning() as handle:
+        with torch.inference_mode(), self._pruning() as handle, prompt_text(self.prompt_of(message)):
             # a pruner that re-ranks at every new token (FastV per_step, the official FastV evaluation) needs
             # each step to rerun the whole sequence: no KV cache
             per_step = getattr(getattr(handle, "token_pruner", None), "per_step", False)

@@ -1,36 +1,42 @@
 """CDPruner (Zhang et al. 2025, "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token
-Pruning in MLLMs"; official code Theia-4869/CDPruner, `llava/model/llava_arch.py: encode_images`): keep the
-visual tokens that form the MAP subset of a DPP whose kernel is conditioned on the instruction.
+Pruning in MLLMs"; official code Theia-4869/CDPruner, `llava/model/llava_arch.py: encode_images`, its CLIP
+tower `clip_encoder.py` and its eval scripts): keep the visual tokens that form the MAP subset of a DPP
+whose kernel is conditioned on the instruction.
 
-For one crop of N visual tokens:
+For the B crops of one image (B = 1 on LLaVA-1.5) with N visual tokens each, as the official code computes
+them (same tensor operations and dtypes, so that near-ties resolve as in the official code):
 
-- similarity  S = cosine similarity of the LLM-input features (projector outputs), in float32;
-- relevance   r_i = mean_m( -cos(e_i, t_m) ) over the M text embeddings t_m, then min-max normalised as
-  the official code does: r <- (r - min r + 1e-6) / (max r - min r). The *negated* cosine is the official
-  convention (CLIP penultimate-layer patch embeddings are anti-aligned with the text they match);
+- similarity  S = cosine similarity of the LLM-input features (projector outputs): normalised in their own
+  dtype (float16 on GPU), then cast to float32 and multiplied;
+- relevance   r_i = mean_m( -cos(e_i, t_m) ) over the M text embeddings t_m, then min-max normalised over
+  all crops of the image: r <- (r - min r + 1e-6) / (max r - min r). The *negated* cosine is the official
+  convention; a constant r (max = min, or no text) gives r = 1 (the official code would divide by zero);
 - optional theta (the official code ships it commented out, i.e. off; default here: off):
   r <- exp(alpha * r) with alpha = theta / (2 (1 - theta));
 - kernel      L = diag(r) S diag(r);
-- selection   greedy MAP of the DPP for n_keep tokens (`dpp.dpp_greedy_map`, Chen et al. 2018), returned
-  sorted (spatial order).
+- selection   greedy MAP of the DPP for T tokens per crop in float32 (`dpp_map`, Chen et al. 2018, the
+  official incremental Cholesky loop batched over crops; ties to the lowest index as `torch.argmax`). When
+  the kernel's rank runs out before T picks (a pivot <= 0: more tokens than feature dimensions), the
+  official code produces NaN and repeated picks; we fill the remaining picks with the unchosen tokens in
+  decreasing relevance (ties to the lowest index).
 
 Family specifics:
 
 - LLaVA-1.5 (as official): e_i = CLIP `visual_projection(post_layernorm(feature layer patch i))` with the
-  model's own tower and CLIP's projection; t_m = CLIP text embeddings of the instruction, one per
-  77-token segment (`clip_text.py`). The min-max runs over the image's tokens.
-- LLaVA-NeXT (as official `vtn * 5`): every crop (base image first, then the grid crops) runs its own DPP
-  with an equal share n_keep // crops (the first n_keep % crops crops take one more). The relevance
-  min-max runs jointly over all crops of the image (the official code normalises over the whole batch of
-  crops of its batch-size-1 eval; we normalise per image so results do not depend on batch composition).
-  Deviations forced by llava-hf's packing (`llava_next_layout`): (1) the official code keeps every row
-  newline token *on top of* its 5 x vtn tokens; the executor needs exactly n_keep indices of the span and
-  the paper's n_v counts crop tokens only (2880 at 672x672), so newline placeholders are not kept (unless
-  n_keep exceeds the image's crop tokens: then all crop tokens and the first newlines are kept). (2) For
-  non-square images `unpad_image` removes some grid patches; the official code selects among all 576
-  patches of a crop and unpadding then drops some picks, so it keeps fewer than vtn per crop. We run each
-  crop's DPP over the patches present in the span, and a crop with fewer present patches than its share
-  passes the surplus to the next crops with room, so exactly n_keep are kept.
+  model's own tower and CLIP's projection (float32); t_m = CLIP text embeddings of the instruction, one per
+  77-token segment (`clip_text.py`). The kept set is returned as a plain selection (patch order).
+- LLaVA-NeXT (`next_packing="official"`, default): every crop (base image, then the 2x2 grid crops at the
+  fixed 672x672 resolution of the official repo) runs its own DPP over all its 576 patches with
+  T = n_keep / 5, on the projector outputs of all patches (padded-canvas patches included), and the image
+  becomes the official packing (`llava_next_packing`): 5T rows, no unpadding, no newline rows, as a
+  `ReplacedSpan`. The relevance min-max runs jointly over the crops of the image (the official code
+  normalises over its batch, the crops of its batch-size-1 eval's one image). n_keep equal to the whole span
+  keeps the image as stock llava-hf packs it.
+  `next_packing="stock"` (named deviation): keep llava-hf's packing (unpadded grid, row newlines) and run each
+  crop's DPP over the patches present in the span (`crop_quotas`; newlines only beyond all crop tokens).
+  Measured against the official packing on the golden fixtures (kept (crop, patch) sets,
+  tests/golden/cdpruner): identical rows in identical order for square images; mean Jaccard 0.996 / 0.973 /
+  0.968 (T = 32 / 64 / 97, three seeds) for the 400x672 images.
 - Qwen2.5-VL (port for the paper's Table 19 reproduction; no official code exists): no CLIP. Features =
   the merger outputs (the decoder-input visual embeddings) for both S and e_i; text = the LLM's own input
   embeddings of the instruction tokens (those after the image, up to the end of the user turn), each
@@ -40,13 +46,14 @@ Family specifics:
   released): the same port as Qwen2.5-VL on the pixel-shuffled, projected tile tokens; the `<img>` / `</img>`
   markers are not instruction tokens. Tiles are not treated separately (the span is one DPP), as for DivPrune.
 
-The instruction text (LLaVA): the tokens of the sample after its last image placeholder, up to the last
-real token, decoded with the model's tokenizer (loaded from `model.name_or_path`, or passed as
-`CDPruner(tokenizer=...)`), special tokens skipped, and a trailing llava chat-template generation prompt
-("ASSISTANT:") removed. With llava-hf's template ("USER: <image>\\n{question} ASSISTANT:") this is exactly
-the question text the official evaluation passes as `texts`. A caller may override it with
-`CDPruner(text_fn=lambda ctx, span: "...")`. An empty instruction gives r = 1 for every token (pure
-diversity DPP).
+The CLIP text (LLaVA families) is the bare question the official evaluation passes as `texts`, *not* the
+whole prompt: the eval scripts remove the answer-format instruction ("\\nAnswer the question using a single
+word or phrase.", "\\nAnswer with the option's letter from the given choices directly.", MMBench's English /
+Chinese instruction), see `vlmeval_dop.reducers.instruction.bare_question`. Inside VLMEvalKit the wrapper
+hands over the exact prompt text (`instruction.prompt_text`); called outside it, the text after the image is
+decoded with the model's tokenizer (loaded from `model.name_or_path`, or `CDPruner(tokenizer=...)`), the
+chat template's "ASSISTANT:" removed, and reduced the same way. `CDPruner(text_fn=lambda ctx, span: "...")`
+overrides the text. An empty instruction gives r = 1 for every token (pure diversity DPP).
 
 `needs_vision_capture` is True by default: on the LLaVA families the executor records the CLIP feature layer
 during the model's own forward, so the tower runs once (the executor attaches the recorder to CLIP towers
@@ -60,18 +67,18 @@ from typing import Any
 
 import torch
 
-from .base import ImageSpan, ReducerError, ReductionContext, check_n_keep
-from .dpp import dpp_greedy_map
+from .base import ImageSpan, ReducerError, ReductionContext, Selection, check_n_keep
 from .instruction import InstructionText, instruction_ids
 
 _CLIP_FAMILIES = ("llava", "llava_next")
+NEXT_PACKINGS = ("official", "stock")
 
 
 def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
-    """(N, N) cosine similarity of the rows of `features` in float32 (official: normalise, then matmul)."""
-    f = features.float()
-    f = f / f.norm(dim=-1, keepdim=True)
-    return f @ f.T
+    """(..., N, N) float32 cosine similarity of the rows of `features` (..., N, D): normalised in the
+    features' own dtype, then cast to float32 and multiplied (official order of operations)."""
+    unit = (features / features.norm(dim=-1, keepdim=True)).float()
+    return unit @ unit.transpose(-1, -2)
 
 
 def relevance_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor, theta: float | None = None) -> torch.Tensor:
@@ -101,14 +108,54 @@ def relevance_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor, thet
 
 
 def conditional_kernel(features: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """L = diag(r) S diag(r) with S the cosine similarity of `features` (N, D), r `relevance` (N,)."""
+    """L = diag(r) S diag(r) with S the cosine similarity of `features` (..., N, D), r `relevance` (..., N)."""
     S = cosine_similarity_matrix(features)
     r = relevance.float().to(S.device)
-    return r[:, None] * S * r[None, :]
+    return r.unsqueeze(-1) * S * r.unsqueeze(-2)
+
+
+def dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy DPP MAP of size `k` for each of B kernels (B, N, N): (B, k) picks in pick order, float32.
+
+    Chen et al. 2018, Alg. 1, as the official loop: the pick is argmax of the remaining gains d_j^2 (first
+    maximum), the new Cholesky row e = (L_j - sum_t c_tj c_t) / d_j, d^2 -= e^2, the pick's gain set to
+    -inf. A kernel whose gains run out (pivot <= 0 or NaN) is completed with its unchosen items by
+    decreasing diagonal L_jj (= relevance^2), lowest index first among ties.
+    """
+    if kernel.ndim != 3 or kernel.shape[1] != kernel.shape[2]:
+        raise ReducerError(f"DPP kernels must have shape (B, N, N), got {tuple(kernel.shape)}")
+    B, N, _ = kernel.shape
+    if not 0 <= k <= N:
+        raise ReducerError(f"DPP cannot select {k} of {N} items; valid: 0..{N}")
+    L = kernel.float()
+    rows = torch.arange(B, device=L.device)
+    chol = torch.zeros(k, B, N, device=L.device)
+    gains = torch.diagonal(L, dim1=1, dim2=2).clone()
+    picks = torch.empty(k, B, dtype=torch.long, device=L.device)
+    exhausted = torch.full((B,), k, dtype=torch.long, device=L.device)  # first step with a pivot <= 0 / NaN
+    for i in range(k):
+        j = torch.argmax(gains, dim=-1)
+        picks[i] = j
+        pivot = gains[rows, j]
+        exhausted = torch.where(~(pivot > 0) & (exhausted == k), i, exhausted)
+        row = (L[rows, j] - torch.einsum("tb,tbn->bn", chol[:i, rows, j], chol[:i])) / torch.sqrt(pivot).unsqueeze(-1)
+        chol[i] = row
+        gains -= row.square()
+        gains[rows, j] = -float("inf")
+    picks = picks.T.contiguous()
+    for b in torch.nonzero(exhausted < k).flatten().tolist():  # rare: no sync in the loop above
+        i0 = int(exhausted[b])
+        chosen = torch.zeros(N, dtype=torch.bool, device=L.device)
+        chosen[picks[b, :i0]] = True
+        rest = torch.nonzero(~chosen).flatten()
+        by_diag = rest[torch.sort(-torch.diagonal(L[b])[rest], stable=True).indices]
+        picks[b, i0:] = by_diag[: k - i0]
+    return picks
 
 
 def cdpruner_select(features: torch.Tensor, relevance: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Sorted indices of the greedy DPP MAP subset of size `n_keep` under the conditional kernel.
+    """Sorted indices of the greedy DPP MAP subset of size `n_keep` under the conditional kernel of one crop
+    (features (N, D), relevance (N,)).
 
     Raises:
         ReducerError: `n_keep` outside 0..N or mismatched shapes.
@@ -118,8 +165,23 @@ def cdpruner_select(features: torch.Tensor, relevance: torch.Tensor, n_keep: int
         raise ReducerError(f"CDPruner relevance has shape {tuple(relevance.shape)}, expected ({N},)")
     if not 0 <= n_keep <= N:
         raise ReducerError(f"CDPruner cannot keep {n_keep} of {N} tokens; valid: 0..{N}")
-    picked = dpp_greedy_map(conditional_kernel(features, relevance), n_keep)
+    picked = dpp_map(conditional_kernel(features[None], relevance[None]), n_keep)[0]
     return torch.sort(picked.cpu()).values
+
+
+def select_crops(features: torch.Tensor, relevance: torch.Tensor, budgets: list[int]) -> torch.Tensor:
+    """(C, N) bool kept mask of C crops (features (C, N, D), relevance (C, N)): crop c keeps `budgets[c]`.
+
+    One batched DPP for all crops (as the official code), run to the largest budget: greedy picks are
+    sequential, so a crop with a smaller budget keeps the prefix of its picks."""
+    C, N = relevance.shape
+    kept = torch.zeros(C, N, dtype=torch.bool)
+    k = max(budgets, default=0)
+    if k:
+        picks = dpp_map(conditional_kernel(features, relevance), k).cpu()
+        for c, q in enumerate(budgets):
+            kept[c, picks[c, :q]] = True
+    return kept
 
 
 def crop_quotas(available: list[int], n_keep: int) -> list[int]:
@@ -142,11 +204,12 @@ class CDPruner:
         clip_model: CLIP checkpoint (HF id or directory) for the LLaVA families; default
             `clip_text.default_clip_source(model)` (openai/clip-vit-large-patch14-336, or the tiny CLIP for
             tiny checkpoints).
-        tokenizer: the MLLM's tokenizer for decoding the instruction (default: loaded lazily from
-            `model.name_or_path`).
-        text_fn: `(ctx, span) -> str` overriding the instruction text (LLaVA families).
+        tokenizer: the MLLM's tokenizer for decoding the instruction outside VLMEvalKit (default: loaded
+            lazily from `model.name_or_path`).
+        text_fn: `(ctx, span) -> str` overriding the CLIP text (LLaVA families).
         theta: optional relevance weight (official default: off).
         capture: record the CLIP feature layer during the model's forward (LLaVA families only).
+        next_packing: LLaVA-NeXT packing, "official" (default) or "stock" (named deviation); see module doc.
     """
 
     name = "cdpruner"
@@ -159,11 +222,15 @@ class CDPruner:
         text_fn: Callable[[ReductionContext, ImageSpan], str] | None = None,
         theta: float | None = None,
         capture: bool = True,
+        next_packing: str = "official",
     ) -> None:
+        if next_packing not in NEXT_PACKINGS:
+            raise ReducerError(f"next_packing must be one of {', '.join(NEXT_PACKINGS)}, got {next_packing!r}")
         self.clip_model = clip_model
-        self._text = InstructionText(tokenizer, text_fn, who="CDPruner")
+        self._text = InstructionText(tokenizer, text_fn, who="CDPruner", official_question=True)
         self.theta = theta
         self.needs_vision_capture = capture
+        self.next_packing = next_packing
 
     # ------------------------------------------------------------------ text
     def instruction_ids(self, ctx: ReductionContext, span: ImageSpan) -> torch.Tensor:
@@ -171,7 +238,7 @@ class CDPruner:
         return instruction_ids(ctx, span)
 
     def instruction_text(self, ctx: ReductionContext, span: ImageSpan) -> str:
-        """The instruction text for `span` (LLaVA families), see vlmeval_dop.reducers.instruction."""
+        """The CLIP text for `span` (LLaVA families): the official bare question, see the module docstring."""
         return self._text(ctx, span)
 
     def qwen_instruction_ids(self, ctx: ReductionContext, span: ImageSpan) -> torch.Tensor:
@@ -199,7 +266,7 @@ class CDPruner:
         from .vision import vision_capture, vision_tower
 
         cap = vision_capture(ctx)
-        clip = load_clip_text(self.clip_model or default_clip_source(ctx.model))
+        clip = load_clip_text(self.clip_model or default_clip_source(ctx.model)).to(cap.features.device)
         tower = vision_tower(ctx.model)
         post_ln = getattr(tower, "vision_model", tower).post_layernorm
         if len(cap.crops_per_image) != len(ctx.images):
@@ -214,7 +281,7 @@ class CDPruner:
         return out
 
     # ------------------------------------------------------------------ select
-    def select(self, ctx: ReductionContext, n_keep: int) -> list[torch.Tensor]:
+    def select(self, ctx: ReductionContext, n_keep: int) -> list[Selection]:
         if ctx.family not in self.families:
             raise ReducerError(f"reducer 'cdpruner' does not support model family {ctx.family!r}; supported: {', '.join(self.families)}")
         check_n_keep("CDPruner", ctx, n_keep)
@@ -223,6 +290,8 @@ class CDPruner:
         rel = self.clip_relevance(ctx)
         if ctx.family == "llava":
             return [self._select_llava(ctx, span, r, n_keep) for span, r in zip(ctx.images, rel)]
+        if self.next_packing == "stock":
+            return [self._select_next_stock(ctx, k, span, r, n_keep) for k, (span, r) in enumerate(zip(ctx.images, rel))]
         return [self._select_next(ctx, k, span, r, n_keep) for k, (span, r) in enumerate(zip(ctx.images, rel))]
 
     def _select_llava(self, ctx, span, rel, n_keep):
@@ -231,9 +300,21 @@ class CDPruner:
                 f"CDPruner expects one crop of {span.num_tokens} patches for this LLaVA image, the tower gave "
                 f"{tuple(rel.shape)} (vision_feature_select_strategy must be 'default')"
             )
-        return cdpruner_select(ctx.image_embeds(span), rel[0], n_keep)
+        return torch.nonzero(select_crops(ctx.image_embeds(span)[None], rel, [n_keep])[0]).flatten()
 
-    def _select_next(self, ctx, k, span, rel, n_keep):
+    def _select_next(self, ctx, k, span, rel, n_keep) -> Selection:
+        from .llava_next_packing import crop_budgets, official_span, projected_crops
+        from .vision import vision_capture
+
+        if "image_sizes" not in ctx.model_inputs:
+            raise ReducerError("CDPruner on LLaVA-NeXT needs image_sizes in the model inputs")
+        if n_keep >= span.num_tokens or n_keep == 0:
+            return torch.arange(n_keep)  # everything (stock packing) or nothing
+        feats = projected_crops(ctx)[vision_capture(ctx).image_crops(k)]  # all 576 patches of every crop
+        kept = select_crops(feats, rel.to(feats.device), crop_budgets(n_keep, rel.shape[0], rel.shape[1]))
+        return official_span(ctx, k, kept)
+
+    def _select_next_stock(self, ctx, k, span, rel, n_keep):
         from .llava_next_layout import llava_next_layout
 
         sizes = ctx.model_inputs.get("image_sizes")
@@ -263,4 +344,7 @@ class CDPruner:
         return cdpruner_select(feats, relevance_scores(feats, text, self.theta), n_keep)
 
 
-__all__ = ["CDPruner", "cdpruner_select", "conditional_kernel", "cosine_similarity_matrix", "crop_quotas", "relevance_scores"]
+__all__ = [
+    "CDPruner", "cdpruner_select", "conditional_kernel", "cosine_similarity_matrix", "crop_quotas", "dpp_map",
+    "relevance_scores", "select_crops",
+]  # fmt: skip

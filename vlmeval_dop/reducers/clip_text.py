@@ -54,6 +54,13 @@ class ClipText:
     visual_projection: nn.Module
     max_positions: int
 
+    def to(self, device: torch.device | str) -> "ClipText":
+        """Move the towers to `device` in place (the device of the MLLM's vision tower: the official code
+        runs CLIP's text tower and projection next to it); returns self."""
+        for module in (self.text_model, self.text_projection, self.visual_projection):
+            module.to(device)
+        return self
+
     @torch.no_grad()
     def encode_text(self, text: str) -> torch.Tensor:
         """(M, C) projected text embeddings of `text`, one per 77-token segment (official segmentation).

@@ -8,9 +8,10 @@ llava-hf packs one image as (`LlavaNextModel.pack_image_features`):
    token appended to every row of that map, flattened row-major.
 
 A 672x672 image thus has 576 + 48 * (48 + 1) = 2928 placeholders: 2880 vision-tower tokens (the paper's
-count: 5 crops x 576) plus 48 newline tokens. Reducers that work per crop (VisPruner, CDPruner, VisionZip,
-PruMerge+ for LLaVA-NeXT, as in their official repos, which prune each crop's 576 tokens before packing)
-use `llava_next_layout` to map every placeholder back to its crop and patch; newline tokens map to -1.
+count: 5 crops x 576) plus 48 newline tokens. Reducers that work per crop use `llava_next_layout` to map
+every placeholder back to its crop and patch; newline tokens map to -1. (The official VisPruner / CDPruner
+code does not pack as llava-hf does: no unpadding, no newlines; see `llava_next_packing`, which uses this
+map to report which placeholder, if any, each of its rows stands for.)
 
 We compute the map by running the model's own packing steps on a tensor of token codes instead of
 features, so it follows transformers' layout (including `unpad_image`'s rounding) by construction.

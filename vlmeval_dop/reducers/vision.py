@@ -44,12 +44,15 @@ class VisionCapture:
             heads (softmax over all 1+P keys, as in the eager layer).
         keys: (C, 1+P, heads, head_dim) the layer's keys ([CLS] first).
         crops_per_image: crops of each image in order (sums to C).
+        attn_input: (C, 1+P, D) the layer's attention input (after `layer_norm1`), for reducers that
+            recompute the attention as their official code's eager layer did (VisPruner).
     """
 
     features: torch.Tensor
     cls_attention: torch.Tensor
     keys: torch.Tensor
     crops_per_image: list[int]
+    attn_input: torch.Tensor | None = None
 
     def image_crops(self, image: int) -> slice:
         """Rows of `features` / `cls_attention` / `keys` that belong to image number `image`."""
@@ -157,7 +160,7 @@ class VisionRecorder:
         normed, out = torch.cat(self._attn_in), torch.cat(self._out)
         self.clear()
         cls_attn, keys = cls_attention_and_keys(self._layer.self_attn, normed)
-        return VisionCapture(out, cls_attn, keys, crops_per_image(model, model_inputs, out.shape[0]))
+        return VisionCapture(out, cls_attn, keys, crops_per_image(model, model_inputs, out.shape[0]), normed)
 
     def __enter__(self) -> "VisionRecorder":
         return self
