@@ -48,6 +48,21 @@ def make_batch(one: dict, n: int, seed: int = 0, image_token_ids=(32000,), vocab
     return out
 
 
+def with_system_prefix(one: dict, system_tokens: int, visual_tokens: int, image_token_id: int = 32000) -> dict:
+    """The one-sample inputs of `executor_latency.build` laid out as a real prompt: `system_tokens` text
+    tokens, the image, then the instruction (LLaVA-1.5's prompt has ~35 tokens before `<image>`: BOS, the
+    Vicuna system prompt and 'USER:'). The search never recomputes the tokens before the image, so where
+    the image sits changes its cost."""
+    out = dict(one)
+    ids = one["input_ids"].clone()
+    image = torch.zeros_like(ids[0], dtype=torch.bool)
+    image[system_tokens : system_tokens + visual_tokens] = True
+    ids[0][image] = image_token_id
+    ids[0][~image] = torch.randint(1, 31000, (int((~image).sum()),), generator=torch.Generator().manual_seed(0)).to(ids)
+    out["input_ids"] = ids
+    return out
+
+
 def _sync(device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -124,10 +139,7 @@ def main(argv=None) -> None:
     weigh = paper.arch if args.narrow else None  # layer-equivalents of the real 7B-shaped layers
     if not 0 <= args.system_tokens <= args.text_tokens:
         raise SystemExit(f"--system-tokens must be in 0..--text-tokens={args.text_tokens}")
-    image = torch.zeros_like(one["input_ids"][0], dtype=torch.bool)
-    image[args.system_tokens : args.system_tokens + args.visual_tokens] = True
-    one["input_ids"][0][image] = 32000  # the prompt's layout: system text, image, instruction
-    one["input_ids"][0][~image] = torch.randint(1, 31000, (int((~image).sum()),)).to(args.device)
+    one = with_system_prefix(one, args.system_tokens, args.visual_tokens)
 
     width = "64-wide stand-in layers, counts weighted by the " + args.model if args.narrow else args.model
     print(f"# {width} width, {args.layers} layers, {args.visual_tokens}+{args.text_tokens} tokens "
@@ -138,7 +150,7 @@ def main(argv=None) -> None:
     print(f"ours  (prefix sharing, vision once, batch {args.batch}, sdpa): {ours.layer_forwards} layer forwards, "
           f"{ours.layer_equivalents:.1f} layer-equivalents, {t_ours:.1f} s")
     if args.joint_grid is not None:
-        joint_cost(args, paper, model, batch_of(1), weigh)
+        joint_cost(args, paper, model, make_batch(one, 1), weigh)
     if args.skip_naive:
         return
     model.set_attn_implementation("eager")
