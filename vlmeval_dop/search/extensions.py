@@ -312,23 +312,11 @@ def grid_policies(
     return GridPolicies(tuple(seen), len(grid), n_e, n_min_eff)
 
 
-def _pick(records: Sequence[JointRecord]) -> JointRecord:
-    return min(records, key=lambda r: (r.divergence, r.paper_ratio, (r.policy.d_A, r.policy.d_P, r.policy.n_v)))
-
-
 def joint_grid_search(
-    joint_divergence: Callable[[DOPPolicy], float],
-    spec: ArchSpec,
-    budget: float,
-    *,
-    text_tokens: int,
-    alpha: float,
-    depths: Sequence[int] | None = None,
-    n_values: Sequence[int] | None = None,
-    clamp_n_min: bool = True,
-    n_min: float | None = None,
+    joint_divergence: Callable[[DOPPolicy], float], spec: ArchSpec, budget: float, *, text_tokens: int, **grid_kw
 ) -> JointGridResult:
-    """F.3: direct grid search on the joint divergence ``D(d_A, d_P, n_v)`` under Eq. 7's constraints.
+    """F.3: direct grid search on the joint divergence ``D(d_A, d_P, n_v)`` under Eq. 7's constraints
+    (``grid_kw``: ``alpha`` and the other keyword arguments of :func:`grid_policies`).
 
     ``joint_divergence(policy)`` runs the pruned model on the validation set and returns the mean Eq. 10
     divergence (the costly part; it is called once per distinct *effective* feasible policy of
@@ -337,38 +325,26 @@ def joint_grid_search(
     658 / 384 feasible policies at 28 % / 23 % on LLaVA-1.5-7B; we could not reproduce those counts with
     any reading of its grid (see docs/search.md), so compare optima, not counts.
     """
-    grid = grid_policies(spec, budget, text_tokens=text_tokens, alpha=alpha, depths=depths, n_values=n_values,
-                         clamp_n_min=clamp_n_min, n_min=n_min)
+    grid = grid_policies(spec, budget, text_tokens=text_tokens, **grid_kw)
     full = full_flops(spec, text_tokens)
     records = [JointRecord(pol, float(joint_divergence(pol)), policy_flops(spec, pol, text_tokens) / full)
                for pol in grid.policies]
     if not records:
         raise BudgetError(f"no grid policy satisfies budget {budget!r} and n_v >= {grid.n_min:g}; widen the grid or the budget")
-    best = _pick(records)
+    best = min(records, key=lambda r: (r.divergence, r.paper_ratio, (r.policy.d_A, r.policy.d_P, r.policy.n_v)))
     return JointGridResult(best.policy, best.divergence, tuple(records), grid.n_feasible, grid.n_e, grid.n_min)
 
 
 def grid_additive_search(
-    tables: DivergenceTables | DivergenceProfile,
-    spec: ArchSpec,
-    budget: float,
-    *,
-    text_tokens: int,
-    alpha: float,
-    depths: Sequence[int] | None = None,
-    n_values: Sequence[int] | None = None,
-    clamp_n_min: bool = True,
-    n_min: float | None = None,
-    outside: str = "inf",
+    tables: DivergenceTables | DivergenceProfile, spec: ArchSpec, budget: float, *, text_tokens: int,
+    outside: str = "inf", **grid_kw
 ) -> JointGridResult:
     """F.3's "w/ Additive Approximation" row: Eq. 7 restricted to the same grid, i.e. the feasible grid
-    policy (effective form) with the smallest ``D_A(d_A) + D_P(d_P) + D_v(n_v)``; ties as
+    policy (effective form) with the smallest ``D_A(d_A) + D_P(d_P) + D_v(n_v)``; ties and ``grid_kw`` as
     :func:`joint_grid_search`. No model run: the estimates come from the profile's interpolated curves."""
     t = _as_tables(tables, spec, outside)
-    return joint_grid_search(
-        lambda pol: float(additive_divergence(t, [pol])[0]), spec, budget, text_tokens=text_tokens, alpha=alpha,
-        depths=depths, n_values=n_values, clamp_n_min=clamp_n_min, n_min=n_min,
-    )
+    return joint_grid_search(lambda pol: float(additive_divergence(t, [pol])[0]), spec, budget,
+                             text_tokens=text_tokens, **grid_kw)
 
 
 # ---------------------------------------------------------------------------------------------- E.1
