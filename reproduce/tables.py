@@ -261,7 +261,8 @@ _add(TableSpec(
     7, "Spearman correlation of D_sum with the joint divergence D (216 combinations)", "spearman",
     ("llava15_7b", "llavanext_7b"), ("llava15_7b", "llavanext_7b"), ("spearman_rho", "p_value"),
     "All 6x6x6 combinations of the sampled d_A, d_P, n_v (Table 6), divergences on the same 100 TextVQA "
-    "samples; scipy.stats.spearmanr. Needs one joint-divergence validation run per combination (216).",
+    "samples; scipy.stats.spearmanr. `vlmeval-dop search --spearman 216` measures the 216 joint divergences "
+    "(prefix sharing) and writes rho and the p-value to search.json.",
 ))
 _add(TableSpec(
     8, "Performance on LLaVA-1.5-7B under different budgets (full)", "accuracy", ("llava15_7b",),
@@ -406,7 +407,8 @@ _add(TableSpec(
     ("d_A", "d_P", "n_v", "TextVQA", "GQA", "SEED"),
     "Grid of App. F.3 (depths every 2 layers, n_v every 16 tokens; 658 / 384 feasible policies at 28% / "
     "23%). The printed policies can be evaluated directly; the 'w/ Additive' policies differ from Table 15 "
-    "and the grid's parity is inconsistent with the text (see ERRATA).",
+    "and the grid's parity is inconsistent with the text (see ERRATA). `vlmeval-dop search --joint-grid` / "
+    "`--grid-additive` search this framework's own rows (docs/search.md).",
     budgets=(0.28, 0.23),
 ))
 _add(TableSpec(
@@ -414,7 +416,7 @@ _add(TableSpec(
     ("llava15_7b_dopcd28[val_seeds=5]", "llava15_7b_dopcd23[val_seeds=5]"),
     ("TextVQA", "TextVQA_std", "GQA", "GQA_std", "SEED", "SEED_std"),
     "Mean and standard deviation over 5 searches, each on 100 TextVQA samples drawn with a different seed; "
-    "the seeds are not published, so only the statistics are comparable.",
+    "the seeds are not published, so only the statistics are comparable (reproduce/run.py uses seeds 0-4).",
     budgets=(0.28, 0.23),
 ))
 _add(TableSpec(
@@ -432,7 +434,8 @@ _add(TableSpec(
     ("llava15_7b_dopcd28", "llava15_7b_dopcd28[groups=visual+system]",
      "llava15_7b_dopcd23", "llava15_7b_dopcd23[groups=visual+system]"),
     ("TextVQA", "GQA", "SEED"),
-    "Eq. 14: d_A^s, d_P^s searched together with (d_A, d_P, n_v); the resulting policies are not printed.",
+    "Eq. 14: d_A^s, d_P^s searched together with (d_A, d_P, n_v); the resulting policies are not printed. "
+    "`vlmeval-dop search --system-tokens` profiles the system-token curves and solves Eq. 14.",
     budgets=(0.28, 0.23),
 ))
 _DEPTH_NOTE = (

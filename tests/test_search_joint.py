@@ -133,6 +133,16 @@ def test_joint_run_resumes_and_shards(tmp_path):
         assert a["mean"][k] == pytest.approx(b["mean"][k], abs=1e-9)
     with pytest.raises(RuntimeError, match="missing"):
         merge_joint(tmp_path / "one", more + [DOPPolicy(1, 0, 4)], keys)
+    # a line torn by a kill is dropped and its values computed again; a record of other settings is not reused
+    path = tmp_path / "one" / "joint.rank0.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    torn = JointRun(tmp_path / "one", "uniform")
+    assert torn.run(model, items, more) == 1 and torn.torn == 1  # the torn line held one sample's new policy
+    other = JointRun(tmp_path / "one", "cdpruner-like", sample_keys=None)  # another reducer: another key
+    assert other.done_policies() == {}
+    keyed = JointRun(tmp_path / "one", "uniform", sample_keys={"s0": "new weights", "s1": "x", "s2": "y"})
+    assert keyed.run(model, items, first) == 6 and keyed.stale > 0  # model/data changed: recomputed
 
 
 def test_profiling_cost_at_llava15_7b_shapes_is_at_most_176():
