@@ -78,8 +78,6 @@ def is_finished(work_dir: Path, entry: str, dataset: str) -> bool:
 
 def plan_table(number: int, work_dir: Path) -> list[Cell]:
     """Every cell of accuracy table `number` with its status (no vlmeval import, nothing written)."""
-    from vlmeval_dop.registry import EntryError, get_entry
-
     spec = get_table(number)
     if spec.kind == "depth_redundancy":
         return _plan_operation_table(spec, work_dir)

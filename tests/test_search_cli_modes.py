@@ -87,6 +87,12 @@ def test_joint_grid_and_spearman(tmp_path, lmu, capsys):
     assert again["joint"]["newly_computed"] == 0 and again["newly_profiled"] == 0
     assert again["results"]["0.6"]["policy"] == r["policy"]
     assert main(["search", "--model", "tiny_llava15", "--data", "DOP_Demo", "--samples", "3", "--seed", "1",
+                 "--budget", "0.6", "--out-dir", str(tmp_path / "p"), "--spearman", "10", "--recompute",
+                 "--batch-size", "2", "--json"]) == 0
+    redo = json.loads(capsys.readouterr().out)  # --recompute redoes the joint values it needs, nothing more
+    assert redo["newly_profiled"] == 3 and redo["joint"]["newly_computed"] == 3 * redo["joint"]["policies"]
+    assert redo["joint"]["policies"] <= 10 and redo["spearman"]["n"] == 10
+    assert main(["search", "--model", "tiny_llava15", "--data", "DOP_Demo", "--samples", "3", "--seed", "1",
                  "--budget", "0.6", "--out-dir", str(tmp_path / "p"), "--grid-additive", "--json"]) == 0
     ga = json.loads(capsys.readouterr().out)
     assert ga["search"] == "grid_additive" and ga["results"]["0.6"]["policy"] == r["grid_additive"]["policy"]

@@ -21,6 +21,7 @@ sample and batch of newly computed policies, keyed like the profile's records).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,22 +42,17 @@ def policy_key(policy: DOPPolicy) -> str:
     return f"{policy.d_A},{policy.d_P},{'all' if policy.n_v is None else policy.n_v}"
 
 
+@contextmanager
 def _capturing(model):
-    """Context that records every decoder layer's output of the next forward into a list."""
-    layers = adapter_for(model).decoder_layers(model)
+    """Record every decoder layer's output of the forward run inside the block into the yielded list."""
     outputs: list[torch.Tensor] = []
-
-    class _Capture:
-        def __enter__(self):
-            self.hooks = [layer.register_forward_hook(
-                lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out)) for layer in layers]
-            return outputs
-
-        def __exit__(self, *exc):
-            for h in self.hooks:
-                h.remove()
-
-    return _Capture()
+    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for layer in adapter_for(model).decoder_layers(model)]
+    try:
+        yield outputs
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def joint_batch(
@@ -88,7 +84,7 @@ def joint_batch(
     def run(policy: DOPPolicy, source: list[torch.Tensor] | None, prefix: int, capture: bool):
         """Run `policy` replaying layers < prefix from `source`; returns its layer outputs if `capture`."""
         with apply_dop(model, policy, reducer=reducer if policy.n_v is not None else None) as handle:
-            with torch.no_grad(), (_capturing(model) if capture else _NoCapture()) as outs:
+            with torch.no_grad(), (_capturing(model) if capture else nullcontext()) as outs:
                 logits = handle.run_decoder(
                     full.decoder_kwargs, inputs["input_ids"], replay={i: source[i] for i in range(prefix)},
                     model_inputs=model_inputs, reducer_cache=reducer_cache, check_replay=False,
@@ -121,14 +117,6 @@ def joint_batch(
                 run(p, base, 0, capture=False)
         del base
     return {p: values[eff[p]] for p in policies}
-
-
-class _NoCapture:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def joint_naive(model, inputs: dict[str, Any], policies: Sequence[DOPPolicy], reducer: str | None,

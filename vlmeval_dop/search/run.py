@@ -405,8 +405,9 @@ def run_search(
         run = AccuracyProfileRun(run_dir, setup.depths, setup.visual, reducer, gen.max_new_tokens,
                                  rank=rank, world_size=world, generation_config=gen, sample_keys=keys)
     if recompute and rank == 0:
-        for old in run_dir.glob(f"{run.FILE_PREFIX}.rank*.jsonl"):
-            old.unlink()  # asked for: profile every sample again
+        prefixes = [run.FILE_PREFIX] + (["joint"] if joint_grid or spearman is not None else [])
+        for old in (p for prefix in prefixes for p in run_dir.glob(f"{prefix}.rank*.jsonl")):
+            old.unlink()  # asked for: profile (and measure the joint divergences of) every sample again
     _barrier(world)
     mine = list(run.shard(items))
     batches, total = batched(mine, batch_size, val.pad_token_id), num_batches(mine, batch_size)
