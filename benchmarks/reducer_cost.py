@@ -52,6 +52,106 @@ def prefill_seconds(tokens: int, layers: int, repeats: int) -> float:
     return t * 32 / layers
 
 
+SETTINGS = (("LLaVA-1.5 576->64", 1, 64, 0), ("LLaVA-NeXT 2880->320", 5, 320, 48))  # (name, crops, n_keep, newlines)
+
+
+def clip_text_case(device="cpu", dtype=torch.float32, shrink: int = 1):
+    """Random weights of CLIP ViT-L/14's text tower on one 77-token segment: the call to time (`shrink` > 1:
+    widths / shrink and 2 layers, for smoke tests)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    k = max(1, shrink)
+    text_cfg = CLIPTextConfig(hidden_size=768 // k, intermediate_size=3072 // k, num_attention_heads=12 if k == 1 else 2,
+                              num_hidden_layers=12 if k == 1 else 2, projection_dim=768 // k,
+                              max_position_embeddings=77)  # fmt: skip
+    with torch.device(device):
+        clip_text = CLIPTextModelWithProjection(text_cfg).to(dtype).eval()
+    ids = torch.randint(0, 49000, (1, 77)).to(device)
+
+    def run():
+        with torch.no_grad():
+            return clip_text(input_ids=ids)
+
+    return run
+
+
+def reducer_cases(crops: int, n_keep: int, newlines: int, device="cpu", dtype=torch.float32, patches: int = 576,
+                  width: int = 4096, clip_width: int = 1024, emb_width: int = 768) -> list[tuple[str, object]]:
+    """(label, call) per reducer on random inputs of the given sizes (defaults: the real ones); label
+    "cdpruner CLIP text tower" has call None (time `clip_text_case`)."""
+    from vlmeval_dop.reducers import REDUCERS
+    from vlmeval_dop.reducers.cdpruner import cdpruner_select, crop_quotas, relevance_scores
+    from vlmeval_dop.reducers.divprune import divprune_select
+    from vlmeval_dop.reducers.prumerge import budget_ratio, prumerge_plus_select
+    from vlmeval_dop.reducers.trim import trim_scores, trim_select
+    from vlmeval_dop.reducers.uniform import uniform_indices
+    from vlmeval_dop.reducers.visionzip import visionzip_select, visionzip_split
+
+    P = patches
+
+    def rand(*shape):
+        return torch.randn(*shape).to(device, dtype)
+
+    feats = rand(crops, P, width)
+    clip_feats = rand(crops, P, clip_width)
+    img_emb = rand(crops, P, emb_width)
+    txt_emb = rand(1, emb_width)
+    cls_attn = torch.softmax(torch.randn(crops, P), dim=-1).to(device, dtype)
+    quotas = crop_quotas([P] * crops, n_keep)
+
+    def cd_per_crop():
+        r = relevance_scores(img_emb, txt_emb)  # jointly over the image's crops
+        return [cdpruner_select(feats[c], r[c], q) for c, q in enumerate(quotas)]
+
+    def cd_single():
+        return cdpruner_select(feats.reshape(-1, width), relevance_scores(img_emb, txt_emb).flatten(), n_keep)
+
+    rows = [("cdpruner (DPP per crop)", cd_per_crop)]
+    if crops > 1:
+        rows.append((f"cdpruner (one DPP {crops * P})", cd_single))
+    rows.append(("cdpruner CLIP text tower", None))
+    if "vispruner" in REDUCERS:
+        from vlmeval_dop.reducers.vispruner import vispruner_select
+
+        rows.append(("vispruner (per crop)",
+                     lambda: [vispruner_select(cls_attn[c], clip_feats[c], q) for c, q in enumerate(quotas)]))
+
+    keys = rand(crops, 1 + P, 64)  # head-averaged keys, [CLS] first (VisionZip); PruMerge+: full width
+    with_cls = torch.cat([rand(crops, 1, clip_width), clip_feats], dim=1)  # VisionZip keeps the [CLS] row
+    full_keys = rand(crops, P, clip_width)
+    with torch.device(device):
+        proj = torch.nn.Sequential(torch.nn.Linear(clip_width, width), torch.nn.GELU(),
+                                   torch.nn.Linear(width, width)).to(dtype)
+
+    def visionzip():  # selection + merging per crop, then the projector on the merged tokens
+        out = []
+        for c, q in enumerate(quotas):
+            dom, ctx_n = visionzip_split(q)
+            out.append(visionzip_select(cls_attn[c], keys[c], with_cls[c], dom, ctx_n))
+        with torch.no_grad():  # every row ([CLS] included) through the projector, as official
+            proj(torch.cat([part.rows for part in out]))
+        return out
+
+    def prumerge():
+        out = [prumerge_plus_select(cls_attn[c], full_keys[c], clip_feats[c], budget_ratio(P, max(q, 2)))
+               for c, q in enumerate(quotas)]  # the ratio solved for q rows
+        with torch.no_grad():
+            proj(clip_feats[0, : n_keep // crops])
+        return out
+
+    def trim():  # scores + selection + one mean token per crop through the projector
+        out = [trim_select(trim_scores(img_emb[c], txt_emb[0]), q) for c, q in enumerate(quotas)]
+        with torch.no_grad():
+            proj(clip_feats[:, :1].mean(1))
+        return out
+
+    rows += [("visionzip (per crop)", visionzip), ("prumergeplus (per crop)", prumerge), ("trim (per crop)", trim)]
+    span = torch.cat([feats.reshape(-1, width), rand(newlines, width)])
+    rows.append(("divprune (whole span)", lambda: divprune_select(span, n_keep)))
+    rows.append(("uniform", lambda: uniform_indices(span.shape[0], n_keep)))
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2, help="decoder layers timed (scaled to 32)")
@@ -60,82 +160,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from vlmeval_dop.reducers import REDUCERS
-    from vlmeval_dop.reducers.cdpruner import cdpruner_select, crop_quotas, relevance_scores
-    from vlmeval_dop.reducers.divprune import divprune_select
-    from vlmeval_dop.reducers.uniform import uniform_indices
-
-    text_cfg = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                              projection_dim=768, max_position_embeddings=77)  # fmt: skip
-    clip_text = CLIPTextModelWithProjection(text_cfg).eval()
-    ids = torch.randint(0, 49000, (1, 77))
-    with torch.no_grad():
-        t_clip = timed(lambda: clip_text(input_ids=ids), args.repeats)
+    t_clip = timed(clip_text_case(), args.repeats)
 
     print(f"torch threads: {torch.get_num_threads()}; prefill = 7B width, {args.layers} layers timed x {32 / args.layers:g}")
     print(f"{'setting':<34}{'reducer':<28}{'reducer ms':>12}{'prefill ms':>12}{'ratio':>9}")
-    for name, crops, n_keep, newlines in (("LLaVA-1.5 576->64", 1, 64, 0), ("LLaVA-NeXT 2880->320", 5, 320, 48)):
-        P = 576
-        feats = torch.randn(crops, P, 4096)
-        clip_feats = torch.randn(crops, P, 1024)
-        img_emb = torch.randn(crops, P, 768)
-        txt_emb = torch.randn(1, 768)
-        cls_attn = torch.softmax(torch.randn(crops, P), dim=-1)
-        quotas = crop_quotas([P] * crops, n_keep)
-
-        def cd_per_crop():
-            r = relevance_scores(img_emb, txt_emb)  # jointly over the image's crops
-            return [cdpruner_select(feats[c], r[c], q) for c, q in enumerate(quotas)]
-
-        def cd_single():
-            return cdpruner_select(feats.reshape(-1, 4096), relevance_scores(img_emb, txt_emb).flatten(), n_keep)
-
-        rows = [("cdpruner (DPP per crop)", cd_per_crop)]
-        if crops > 1:
-            rows.append(("cdpruner (one DPP 2880)", cd_single))
-        rows.append(("cdpruner CLIP text tower", None))
-        if "vispruner" in REDUCERS:
-            from vlmeval_dop.reducers.vispruner import vispruner_select
-
-            rows.append(("vispruner (per crop)",
-                         lambda: [vispruner_select(cls_attn[c], clip_feats[c], q) for c, q in enumerate(quotas)]))
-        from vlmeval_dop.reducers.prumerge import budget_ratio, prumerge_plus_select
-        from vlmeval_dop.reducers.trim import trim_scores, trim_select
-        from vlmeval_dop.reducers.visionzip import visionzip_select, visionzip_split
-
-        keys = torch.randn(crops, 1 + P, 64)  # head-averaged keys, [CLS] first (VisionZip); PruMerge+: full width
-        with_cls = torch.cat([torch.randn(crops, 1, 1024), clip_feats], dim=1)  # VisionZip keeps the [CLS] row
-        full_keys = torch.randn(crops, P, 1024)
-        proj = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 4096))
-
-        def visionzip():  # selection + merging per crop, then the projector on the merged tokens
-            out = []
-            for c, q in enumerate(quotas):
-                dom, ctx_n = visionzip_split(q)
-                out.append(visionzip_select(cls_attn[c], keys[c], with_cls[c], dom, ctx_n))
-            with torch.no_grad():  # every row ([CLS] included) through the projector, as official
-                proj(torch.cat([part.rows for part in out]))
-            return out
-
-        def prumerge():
-            out = [prumerge_plus_select(cls_attn[c], full_keys[c], clip_feats[c], budget_ratio(P, max(q, 2)))
-                   for c, q in enumerate(quotas)]  # the ratio solved for q rows
-            with torch.no_grad():
-                proj(clip_feats[0, : n_keep // crops])
-            return out
-
-        def trim():  # scores + selection + one mean token per crop through the projector
-            out = [trim_select(trim_scores(img_emb[c], txt_emb[0]), q) for c, q in enumerate(quotas)]
-            with torch.no_grad():
-                proj(clip_feats[:, :1].mean(1))
-            return out
-
-        rows += [("visionzip (per crop)", visionzip), ("prumergeplus (per crop)", prumerge), ("trim (per crop)", trim)]
-        span = torch.cat([feats.reshape(-1, 4096), torch.randn(newlines, 4096)])
-        rows.append(("divprune (whole span)", lambda: divprune_select(span, n_keep)))
-        rows.append(("uniform", lambda: uniform_indices(span.shape[0], n_keep)))
+    for name, crops, n_keep, newlines in SETTINGS:
+        rows = reducer_cases(crops, n_keep, newlines)
         prefill = prefill_seconds(n_keep + args.text_tokens, args.layers, args.repeats)
         for label, fn in rows:
             t = t_clip if fn is None else timed(fn, args.repeats)
