@@ -14,7 +14,11 @@ resolution; this class does the rest:
   the image is resized so that the processor yields about `n_v` visual tokens, then the executor runs the
   depths with all of those tokens (`n_v=None`);
 - per-layer token counts recorded by the executor are kept (`last_layer_tokens`, `layer_tokens_sum`)
-  as evidence of what ran.
+  as evidence of what ran;
+- `generate_batch` answers several messages with one `generate` exactly as `generate_inner` answers each
+  (same `build_inputs`, pruning context and generation config; rows left-padded by `collate_inputs`, each
+  cut at its own stop token): what `run.py --batch-size N` runs (`vlmeval_dop/batched_inference.py`).
+  `batch_blocker()` says why a wrapper or method cannot be batched exactly (it then runs one sample at a time).
 """
 from __future__ import annotations
 
