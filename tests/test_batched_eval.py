@@ -116,6 +116,11 @@ def _predictions(work, entry, data) -> pd.DataFrame:
     return pd.read_excel(work / entry / f"{entry}_{data}.xlsx")
 
 
+def _texts(df: pd.DataFrame) -> list[str]:
+    """The prediction strings of a file (an empty answer reads back as NaN)."""
+    return [p if isinstance(p, str) else "" for p in df["prediction"]]
+
+
 # every tiny family (unpruned and DOP), and one entry of every method kind
 ENTRIES = (
     "tiny_llava15", "tiny_llavanext", "tiny_qwen25vl", "tiny_internvl3",
@@ -275,7 +280,7 @@ def test_each_rank_batches_its_own_shard(probe, runs, tmp_path, monkeypatch):
         assert list(shard) == list(ds.data["index"][rank::2])
         merged.update(shard)
     ref = _predictions(runs[1][0], entry, probe)
-    assert [merged[i] for i in ref["index"]] == [str(p) for p in ref["prediction"]]
+    assert [merged[i] for i in ref["index"]] == _texts(ref)
 
 
 def test_a_wrapper_with_its_own_generate_falls_back_once(probe, tmp_path):
@@ -307,6 +312,33 @@ def test_a_wrapper_with_its_own_generate_falls_back_once(probe, tmp_path):
         log.removeHandler(handler)
     assert len([r for r in records if "--batch-size 4 is not used" in r]) == 1
     assert model.samples == 16  # VLMEvalKit's loop ran every sample, twice
+
+
+def test_inputs_that_cannot_share_a_batch_run_one_at_a_time(probe, runs, tmp_path):
+    import vlmeval.inference as vinf
+    from vlmeval.dataset import build_dataset
+    from vlmeval.smp import load
+
+    from vlmeval_dop.models.base import BatchingError
+    from vlmeval_dop.registry import load_entry
+
+    entry = "tiny_llava15_dop"
+    model = load_entry(entry).load()
+    msgs = _messages(model, probe)[:2]
+    inputs = [model.build_inputs(m, probe) for m in msgs]
+    inputs[1]["note"] = "a list, not a tensor"
+    with pytest.raises(BatchingError, match="'note' as a non-tensor"):
+        model.collate_inputs(inputs)
+
+    calls = []
+    model.generate_batch = lambda *a, **k: calls.append(1) or model.collate_inputs([{"input_ids": torch.ones(1, 2), "x": [1]}])
+    ds = build_dataset(probe)
+    out = tmp_path / f"01_{probe}.pkl"
+    bi.infer_data_batched(model, entry, str(tmp_path), ds, str(out), batch_size=4, original=vinf.infer_data)
+    assert len(calls) == 1  # tried once, then one sample at a time for the rest
+    ref = _predictions(runs[1][0], entry, probe)
+    got = load(str(out))
+    assert [got[i] for i in ref["index"]] == _texts(ref)
 
 
 def test_batch_size_flag(run_py):

@@ -17,6 +17,9 @@ merging the ranks, the prediction file, evaluation, `--reuse`) runs unchanged on
   are never computed again on the rerun; at the end the rank's predictions in dataset order;
 - `SKIP_ERR=1`: a batch that raises a RuntimeError is redone one sample at a time with VLMEvalKit's
   per-sample error message; `--verbose` prints every answer.
+- samples whose inputs cannot share a batch (`BatchingError` from `DOPWrapper.collate_inputs`, e.g. a new
+  family whose processor returns something that is not a tensor) are answered one at a time by
+  `model.generate`, as are all later samples of that model, and the log says so once.
 
 Batches: samples are taken in the shard's order in windows of `WINDOW_BATCHES x N`, each window is sorted by
 prompt length (tokens after image expansion, longest first) and cut into batches of N, so left padding stays
@@ -123,6 +126,7 @@ def infer_data_batched(model, model_name, work_dir, dataset, out_file, verbose=F
     window = window or WINDOW_BATCHES * batch_size
     lt = len(data)
     done = dumped = 0
+    batching = True
     bar = tqdm(total=lt, unit="sample", desc=f"Infer {model_name}/{dataset_name}, Rank {rank}/{world_size}")
     try:
         for start in range(0, lt, window):
@@ -131,8 +135,10 @@ def infer_data_batched(model, model_name, work_dir, dataset, out_file, verbose=F
             messages = [model.prepare_message(s) for s in structs]
             inputs = [model.build_inputs(m, dataset_name) for m in messages]
             for group in length_batches([x["input_ids"].shape[1] for x in inputs], batch_size):
-                answers = _generate(model, [structs[j] for j in group], [messages[j] for j in group],
-                                    [inputs[j] for j in group], dataset_name)
+                answers, batching = _generate(
+                    model, model_name, batch_size, batching, [structs[j] for j in group],
+                    [messages[j] for j in group], [inputs[j] for j in group], dataset_name,
+                )
                 torch.cuda.empty_cache()
                 for j, answer in zip(group, answers):
                     if verbose:
@@ -152,16 +158,28 @@ def infer_data_batched(model, model_name, work_dir, dataset, out_file, verbose=F
     return model
 
 
-def _generate(model, structs, messages, inputs, dataset_name) -> list[str]:
-    if os.environ.get("SKIP_ERR", False) != "1":
-        return model.generate_batch(messages, dataset_name, inputs=inputs)
-    try:
-        return model.generate_batch(messages, dataset_name, inputs=inputs)
-    except RuntimeError:  # redo one sample at a time, failing samples get VLMEvalKit's message
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+def _generate(model, model_name, batch_size, batching, structs, messages, inputs, dataset_name):
+    """(answers, whether to keep batching): one `generate_batch`, or the samples one at a time."""
+    from vlmeval_dop.models.base import BatchingError
+
+    skip_err = os.environ.get("SKIP_ERR", False) == "1"
+    if batching:
+        try:
+            return model.generate_batch(messages, dataset_name, inputs=inputs), True
+        except BatchingError as exc:  # inputs this wrapper builds cannot share a batch: one at a time from now on
+            batching = False
+            announce_fallback(model_name, batch_size, str(exc))
+        except RuntimeError:
+            if not skip_err:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    # one sample at a time, as VLMEvalKit's loop (with SKIP_ERR, failing samples get its message)
     answers = []
     for struct in structs:
+        if not skip_err:
+            answers.append(model.generate(message=struct, dataset=dataset_name))
+            continue
         try:
             answers.append(model.generate(message=struct, dataset=dataset_name))
         except RuntimeError as err:
@@ -169,7 +187,7 @@ def _generate(model, structs, messages, inputs, dataset_name) -> list[str]:
                 torch.cuda.synchronize()
             warnings.warn(f"{type(err)} {str(err)}")
             answers.append(f"{FAIL_MSG}: {type(err)} {str(err)}")
-    return answers
+    return answers, batching
 
 
 @contextmanager

@@ -44,6 +44,16 @@ logger = get_logger("vlmeval.dop")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class BatchingError(ValueError):
+    """Samples whose inputs cannot be put into one batch (the batched loop then runs them one at a time)."""
+
+
+def _left_pad(t: torch.Tensor, width: int, fill: int) -> torch.Tensor:
+    """(1, N, ...) -> (1, width, ...) with `fill` before the tokens."""
+    pad = t.new_full((1, width - t.shape[1], *t.shape[2:]), fill)
+    return torch.cat([pad, t], dim=1)
+
+
 class DOPWrapper(BaseModel):
     """VLMEvalKit model running a stock transformers MLLM, optionally under a DOP policy.
 
@@ -356,10 +366,12 @@ class DOPWrapper(BaseModel):
     def collate_inputs(self, samples: list) -> Any:
         """One left-padded batch from per-sample `build_inputs` outputs (BatchFeatures of batch 1).
 
-        Token-aligned tensors (`TOKEN_KEYS`, same length as `input_ids`) are left-padded: `input_ids` with the
-        padding id, the others with 0 (attention_mask 0 = padding). Every other tensor (pixel values, image
+        Token-aligned tensors (`TOKEN_KEYS`, or any other (1, N, ...) tensor with N = the sample's length) are
+        left-padded: `input_ids` with the padding id, the others with 0 (attention_mask 0 = padding). Every other tensor (pixel values, image
         sizes, grids) is concatenated along dim 0 in sample order, zero-padded in later dims where samples
         differ (as the processors pad LLaVA-NeXT crops when they batch); samples without images add none.
+        Inputs that cannot be batched (a non-tensor value, a token tensor of another length) raise
+        `BatchingError`.
         """
         from transformers import BatchFeature
 
@@ -368,14 +380,15 @@ class DOPWrapper(BaseModel):
         for key in dict.fromkeys(k for s in samples for k in s.keys()):
             parts = [s[key] for s in samples if key in s]
             if not all(isinstance(p, torch.Tensor) for p in parts):
-                raise TypeError(f"{type(self).__name__}.collate_inputs: {key!r} is not a tensor in every sample")
-            if key in self.TOKEN_KEYS:
-                if len(parts) != len(samples):
-                    raise ValueError(f"{key!r} is missing in some samples of the batch")
+                raise BatchingError(f"{type(self).__name__}.build_inputs returns {key!r} as a non-tensor")
+            aligned = len(parts) == len(samples) and all(  # (1, N, ...) with N = the sample's own length
+                p.dim() >= 2 and p.shape[0] == 1 and p.shape[1] == s["input_ids"].shape[1] for p, s in zip(parts, samples)
+            )
+            if key in self.TOKEN_KEYS or (aligned and key != "pixel_values"):
+                if not aligned:
+                    raise BatchingError(f"{type(self).__name__}.build_inputs: {key!r} is not aligned with input_ids")
                 fill = self._pad_id() if key == "input_ids" else 0
-                out[key] = torch.cat(
-                    [torch.nn.functional.pad(p, (width - p.shape[1], 0), value=fill) for p in parts], dim=0
-                )
+                out[key] = torch.cat([_left_pad(p, width, fill) for p in parts], dim=0)
                 continue
             shape = [max(p.shape[d] for p in parts) for d in range(parts[0].dim())]
             padded = []
