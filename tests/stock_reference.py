@@ -17,7 +17,9 @@ def stock_decoder_inputs(model, inputs) -> tuple[dict, torch.Tensor]:
         if not seen:
             seen.update(kwargs)
 
-    h = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    from vlmeval_dop.executor.families import adapter_for
+
+    h = adapter_for(model).language_model(model).register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             logits = model(**inputs, use_cache=False).logits

@@ -39,6 +39,13 @@ def _visual(model, input_ids):
     return input_ids == model.config.image_token_id
 
 
+def _lm(model):
+    """The decoder stack (`model.model.language_model`; SmolVLM's `text_model`)."""
+    from vlmeval_dop.executor.families import adapter_for
+
+    return adapter_for(model).language_model(model)
+
+
 def _num_layers(model):
     return model.config.get_text_config(decoder=True).num_hidden_layers
 
@@ -54,7 +61,7 @@ def masked_reference(model, inputs, policy: DOPPolicy, drop_after=None, op_mask=
     """
     attn_off = set() if op_mask is None else set(op_mask.attn)
     mlp_off = set() if op_mask is None else set(op_mask.mlp)
-    lm = model.model.language_model
+    lm = _lm(model)
     captured, _ = stock_decoder_inputs(model, inputs)
     h = captured["inputs_embeds"]
     B, N, _ = h.shape
@@ -95,6 +102,10 @@ def masked_reference(model, inputs, policy: DOPPolicy, drop_after=None, op_mask=
             h = torch.where(a_part[..., None], h + a, h)
             m = layer.mlp(layer.post_attention_layernorm(h))
             h = torch.where(m_part[..., None], h + m, h)
+            deepstack = captured.get("deepstack_visual_embeds")  # Qwen3-VL: features added after the first layers
+            if deepstack is not None and i < len(deepstack):
+                h = h.clone()
+                h[captured["visual_pos_masks"]] += deepstack[i]
             if drop_after is not None and i == drop_after[0]:
                 dropped = dropped | drop_after[1](h, visual, a_part)
         return model.lm_head(lm.norm(h))[:, -1]
@@ -123,7 +134,7 @@ def test_full_policy_bit_identical(tiny):
     assert torch.equal(ref_gen, gen)
     assert all(a == m for a, m in handle.last_layer_tokens)
     # restored exactly: no instance override left, stock behaviour unchanged
-    assert all("forward" not in layer.__dict__ for layer in model.model.language_model.layers)
+    assert all("forward" not in layer.__dict__ for layer in _lm(model).layers)
     assert torch.equal(_logits(model, inputs), ref)
 
 
@@ -236,7 +247,7 @@ def _decoder_flops(model, inputs) -> int:
     for name, ops in per_module.items():
         parts = name.split(".")
         # exactly the layer modules (children are included in their parent's count)
-        if len(parts) >= 2 and parts[-2] == "layers" and parts[-1].isdigit() and "language_model" in name:
+        if len(parts) >= 2 and parts[-2] == "layers" and parts[-1].isdigit() and ("language_model" in name or "text_model" in name):
             total += sum(ops.values())
     return total
 
@@ -272,7 +283,7 @@ def test_bad_input_messages(tiny):
         with pytest.raises(PolicyError, match=f"valid: 1..{n_vis}"):
             _logits(model, inputs)
     # the failed call left nothing behind
-    assert all("forward" not in layer.__dict__ for layer in model.model.language_model.layers)
+    assert all("forward" not in layer.__dict__ for layer in _lm(model).layers)
 
 
 def test_arch_spec_from_tiny_config(tiny):

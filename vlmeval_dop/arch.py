@@ -9,12 +9,26 @@ LlavaForConditionalGeneration          ``llava``      (336/14)^2 = 576
 LlavaNextForConditionalGeneration      ``llava_next`` 672x672: base + 4 crops = 5 x 576 = 2880 *
 Qwen2_5_VLForConditionalGeneration     ``qwen2_5_vl`` 1008x1008: (1008/28)^2 = 1296
 InternVLForConditionalGeneration       ``internvl``   896x896: 4 tiles + thumbnail = 5 x 256 = 1280
+Qwen2VLForConditionalGeneration        ``qwen2_vl``   1008x1008: (1008/28)^2 = 1296
+LlavaOnevisionForConditionalGeneration ``llava_onevision``  768x768: base + 2x2 crops = 5 x 729 = 3645 *
+Idefics3ForConditionalGeneration       ``smolvlm``    square image: 4x4 tiles + global = 17 x 64 = 1088 **
+SmolVLMForConditionalGeneration        ``smolvlm``    (SmolVLM2 checkpoints; same layout)
+Qwen3VLForConditionalGeneration        ``qwen3_vl``   1024x1024: (1024/32)^2 = 1024 (16 px patches, 2x2 merge)
 =====================================  =============  ==========================================
+
+InternVL3.5 (`-HF` checkpoints) is ``InternVLForConditionalGeneration`` with a Qwen3 decoder: family
+``internvl``, same visual token count; its per-head q/k RMSNorm adds no matmul FLOPs.
 
 * llava-hf additionally inserts one ``image_newline`` placeholder per row of the unpadded crop grid
   (48 at 672x672: 2928 placeholders). The paper's 2880 counts crops x 576 only. We follow the paper in
   FLOPs budgets (`visual_tokens`) and report the newline count separately (`visual_extra_tokens`);
   the executor treats newline placeholders as visual tokens (they carry no information without the image).
+  LLaVA-OneVision does the same (54 newlines for the 2x2 grid of a 768x768 image: 3699 placeholders); its
+  `anyres_max_9` grids go up to 6x6 crops (features then downsampled to at most 9 x 729), so the count
+  depends on the image; 768x768 plays the role LLaVA-NeXT's 672x672 plays in the paper.
+** SmolVLM (HuggingFaceTB/SmolVLM-256M/500M-Instruct are ``idefics3`` checkpoints) resizes every image to a
+  longest edge of 4 tiles and splits it into tiles plus a global view, (tile/patch)^2 / scale_factor^2 tokens
+  each (64 for 512 px / 16 / 4; 81 for SmolVLM-Instruct's 384 / 14 / 3), with text markers between the tiles.
 """
 from __future__ import annotations
 
@@ -26,6 +40,11 @@ SUPPORTED_CLASSES: dict[str, str] = {
     "LlavaNextForConditionalGeneration": "llava_next",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
     "InternVLForConditionalGeneration": "internvl",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+    "Idefics3ForConditionalGeneration": "smolvlm",
+    "SmolVLMForConditionalGeneration": "smolvlm",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
 }
 # model_type in the saved config.json -> the class above (lets us work from a config alone)
 _MODEL_TYPES: dict[str, str] = {
@@ -33,6 +52,11 @@ _MODEL_TYPES: dict[str, str] = {
     "llava_next": "LlavaNextForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
 
 
@@ -51,7 +75,8 @@ class ArchSpec:
     """Decoder shape facts used by FLOPs accounting and the executor.
 
     Attributes:
-        family: one of ``llava``, ``llava_next``, ``qwen2_5_vl``, ``internvl``.
+        family: one of ``llava``, ``llava_next``, ``qwen2_5_vl``, ``internvl``, ``qwen2_vl``,
+            ``llava_onevision``, ``smolvlm``, ``qwen3_vl``.
         num_layers: decoder layers L.
         hidden_size: h.
         num_heads / num_kv_heads / head_dim: attention shape; ``kv_dim = num_kv_heads * head_dim``.
@@ -103,7 +128,20 @@ class ArchSpec:
             if family == "llava_next":
                 extra = 2 * (img // vision.patch_size)  # one newline per row of the 2x2-crop grid
             token_ids = (config.image_token_id,)
-        elif family == "qwen2_5_vl":
+        elif family == "llava_onevision":
+            per_tile = (vision.image_size // vision.patch_size) ** 2  # SigLIP: no CLS token
+            default_n = 5 * per_tile  # 2x2 tiles of 768x768 -> base + 4 crops
+            extra = 2 * (vision.image_size // vision.patch_size)  # one newline per row of the 2x2-crop grid
+            token_ids = (config.image_token_id,)
+        elif family == "smolvlm":
+            per_tile = int((vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2)
+            default_n = 17 * per_tile  # a square image: 4x4 tiles + the global view
+            token_ids = (config.image_token_id,)
+        elif family == "qwen3_vl":
+            merge = vision.spatial_merge_size * vision.patch_size  # 32 px per LLM token
+            default_n = (1024 // merge) ** 2
+            token_ids = (config.image_token_id,)
+        elif family in ("qwen2_5_vl", "qwen2_vl"):
             merge = vision.spatial_merge_size * vision.patch_size  # 28 px per LLM token
             default_n = (1008 // merge) ** 2
             token_ids = (config.image_token_id,)
@@ -124,7 +162,8 @@ class ArchSpec:
             visual_tokens=default_n if visual_tokens is None else visual_tokens,
             visual_extra_tokens=extra,
             image_token_ids=tuple(int(t) for t in token_ids),
-            gqa=family in ("qwen2_5_vl", "internvl"),
+            gqa=family in ("qwen2_5_vl", "internvl", "qwen2_vl", "llava_onevision", "qwen3_vl")
+            or (family == "smolvlm" and (getattr(text, "num_key_value_heads", None) or num_heads) < num_heads),
         )
 
     @classmethod

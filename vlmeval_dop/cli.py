@@ -9,11 +9,74 @@ from pathlib import Path
 from .policy import DOPPolicy, PolicyError
 
 
+DEFAULT_TEXT_TOKENS = 120  # `flops --model <config>` without --text-tokens: models.yaml's Qwen-style prompt count
+
+
+def _flops_model(args: argparse.Namespace):
+    """(name, ArchSpec, text tokens) for `flops --model`: a models.yaml key, a tiny model of entries.yaml
+    (`tiny_qwen2vl`), or the path of a supported checkpoint directory / its config.json."""
+    from types import SimpleNamespace
+
+    from .arch import ArchSpec
+    from .models_config import get_model, load_models
+
+    if args.model in load_models():
+        cfg = get_model(args.model)
+        spec = cfg.arch if args.visual_tokens is None else _with_visual(cfg.arch, args.visual_tokens)
+        return SimpleNamespace(name=cfg.name, arch=spec, text_tokens=cfg.text_tokens)
+    path = Path(args.model).expanduser()
+    config, text = None, DEFAULT_TEXT_TOKENS
+    if path.exists():
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise PolicyError(f"--model {args.model}: not a readable transformers config ({exc})") from None
+    else:
+        from .registry import load_entries
+
+        tiny = {e.model.name: e.model for e in load_entries().values() if e.model.tiny}
+        if args.model not in tiny:
+            import difflib
+
+            valid = list(load_models()) + sorted(tiny)
+            close = difflib.get_close_matches(args.model, valid, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise PolicyError(
+                f"unknown model {args.model!r}{hint}; valid: {', '.join(valid)}, or the path of a checkpoint "
+                "directory / its config.json"
+            )
+        from transformers import AutoConfig
+
+        from .tiny import TINY_VISUAL_TOKENS, tiny_path
+
+        spec_model = tiny[args.model]
+        config = AutoConfig.from_pretrained(tiny_path(spec_model.tiny), local_files_only=True)
+        text = spec_model.text_tokens if spec_model.text_tokens is not None else text
+        if args.visual_tokens is None:
+            args.visual_tokens = TINY_VISUAL_TOKENS[spec_model.tiny]
+    spec = ArchSpec.from_config(config, visual_tokens=args.visual_tokens)  # UnsupportedModelError lists classes
+    return SimpleNamespace(name=str(args.model), arch=spec, text_tokens=text)
+
+
+def _with_visual(spec, n: int):
+    from dataclasses import replace
+
+    if n < 1:
+        raise PolicyError(f"--visual-tokens must be >= 1, got {n}")
+    return replace(spec, visual_tokens=int(n))
+
+
+def _tf(tflops: float) -> str:
+    """4 decimals, or 4 significant digits for the tiny models' counts (which round to 0.0000)."""
+    return f"{tflops:.4f}" if tflops >= 0.01 or tflops == 0 else f"{tflops:.4g}"
+
+
 def _cmd_flops(args: argparse.Namespace) -> int:
     from .flops import layer_token_counts, policy_tflops
-    from .models_config import get_model
 
-    cfg = get_model(args.model)
+    cfg = _flops_model(args)
     policy = DOPPolicy.parse(args.policy).validate(cfg.arch.num_layers, cfg.arch.visual_tokens)
     text = cfg.text_tokens if args.text_tokens is None else args.text_tokens
     if text < 0:
@@ -35,10 +98,10 @@ def _cmd_flops(args: argparse.Namespace) -> int:
         return 0
     print(f"model            {cfg.name} (L={cfg.arch.num_layers}, N_v={cfg.arch.visual_tokens}, text tokens={text})")
     print(f"policy           {policy}")
-    print(f"TFLOPs (Eq. 11)  {r['tflops']:.4f} of {r['full_tflops']:.4f}  ->  {100 * r['ratio']:.2f} %")
+    print(f"TFLOPs (Eq. 11)  {_tf(r['tflops'])} of {_tf(r['full_tflops'])}  ->  {100 * r['ratio']:.2f} %")
     if r["executed_tflops"] != r["tflops"]:
         print(
-            f"executed         {r['executed_tflops']:.4f}  ->  {100 * r['executed_ratio']:.2f} % "
+            f"executed         {_tf(r['executed_tflops'])}  ->  {100 * r['executed_ratio']:.2f} % "
             f"(as {policy.effective(cfg.arch.num_layers)} with visual tokens as keys/values only at layer d_A-1: "
             "their later work is dead)"
         )
@@ -214,9 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("flops", help="analytic decoder prefill TFLOPs of a policy (paper Eq. 11 / GQA variant)")
-    p.add_argument("--model", required=True, help="paper model: llava15_7b, llava15_13b, llavanext_7b, llavanext_13b, qwen25vl_7b, internvl3_8b")
+    p.add_argument("--model", required=True, help="a model of eval_configs/models.yaml (llava15_7b, ..., qwen2vl_7b, ...), a "
+                   "tiny model (tiny_qwen2vl, ...), or the path of a supported checkpoint directory or its config.json")
     p.add_argument("--policy", required=True, help="d_A,d_P,n_v (n_v may be 'all'), optionally ,d_A_sys,d_P_sys")
-    p.add_argument("--text-tokens", type=int, default=None, help="non-visual tokens (default: the model's value in eval_configs/models.yaml)")
+    p.add_argument("--text-tokens", type=int, default=None, help="non-visual tokens (default: the model's value in "
+                   f"eval_configs/models.yaml or entries.yaml; {DEFAULT_TEXT_TOKENS} for a checkpoint path)")
+    p.add_argument("--visual-tokens", type=int, default=None, help="N_v, the visual tokens before reduction (default: "
+                   "models.yaml's, or the family's count at its reference resolution, vlmeval_dop/arch.py)")
     p.add_argument("--system-tokens", type=int, default=0, help="system-prompt tokens among the text tokens (with system depths)")
     p.add_argument("--json", action="store_true", help="print one JSON object (tflops, full_tflops, ratio as a fraction, ...)")
     p.set_defaults(func=_cmd_flops)

@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 TINY_FAMILIES: tuple[str, ...] = ("llava15", "llavanext", "qwen25vl", "internvl3")
+# Families beyond the paper's six models (issue 15), built and loaded the same way. A separate tuple: tests
+# and tools parametrised over the paper families (TINY_FAMILIES) stay as they are; ALL_TINY_FAMILIES is both.
+TINY_NEW_FAMILIES: tuple[str, ...] = ("qwen2vl", "internvl35", "llavaov", "smolvlm", "qwen3vl")
+ALL_TINY_FAMILIES: tuple[str, ...] = TINY_FAMILIES + TINY_NEW_FAMILIES
 
 # Bump when anything that changes the saved files changes: caches are keyed by it (<family>-v<VERSION>).
 TINY_VERSION = 1
@@ -51,9 +55,12 @@ TINY_VERSION = 1
 TINY_IMAGE_SIZE: tuple[int, int] = (224, 224)
 
 # Placeholder tokens (model.config.image_token_id) one default tiny_image() yields; asserted in tests.
-TINY_VISUAL_TOKENS: dict[str, int] = {"llava15": 64, "llavanext": 336, "qwen25vl": 64, "internvl3": 80}
+TINY_VISUAL_TOKENS: dict[str, int] = {"llava15": 64, "llavanext": 336, "qwen25vl": 64, "internvl3": 80,
+                                       "qwen2vl": 64, "internvl35": 80, "llavaov": 336, "smolvlm": 80,
+                                       "qwen3vl": 49}
 
-_SEEDS = {"llava15": 1501, "llavanext": 1601, "qwen25vl": 2507, "internvl3": 3008}
+_SEEDS = {"llava15": 1501, "llavanext": 1601, "qwen25vl": 2507, "internvl3": 3008, "qwen2vl": 2409,
+          "internvl35": 3508, "llavaov": 2408, "smolvlm": 5005, "qwen3vl": 3008}
 _MARKER = "vlmeval_dop_tiny.json"  # written last: its presence means the directory is complete
 _REQUIRED_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
@@ -223,16 +230,31 @@ _INTERNVL_SPECIAL = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<
                      "<video>"]  # fmt: skip
 
 
-def _qwen_tokenizer(internvl: bool):
-    """Qwen2Tokenizer (byte-level BPE) with the Qwen2.5 added tokens (+ InternVL3's, named as in -hf)."""
+# Qwen3 appends these plain tokens after Qwen2.5's (151665..151668); InternVL3.5-hf's <img> ... follow them.
+_QWEN3_PLAIN = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
+# LLaVA-OneVision (llava-hf, Qwen2-7B-Instruct tokenizer): the three Qwen2 special tokens, then <image>=151646
+# and <video>=151647.
+_LLAVA_OV_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+
+def _qwen_tokenizer(internvl: bool, qwen3: bool = False, llava_ov: bool = False):
+    """Qwen2Tokenizer (byte-level BPE) with the Qwen2.5 added tokens (+ InternVL3's, named as in -hf).
+
+    `qwen3`: Qwen3's added tokens (InternVL3.5); `llava_ov`: LLaVA-OneVision's Qwen2 tokens instead.
+    """
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
     alphabet = [_bytes_to_unicode()[b] for b in range(256)]
     # "Ġ" is the byte-level space: " word" mid-sentence, bare "word" at a line start ("user\n", "What ...").
     merges = _learn_bpe(["Ġ" + w for w in _WORDS] + _WORDS, alphabet)
-    special = _QWEN_SPECIAL + (_INTERNVL_SPECIAL if internvl else [])
-    vocab = _vocab(alphabet, merges, [], _QWEN_SPECIAL + _QWEN_PLAIN + (_INTERNVL_SPECIAL if internvl else []))
+    if llava_ov:
+        special, plain = list(_LLAVA_OV_SPECIAL), []
+        vocab = _vocab(alphabet, merges, [], special)
+    else:
+        special = _QWEN_SPECIAL + (_INTERNVL_SPECIAL if internvl else [])
+        plain = _QWEN_PLAIN + (_QWEN3_PLAIN if qwen3 else [])
+        vocab = _vocab(alphabet, merges, [], _QWEN_SPECIAL + plain + (_INTERNVL_SPECIAL if internvl else []))
     kwargs: dict[str, Any] = {}
     if internvl:
         # InternVLProcessor reads these named tokens (tokenizer.start_image_token, ..._id) from the tokenizer.
@@ -245,7 +267,8 @@ def _qwen_tokenizer(internvl: bool):
         pad_token="<|endoftext|>", padding_side="left", **kwargs,
     )  # fmt: skip
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _QWEN_PLAIN])
+    if plain:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
     return tok
 
 
@@ -306,28 +329,55 @@ def _build_llava(next_: bool):
     return model, processor, gen
 
 
+def _qwen_mrope_text(tok, ids: dict, **overrides) -> dict:
+    """Text config of the Qwen M-RoPE families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): GQA, the real mrope_section
+    [16, 24, 24] of head_dim 128 scaled to head_dim 16 unless overridden."""
+    text_config = dict(
+        vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
+        # M-RoPE: (temporal, height, width) sections of the head_dim/2 rotary frequencies
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+    text_config.update(overrides)
+    assert sum(text_config["rope_parameters"]["mrope_section"]) == _TEXT["head_dim"] // 2
+    return text_config
+
+
+def _qwen_mrope_rest(config_cls, model_cls, processor_cls, video_cls, tok, ids, text_config, vision_config,
+                     patch: int, size: dict, template: str, **norm):  # fmt: skip
+    """Model (built here: after the configs, so the weights' RNG draws follow the model alone), processor and
+    generation settings of a Qwen M-RoPE family."""
+    from transformers import Qwen2VLImageProcessor
+
+    config = config_cls(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )  # fmt: skip
+    model = model_cls(config)
+    image_processor = Qwen2VLImageProcessor(size=size, patch_size=patch, temporal_patch_size=2, merge_size=2, **norm)
+    video_processor = video_cls(size=size, patch_size=patch, temporal_patch_size=2, merge_size=2, **norm)
+    processor = processor_cls(image_processor, tok, video_processor, chat_template=template)
+    gen = dict(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+    )  # fmt: skip
+    return model, processor, gen
+
+
 def _build_qwen25vl():
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
     )
 
     tok = _qwen_tokenizer(internvl=False)
     ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
-    head_dim = _TEXT["head_dim"]
-    text_config = dict(
-        vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=128000, rms_norm_eps=1e-6,
-        hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
-        # M-RoPE: (temporal, height, width) sections of the head_dim/2 rotary frequencies, the real
-        # [16, 24, 24] of head_dim 128 scaled to head_dim 16.
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False, **_TEXT,
-    )  # fmt: skip
-    assert sum(text_config["rope_parameters"]["mrope_section"]) == head_dim // 2
+    text_config = _qwen_mrope_text(tok, ids)
     vision_config = dict(
         depth=_VISION_LAYERS, hidden_size=_VISION["hidden_size"], intermediate_size=_VISION["intermediate_size"],
         num_heads=_VISION["num_attention_heads"], hidden_act="silu", out_hidden_size=_TEXT["hidden_size"],
@@ -336,24 +386,28 @@ def _build_qwen25vl():
         # last block attends fully (real: windowed blocks with full attention in 7, 15, 23, 31).
         window_size=112, fullatt_block_indexes=[_VISION_LAYERS - 1], initializer_range=0.02,
     )  # fmt: skip
-    config = Qwen2_5_VLConfig(
-        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
-    )  # fmt: skip
-    model = Qwen2_5_VLForConditionalGeneration(config)
     size = {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=_PATCH, temporal_patch_size=2, merge_size=2)
-    video_processor = Qwen2VLVideoProcessor(size=size, patch_size=_PATCH, temporal_patch_size=2, merge_size=2)
-    processor = Qwen2_5_VLProcessor(image_processor, tok, video_processor, chat_template=_QWEN25VL_TEMPLATE)
-    gen = dict(
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
+    return _qwen_mrope_rest(
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLVideoProcessor, tok, ids,
+        text_config, vision_config, _PATCH, size, _QWEN25VL_TEMPLATE,
     )  # fmt: skip
-    return model, processor, gen
 
 
-def _build_internvl3():
+def _qwen2_text(tok) -> tuple[int, int, dict]:
+    """(<|im_end|> id, <|endoftext|> id, text config) of a Qwen2 decoder with GQA (InternVL3, LLaVA-OneVision)."""
+    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    text_config = dict(
+        model_type="qwen2", vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+    return im_end, eot, text_config
+
+
+def _build_internvl3(qwen3: bool = False):
+    """InternVL3-8B-hf layout (Qwen2.5 decoder); `qwen3`: InternVL3.5-8B-HF's (Qwen3 decoder with per-head q/k
+    RMSNorm, no attention biases, Qwen3's added tokens before InternVL's)."""
     from transformers import (
         GotOcr2ImageProcessor,
         InternVLConfig,
@@ -362,16 +416,12 @@ def _build_internvl3():
         InternVLVideoProcessor,
     )
 
-    tok = _qwen_tokenizer(internvl=True)
-    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    tok = _qwen_tokenizer(internvl=True, qwen3=qwen3)
+    im_end, eot, text_config = _qwen2_text(tok)
     downsample = 0.5
     image_seq_length = int((_TILE // _PATCH) ** 2 * downsample**2)  # 16 per tile (real: 256 per 448 px tile)
-    text_config = dict(
-        model_type="qwen2", vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, hidden_act="silu", initializer_range=_INIT_RANGE, use_sliding_window=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, tie_word_embeddings=False, **_TEXT,
-    )  # fmt: skip
+    if qwen3:  # Qwen3-8B's config: no biases, 40960 positions (q/k norms come with the model type)
+        text_config.update(model_type="qwen3", attention_bias=False, max_position_embeddings=40960)
     vision_config = dict(
         image_size=[_TILE, _TILE], patch_size=[_PATCH, _PATCH], num_hidden_layers=_VISION_LAYERS,
         hidden_act="gelu", norm_type="layer_norm", layer_norm_eps=1e-6, attention_bias=True, use_qk_norm=False,
@@ -394,9 +444,184 @@ def _build_internvl3():
     return model, processor, dict(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot)
 
 
+def _build_qwen2vl():
+    """Qwen2-VL-7B-Instruct layout: Qwen2 decoder with M-RoPE (as Qwen2.5-VL), Qwen2-VL's vision tower (no
+    window attention, LayerNorm blocks, quick_gelu MLP) and processor."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tok = _qwen_tokenizer(internvl=False)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
+    text_config = _qwen_mrope_text(tok, ids, max_position_embeddings=32768)
+    vision_config = dict(
+        depth=_VISION_LAYERS, embed_dim=_VISION["hidden_size"], hidden_size=_TEXT["hidden_size"],
+        num_heads=_VISION["num_attention_heads"], mlp_ratio=_VISION["intermediate_size"] // _VISION["hidden_size"],
+        hidden_act="quick_gelu", patch_size=_PATCH, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.02,
+    )  # fmt: skip
+    size = {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
+    # Qwen2-VL-Instruct's chat template renders one image turn exactly as Qwen2.5-VL-Instruct's
+    return _qwen_mrope_rest(
+        Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor, tok, ids,
+        text_config, vision_config, _PATCH, size, _QWEN25VL_TEMPLATE,
+    )  # fmt: skip
+
+
+# LLaVA-OneVision anyres pinpoints: the real 384 x {1..6} x 384 x {1..6} grid scaled to the 112 px tile; a
+# 224x224 image selects the 2x2 grid (base + 4 crops), as 768x768 does on the real model.
+_OV_PINPOINTS = [[_TILE * h, _TILE * w] for h in range(1, 7) for w in range(1, 7)]
+_LLAVA_OV_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _build_llavaov():
+    """llava-hf/llava-onevision-qwen2-7b-ov-hf layout: SigLIP tower (last layer, all patches: strategy
+    "full"), Qwen2 decoder (GQA, q/k/v biases), anyres_max_9 tiling with one newline token per feature row."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tok = _qwen_tokenizer(internvl=False, llava_ov=True)
+    im_end, eot, text_config = _qwen2_text(tok)
+    vision_config = dict(
+        model_type="siglip_vision_model", image_size=_TILE, patch_size=_PATCH, num_hidden_layers=_VISION_LAYERS,
+        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, **_VISION,
+    )  # fmt: skip
+    per_tile = (_TILE // _PATCH) ** 2  # 64 (real: (384/14)^2 = 729)
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config, text_config=text_config, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        video_token_id=tok.convert_tokens_to_ids("<video>"), projector_hidden_act="gelu", vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=_OV_PINPOINTS,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlavaOnevisionForConditionalGeneration(config)
+    half = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])  # SigLIP normalisation, as the real one
+    image_processor = LlavaOnevisionImageProcessor(
+        size={"height": _TILE, "width": _TILE}, image_grid_pinpoints=_OV_PINPOINTS, **half
+    )
+    video_processor = LlavaOnevisionVideoProcessor(size={"height": _TILE, "width": _TILE}, **half)
+    processor = LlavaOnevisionProcessor(
+        image_processor, tok, video_processor, num_image_tokens=per_tile, vision_feature_select_strategy="full",
+        chat_template=_LLAVA_OV_TEMPLATE, vision_aspect_ratio="anyres_max_9",
+    )  # fmt: skip
+    return model, processor, dict(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot)
+
+
+# SmolVLM (Idefics3 layout, HuggingFaceTB/SmolVLM-500M-Instruct): SmolLM2's tokens 0-2, then the image markers.
+_SMOLVLM_HEAD = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_SMOLVLM_TAIL = (["<fake_token_around_image>", "<image>", "<global-img>"]
+                 + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)] + ["<end_of_utterance>"])  # fmt: skip
+_SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def _smolvlm_tokenizer():
+    """GPT-2 style byte-level BPE as SmolLM2's, with SmolVLM's image markers as added special tokens."""
+    from tokenizers import AddedToken
+    from transformers import GPT2Tokenizer
+
+    alphabet = [_bytes_to_unicode()[b] for b in range(256)]
+    merges = _learn_bpe(["Ġ" + w for w in _WORDS] + _WORDS, alphabet)
+    vocab = _vocab(alphabet, merges, list(_SMOLVLM_HEAD), list(_SMOLVLM_TAIL))
+    tok = GPT2Tokenizer(
+        vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>", pad_token="<|im_end|>", padding_side="left",
+    )  # fmt: skip
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _SMOLVLM_HEAD + _SMOLVLM_TAIL],
+                   special_tokens=True)  # fmt: skip
+    return tok
+
+
+def _build_smolvlm():
+    """HuggingFaceTB/SmolVLM-500M-Instruct layout (`Idefics3ForConditionalGeneration`): SigLIP tower, pixel
+    shuffle (scale 2 here, 4 real), LLaMA decoder (SmolLM2, GQA), each image resized to a longest edge of 2 tiles
+    (4 x 512 px real) and split into tiles + a global view, with <fake_token_around_image> / <row_i_col_j> /
+    <global-img> text markers between the tiles' <image> runs."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+
+    tok = _smolvlm_tokenizer()
+    scale = 2
+    per_tile = (_TILE // _PATCH) ** 2 // scale**2  # 16 (real: (512/16)^2 / 16 = 64)
+    text_config = dict(
+        model_type="llama", vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, hidden_act="silu", initializer_range=_INIT_RANGE, rope_parameters={"rope_type": "default",
+        "rope_theta": 100000.0}, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **_TEXT,
+    )  # fmt: skip
+    vision_config = dict(
+        image_size=_TILE, patch_size=_PATCH, num_hidden_layers=_VISION_LAYERS, hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6, initializer_range=0.02, **_VISION,
+    )  # fmt: skip
+    config = Idefics3Config(
+        vision_config=vision_config, text_config=text_config, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=scale, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": 2 * _TILE}, max_image_size={"longest_edge": _TILE}, do_image_splitting=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )  # fmt: skip
+    processor = Idefics3Processor(image_processor, tok, image_seq_len=per_tile, chat_template=_SMOLVLM_TEMPLATE)
+    gen = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return model, processor, gen
+
+
+_QWEN3VL_TEMPLATE = (  # Qwen3-VL-Instruct's format for image/text turns: no default system message
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _build_qwen3vl():
+    """Qwen/Qwen3-VL-8B-Instruct layout: Qwen3 decoder (q/k RMSNorm) with interleaved M-RoPE, a 16 px patch
+    tower (32 px per LLM token) whose intermediate layers feed DeepStack: their merged features are added to the
+    visual tokens' hidden states after the first decoder layers (here after layers 0 and 1; real: 0, 1, 2)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    tok = _qwen_tokenizer(internvl=False, qwen3=True)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
+    text_config = _qwen_mrope_text(
+        tok, ids, max_position_embeddings=262144, attention_bias=False,
+        # interleaved M-RoPE: the real mrope_section [24, 20, 20] of head_dim 128 scaled to head_dim 16
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
+                         "mrope_interleaved": True},
+    )  # fmt: skip
+    del text_config["use_sliding_window"]  # not a Qwen3-VL text config field
+    patch = 16
+    vision_config = dict(
+        depth=_VISION_LAYERS, hidden_size=_VISION["hidden_size"], intermediate_size=_VISION["intermediate_size"],
+        num_heads=_VISION["num_attention_heads"], hidden_act="gelu_pytorch_tanh", out_hidden_size=_TEXT["hidden_size"],
+        patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 1], initializer_range=0.02,
+    )  # fmt: skip
+    unit = 2 * patch  # 32 px per LLM token
+    size = {"shortest_edge": 2 * unit * 2 * unit, "longest_edge": 7 * unit * 7 * unit}  # a 224x224 image: 7x7
+    return _qwen_mrope_rest(
+        Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor, tok, ids,
+        text_config, vision_config, patch, size, _QWEN3VL_TEMPLATE, image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )  # fmt: skip
+
+
 def _check_family(family: str) -> None:
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}; valid families: {', '.join(TINY_FAMILIES)}")
+    if family not in ALL_TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; valid families: {', '.join(ALL_TINY_FAMILIES)}")
 
 
 def _build(family: str):
@@ -413,8 +638,18 @@ def _build(family: str):
             model, processor, gen = _build_llava(next_=True)
         elif family == "qwen25vl":
             model, processor, gen = _build_qwen25vl()
-        else:
+        elif family == "internvl3":
             model, processor, gen = _build_internvl3()
+        elif family == "internvl35":
+            model, processor, gen = _build_internvl3(qwen3=True)
+        elif family == "qwen2vl":
+            model, processor, gen = _build_qwen2vl()
+        elif family == "smolvlm":
+            model, processor, gen = _build_smolvlm()
+        elif family == "qwen3vl":
+            model, processor, gen = _build_qwen3vl()
+        else:
+            model, processor, gen = _build_llavaov()
     model.generation_config = GenerationConfig(**gen)
     return model.eval(), processor
 
@@ -523,6 +758,11 @@ _MODEL_CLASSES = {
     "llavanext": "LlavaNextForConditionalGeneration",
     "qwen25vl": "Qwen2_5_VLForConditionalGeneration",
     "internvl3": "InternVLForConditionalGeneration",
+    "qwen2vl": "Qwen2VLForConditionalGeneration",
+    "internvl35": "InternVLForConditionalGeneration",
+    "llavaov": "LlavaOnevisionForConditionalGeneration",
+    "smolvlm": "Idefics3ForConditionalGeneration",
+    "qwen3vl": "Qwen3VLForConditionalGeneration",
 }
 
 
@@ -607,4 +847,4 @@ def tiny_inputs(
     return processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
 
 
-__all__ = ["TINY_FAMILIES", "TINY_VERSION", "TINY_VISUAL_TOKENS", "load_tiny", "tiny_image", "tiny_inputs", "tiny_path"]
+__all__ = ["ALL_TINY_FAMILIES", "TINY_FAMILIES", "TINY_NEW_FAMILIES", "TINY_VERSION", "TINY_VISUAL_TOKENS", "load_tiny", "tiny_image", "tiny_inputs", "tiny_path"]

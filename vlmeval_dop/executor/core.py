@@ -358,7 +358,7 @@ class DOPHandle:
         # --- token reduction (prefill with images only)
         dropped = torch.zeros(B, N, dtype=torch.bool, device=device)
         if self.reducer is not None and self.policy.n_v is not None and bool(visual.any()):
-            spans = self.adapter.image_spans(visual)
+            spans = self.adapter.image_spans(visual, input_ids=input_ids)
             for span in spans:
                 if self.policy.n_v > span.num_tokens:
                     raise PolicyError(

@@ -1,9 +1,9 @@
 """Per-family facts the executor needs: where the decoder lives, how positions work, where images sit.
 
-All four supported families share transformers' layout `model.model.language_model.layers[i]` with
-LLaMA-style pre-norm decoder layers (`input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`).
-Adding a family is one `FamilyAdapter` entry in `FAMILIES` (plus `arch.SUPPORTED_CLASSES`); override
-the methods below where its layout differs.
+All supported families have LLaMA-style pre-norm decoder layers (`input_layernorm`, `self_attn`,
+`post_attention_layernorm`, `mlp`), in transformers' layout `model.model.language_model.layers[i]` (SmolVLM:
+`model.model.text_model`). Adding a family is one `FamilyAdapter` entry in `FAMILIES` (plus
+`arch.SUPPORTED_CLASSES`); override the methods below where its layout differs (docs/adding_a_model.md).
 """
 from __future__ import annotations
 
@@ -58,11 +58,12 @@ class FamilyAdapter:
     def image_token_ids(self, model: nn.Module) -> tuple[int, ...]:
         return (int(model.config.image_token_id),)
 
-    def image_spans(self, visual: torch.Tensor) -> list[ImageSpan]:
+    def image_spans(self, visual: torch.Tensor, input_ids: torch.Tensor | None = None) -> list[ImageSpan]:
         """One span per maximal run of consecutive visual placeholders, per sample.
 
-        Every supported processor writes one image as one contiguous run (LLaVA-NeXT's newline
-        placeholders and InternVL's tiles included) and separates images by text/marker tokens.
+        The paper's families write one image as one contiguous run (LLaVA-NeXT's newline placeholders and
+        InternVL's tiles included) and separate images by text/marker tokens. `input_ids` (B, N) are for
+        families whose image spans several runs (SmolVLM).
         """
         spans: list[ImageSpan] = []
         for b in range(visual.shape[0]):
@@ -75,11 +76,53 @@ class FamilyAdapter:
         return spans
 
 
+@dataclass(frozen=True)
+class SmolVLMAdapter(FamilyAdapter):
+    """SmolVLM / Idefics3: the decoder is `model.model.text_model`, and one image is several runs of `<image>`
+    placeholders, one per tile and one for the global view, separated by `<fake_token_around_image>`,
+    `<row_i_col_j>`, newline and `<global-img>` text markers. The markers are text tokens (they take part in
+    every layer); the image's span is all its runs together, so `n_v` counts per image as for every family."""
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.text_model
+
+    def image_spans(self, visual: torch.Tensor, input_ids: torch.Tensor | None = None) -> list[ImageSpan]:
+        """Runs grouped per image: an image ends with its global view, the run right after `<global-img>`.
+
+        That token's id is read from the sequence itself (no tokenizer here): every image ends with its global
+        view, so the token before a sample's last run is `<global-img>`; tile runs follow `<row_i_col_j>` tokens.
+        """
+        runs = super().image_spans(visual)
+        if input_ids is None:
+            raise ValueError("SmolVLM image spans need input_ids (runs of one image are grouped by their markers)")
+        spans: list[ImageSpan] = []
+        for b in range(visual.shape[0]):
+            mine = [r for r in runs if r.batch_index == b]
+            if not mine:
+                continue
+            before = [int(input_ids[b, r.positions[0] - 1]) if r.positions[0] > 0 else -1 for r in mine]
+            global_tag, group = before[-1], []
+            for run, tag in zip(mine, before):
+                group.append(run.positions)
+                if tag == global_tag:
+                    spans.append(ImageSpan(batch_index=b, image_index=len([s for s in spans if s.batch_index == b]),
+                                           positions=torch.cat(group)))  # fmt: skip
+                    group = []
+        return spans
+
+
 FAMILIES: dict[str, FamilyAdapter] = {
     "llava": FamilyAdapter("llava"),
     "llava_next": FamilyAdapter("llava_next"),
     "qwen2_5_vl": FamilyAdapter("qwen2_5_vl", contiguous_positions=False),
-    "internvl": FamilyAdapter("internvl"),
+    "internvl": FamilyAdapter("internvl"),  # InternVL3 (Qwen2.5 decoder) and InternVL3.5 (Qwen3: q/k norm)
+    "qwen2_vl": FamilyAdapter("qwen2_vl", contiguous_positions=False),
+    "llava_onevision": FamilyAdapter("llava_onevision"),
+    "smolvlm": SmolVLMAdapter("smolvlm"),
+    # Qwen3-VL: the decoder stack itself adds DeepStack features to the visual tokens' hidden states after its
+    # first layers (full-length states, between layer calls): tokens a policy keeps get exactly the stock
+    # additions, tokens it has left (or a reducer dropped) get them too but are never read again
+    "qwen3_vl": FamilyAdapter("qwen3_vl", contiguous_positions=False),
 }
 
 

@@ -13,6 +13,12 @@ WRAPPERS: dict[str, str] = {
     "llava_next": "vlmeval_dop.models.llava:LLaVANextDOP",
     "qwen2_5_vl": "vlmeval_dop.models.qwen2_5_vl:Qwen25VLDOP",
     "internvl": "vlmeval_dop.models.internvl3:InternVL3DOP",
+    # models beyond the paper (issue 15)
+    "qwen2_vl": "vlmeval_dop.models.qwen2_vl:Qwen2VLDOP",
+    "internvl35": "vlmeval_dop.models.internvl35:InternVL35DOP",
+    "llava_onevision": "vlmeval_dop.models.llava_onevision:LLaVAOneVisionDOP",
+    "smolvlm": "vlmeval_dop.models.smolvlm:SmolVLMDOP",
+    "qwen3_vl": "vlmeval_dop.models.qwen3_vl:Qwen3VLDOP",
 }
 
 

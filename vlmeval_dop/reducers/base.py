@@ -26,7 +26,8 @@ class ReducerError(ValueError):
 class ImageSpan:
     """One image's visual placeholders in sample `batch_index`: sequence positions `[start, end)`.
 
-    `positions` lists the placeholder positions (contiguous for every supported family).
+    `positions` lists the placeholder positions (contiguous for every family but SmolVLM, whose tiles are
+    separated by text markers).
     """
 
     batch_index: int
