@@ -2,7 +2,8 @@
 
 - through run.py -> VLMEvalKit, on DOP_Demo and on a probe dataset built here (prompts from 1 to ~190
   words, one or two images of different shapes per sample): the prediction files of `--batch-size 4` equal
-  those of the default loop for every tiny family and one entry of every method kind (paper DOP entries,
+  those of the default loop for every tiny family (the paper's four and the five beyond it, unpruned and
+  pruned) and one entry of every method kind (paper DOP entries,
   the vision-side reducers, the decoder-side baselines, resize, an operation mask, a perturbation), and the
   executor's per-layer token counts summed over the samples are equal too;
 - model level, for the methods without a tiny entry (PDrop, FastV re-ranking at every step) and for a
@@ -122,8 +123,10 @@ def _texts(df: pd.DataFrame) -> list[str]:
 
 
 # every tiny family (unpruned and DOP), and one entry of every method kind
-ENTRIES = (
-    "tiny_llava15", "tiny_llavanext", "tiny_qwen25vl", "tiny_internvl3",
+UNPRUNED = ("tiny_llava15", "tiny_llavanext", "tiny_qwen25vl", "tiny_internvl3",
+            "tiny_qwen2vl", "tiny_internvl35", "tiny_llavaov", "tiny_smolvlm", "tiny_qwen3vl")
+ENTRIES = UNPRUNED + (
+    "tiny_qwen2vl_dopr", "tiny_internvl35_dop", "tiny_llavaov_dop", "tiny_smolvlm_dop", "tiny_qwen3vl_dopr",
     "tiny_llava15_dop", "tiny_llavanext_dopcd", "tiny_qwen25vl_dopr", "tiny_internvl3_dopr", "tiny_qwen25vl_dopcd",
     "tiny_llava15_dopv", "tiny_llava15_divprune", "tiny_llava15_visionzip", "tiny_llava15_prumergeplus",
     "tiny_llava15_trim", "tiny_llava15_fastv", "tiny_internvl3_fastv", "tiny_llava15_sparsevlm",
@@ -171,7 +174,7 @@ def test_batch4_predictions_equal_batch1(runs, entry, probe):
     # the same per-layer token counts ran (executor evidence, padding excluded), sample for sample
     assert m4[entry].samples == m1[entry].samples == 16
     assert m4[entry].layer_tokens_sum == m1[entry].layer_tokens_sum
-    assert (m1[entry].layer_tokens_sum is None) == (entry in ENTRIES[:4])
+    assert (m1[entry].layer_tokens_sum is None) == (entry in UNPRUNED)
 
 
 def _messages(model, dataset_name):
@@ -196,7 +199,8 @@ def test_methods_without_tiny_entry_batch_exactly(entry, overrides, probe):
     assert model.generate_batch(msgs[:4], probe) + model.generate_batch(msgs[4:], probe) == single
 
 
-@pytest.mark.parametrize("entry", ["tiny_llava15", "tiny_llavanext_dop", "tiny_qwen25vl_fastv", "tiny_internvl3_dopr"])
+@pytest.mark.parametrize("entry", ["tiny_llava15", "tiny_llavanext_dop", "tiny_qwen25vl_fastv", "tiny_internvl3_dopr",
+                                   "tiny_smolvlm_dop"])
 def test_a_row_that_stops_early_is_cut_at_its_own_stop(entry, probe):
     """One sample of the batch stops after its first token (an extra stop token), the others run to the
     limit: every answer equals its one-sample answer."""

@@ -367,8 +367,8 @@ class DOPWrapper(BaseModel):
         """One left-padded batch from per-sample `build_inputs` outputs (BatchFeatures of batch 1).
 
         Token-aligned tensors (`TOKEN_KEYS`, or any other (1, N, ...) tensor with N = the sample's length) are
-        left-padded: `input_ids` with the padding id, the others with 0 (attention_mask 0 = padding). Every other tensor (pixel values, image
-        sizes, grids) is concatenated along dim 0 in sample order, zero-padded in later dims where samples
+        left-padded: `input_ids` with the padding id, the others with 0 (attention_mask 0 = padding). Every
+        other tensor (pixel values, image sizes, grids) is concatenated along dim 0 in sample order, zero-padded in later dims where samples
         differ (as the processors pad LLaVA-NeXT crops when they batch); samples without images add none.
         Inputs that cannot be batched (a non-tensor value, a token tensor of another length) raise
         `BatchingError`.
