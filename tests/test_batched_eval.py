@@ -264,6 +264,12 @@ def test_interrupted_batched_run_resumes_without_recomputing(run_py, probe, runs
     assert writes == [8, 8]  # after the batch that reached 4 new samples, then the final ordered write
     pd.testing.assert_frame_equal(_predictions(tmp_path, entry, probe), _predictions(runs[1][0], entry, probe))
 
+    seen.clear()
+    models: dict = {}
+    _run(run_py, *argv, "--reuse", models=models)  # VLMEvalKit's --reuse: finished predictions, no model built
+    assert seen == [] and models == {}
+    pd.testing.assert_frame_equal(_predictions(tmp_path, entry, probe), _predictions(runs[1][0], entry, probe))
+
 
 def test_each_rank_batches_its_own_shard(probe, runs, tmp_path, monkeypatch):
     import vlmeval.inference as vinf
