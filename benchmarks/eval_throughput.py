@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     if sizes[0] != 1:
         raise SystemExit("the first batch size must be 1 (the reference loop)")
-    policy = None if args.policy == "none" else DOPPolicy(*[None if x == "none" else int(x) for x in args.policy.split(",")])
+    policy = None
+    if args.policy != "none":
+        policy = DOPPolicy(*[None if x == "none" else int(x) for x in args.policy.split(",")])
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     model, processor = build_model(args.layers, args.vision_layers, args.device, dtype)

@@ -341,7 +341,8 @@ def test_inputs_that_cannot_share_a_batch_run_one_at_a_time(probe, runs, tmp_pat
         model.collate_inputs(inputs)
 
     calls = []
-    model.generate_batch = lambda *a, **k: calls.append(1) or model.collate_inputs([{"input_ids": torch.ones(1, 2), "x": [1]}])
+    unbatchable = [{"input_ids": torch.ones(1, 2), "x": [1]}]
+    model.generate_batch = lambda *a, **k: calls.append(1) or model.collate_inputs(unbatchable)
     ds = build_dataset(probe)
     out = tmp_path / f"01_{probe}.pkl"
     bi.infer_data_batched(model, entry, str(tmp_path), ds, str(out), batch_size=4, original=vinf.infer_data)
@@ -352,7 +353,8 @@ def test_inputs_that_cannot_share_a_batch_run_one_at_a_time(probe, runs, tmp_pat
 
 
 def test_batch_size_flag(run_py):
-    assert run_py.split_batch_size(["--model", "m", "--batch-size", "16", "--reuse"]) == (16, ["--model", "m", "--reuse"])
+    argv = ["--model", "m", "--batch-size", "16", "--reuse"]
+    assert run_py.split_batch_size(argv) == (16, ["--model", "m", "--reuse"])
     assert run_py.split_batch_size(["--batch-size=8"]) == (8, [])
     assert run_py.split_batch_size(["--data", "x"]) == (1, ["--data", "x"])
     for bad in (["--batch-size", "0"], ["--batch-size=two"], ["--batch-size"]):

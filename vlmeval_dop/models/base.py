@@ -368,8 +368,9 @@ class DOPWrapper(BaseModel):
 
         Token-aligned tensors (`TOKEN_KEYS`, or any other (1, N, ...) tensor with N = the sample's length) are
         left-padded: `input_ids` with the padding id, the others with 0 (attention_mask 0 = padding). Every
-        other tensor (pixel values, image sizes, grids) is concatenated along dim 0 in sample order, zero-padded in later dims where samples
-        differ (as the processors pad LLaVA-NeXT crops when they batch); samples without images add none.
+        other tensor (pixel values, image sizes, grids) is concatenated along dim 0 in sample order,
+        zero-padded in later dims where samples differ (as the processors pad LLaVA-NeXT crops and SmolVLM's
+        image slots when they batch); samples without images add none.
         Inputs that cannot be batched (a non-tensor value, a token tensor of another length) raise
         `BatchingError`.
         """
@@ -382,7 +383,8 @@ class DOPWrapper(BaseModel):
             if not all(isinstance(p, torch.Tensor) for p in parts):
                 raise BatchingError(f"{type(self).__name__}.build_inputs returns {key!r} as a non-tensor")
             aligned = len(parts) == len(samples) and all(  # (1, N, ...) with N = the sample's own length
-                p.dim() >= 2 and p.shape[0] == 1 and p.shape[1] == s["input_ids"].shape[1] for p, s in zip(parts, samples)
+                p.dim() >= 2 and p.shape[0] == 1 and p.shape[1] == s["input_ids"].shape[1]
+                for p, s in zip(parts, samples)
             )
             if key in self.TOKEN_KEYS or (aligned and key != "pixel_values"):
                 if not aligned:
