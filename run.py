@@ -20,6 +20,9 @@ What it adds before handing the (unchanged) flags to `vlmeval.run.main()`:
   benchmark and goes on to the next); the exit code is 1 when every requested benchmark failed, else
   VLMEvalKit's own (0 for partial success). Ctrl-C prints "interrupted; rerun the same command to resume"
   and exits 130 (VLMEvalKit's `--reuse` keeps finished predictions).
+- `--batch-size N` (ours; default 1 = VLMEvalKit's own one-sample loop, unchanged): N samples per
+  `generate`, grouped by prompt length, with the same intermediate files, resume, predictions and evaluation
+  (vlmeval_dop/batched_inference.py); an entry that cannot be batched exactly says so once and runs batch 1.
 Everything else (`--work-dir`, `--mode`, `--reuse`, `--judge`, `--verbose`, `--config`, torchrun, outputs
 under `<work-dir>/<model>/`) is VLMEvalKit's own behaviour.
 """
@@ -34,6 +37,37 @@ _DATA_FLAG = "--data"
 def _fail(msg: str) -> "SystemExit":
     print(f"run.py: error: {msg}", file=sys.stderr)
     return SystemExit(2)
+
+
+_BATCH_FLAG = "--batch-size"
+BATCH_HELP = (
+    "  --batch-size N        (vlmeval-dop) samples per generate call, grouped by prompt length; default 1 =\n"
+    "                        VLMEvalKit's one-sample loop. Same predictions, files and resume."
+)
+
+
+def split_batch_size(argv: list[str]) -> tuple[int, list[str]]:
+    """(`--batch-size` value, argv without it): VLMEvalKit's parser does not know the flag."""
+    size, out, i = 1, [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == _BATCH_FLAG or tok.startswith(_BATCH_FLAG + "="):
+            if "=" in tok:
+                value = tok.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            else:
+                raise _fail(f"{_BATCH_FLAG} needs a value (a whole number >= 1)")
+            try:
+                size = int(value)
+            except ValueError:
+                size = 0
+            if size < 1:
+                raise _fail(f"{_BATCH_FLAG} must be a whole number >= 1, got {value!r}")
+        else:
+            out.append(tok)
+        i += 1
+    return size, out
 
 
 def _is_data_flag(token: str) -> bool:
@@ -149,12 +183,16 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = sys.argv[0] if sys.argv else "run.py"
+    batch_size, argv = split_batch_size(argv)
+    if "-h" in argv or "--help" in argv:
+        print(f"run.py = VLMEvalKit's run.py with the vlmeval-dop entries; one flag of its own:\n{BATCH_HELP}\n")
     # vlmeval.run must be imported before anything initialises CUDA: under torchrun it assigns each local
     # rank its GPUs through CUDA_VISIBLE_DEVICES at import time.
     import vlmeval.run as vrun
     from vlmeval.config import supported_VLM
     from vlmeval.smp import load_env
 
+    from vlmeval_dop.batched_inference import batched
     from vlmeval_dop.datasets import UnknownDatasetError, resolve_dataset_name
     from vlmeval_dop.registry import EntryError, runnable_entry
 
@@ -182,7 +220,8 @@ def _main(argv: list[str] | None = None) -> int:
     outcomes = Outcomes(vrun.upsert_dataset_status)
     vrun.upsert_dataset_status = outcomes  # VLMEvalKit reports each benchmark's outcome through it
     try:
-        vrun.main()
+        with batched(batch_size):  # batch 1: VLMEvalKit's own inference loop
+            vrun.main()
     finally:
         vrun.upsert_dataset_status = outcomes.original
     requested = len(args.model or []) * len(args.data or []) or len(outcomes.seen)

@@ -295,6 +295,10 @@ class SparseVLM:
     """
 
     name = "sparsevlm"
+    # the density noise is one stream drawn sample after sample (torch's default generator, or one private
+    # generator per prefill): in a batch a sample gets other numbers than in a one-sample run, so batched
+    # VLMEvalKit inference (run.py --batch-size) runs this method one sample at a time
+    batch_exact = False
 
     def __init__(
         self, layers: Sequence[int] = OFFICIAL_LAYERS, retain: float = 192, keep: Sequence[int] | None = None,

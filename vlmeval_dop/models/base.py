@@ -14,7 +14,11 @@ resolution; this class does the rest:
   the image is resized so that the processor yields about `n_v` visual tokens, then the executor runs the
   depths with all of those tokens (`n_v=None`);
 - per-layer token counts recorded by the executor are kept (`last_layer_tokens`, `layer_tokens_sum`)
-  as evidence of what ran.
+  as evidence of what ran;
+- `generate_batch` answers several messages with one `generate` exactly as `generate_inner` answers each
+  (same `build_inputs`, pruning context and generation config; rows left-padded by `collate_inputs`, each
+  cut at its own stop token): what `run.py --batch-size N` runs (`vlmeval_dop/batched_inference.py`).
+  `batch_blocker()` says why a wrapper or method cannot be batched exactly (it then runs one sample at a time).
 """
 from __future__ import annotations
 
@@ -38,6 +42,16 @@ from .weights import WeightsUnavailableError, resolve_weights, weights_unavailab
 logger = get_logger("vlmeval.dop")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class BatchingError(ValueError):
+    """Samples whose inputs cannot be put into one batch (the batched loop then runs them one at a time)."""
+
+
+def _left_pad(t: torch.Tensor, width: int, fill: int) -> torch.Tensor:
+    """(1, N, ...) -> (1, width, ...) with `fill` before the tokens."""
+    pad = t.new_full((1, width - t.shape[1], *t.shape[2:]), fill)
+    return torch.cat([pad, t], dim=1)
 
 
 class DOPWrapper(BaseModel):
@@ -238,7 +252,11 @@ class DOPWrapper(BaseModel):
 
     def model_inputs(self, message, dataset=None):
         """`build_inputs` on the model's device, images in the model's dtype: what `generate` is called with."""
-        inputs = self.build_inputs(message, dataset).to(self.device)
+        return self._on_device(self.build_inputs(message, dataset))
+
+    def _on_device(self, inputs):
+        """Processor outputs (one sample or a collated batch) on the model's device, images in its dtype."""
+        inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
@@ -252,24 +270,35 @@ class DOPWrapper(BaseModel):
 
     def generate_inner(self, message, dataset=None):
         inputs = self.model_inputs(message, dataset)
+        out, handle = self._generate_ids(inputs, self.prompt_of(message))
+        self._record(inputs, handle)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        return self.decode(new)
+
+    def _generate_ids(self, inputs, prompt):
+        """`model.generate` on prepared inputs under the entry's pruning; (output ids, DOP handle or None).
+
+        `prompt`: the text-conditioned reducers' instruction (one string, or one per batch row)."""
         gen = self.generation_config()
-        with torch.inference_mode(), self._pruning() as handle, prompt_text(self.prompt_of(message)):
+        with torch.inference_mode(), self._pruning() as handle, prompt_text(prompt):
             # a pruner that re-ranks at every new token (FastV per_step, the official FastV evaluation) needs
             # each step to rerun the whole sequence: no KV cache
             per_step = getattr(getattr(handle, "token_pruner", None), "per_step", False)
             out = self.model.generate(**inputs, generation_config=gen, **({"use_cache": False} if per_step else {}))
-        self._record(inputs, handle)
-        new = out[0, inputs["input_ids"].shape[1]:]
-        return self.decode(new)
+        return out, handle
 
     def decode(self, token_ids: torch.Tensor) -> str:
         tok = getattr(self.processor, "tokenizer", self.processor)
         return tok.decode(token_ids, skip_special_tokens=True).strip()
 
     def _record(self, inputs, handle) -> None:
-        self.last_visual_tokens = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
+        visual = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
+        self._record_sample(visual, getattr(handle, "last_layer_tokens", None))
+
+    def _record_sample(self, visual_tokens: int, counts) -> None:
+        """Keep one sample's evidence: its visual tokens and the executor's per-layer (MHA, MLP) counts."""
+        self.last_visual_tokens = visual_tokens
         self.samples += 1
-        counts = getattr(handle, "last_layer_tokens", None)
         if not counts:
             self.last_layer_tokens = None
             return
@@ -285,6 +314,136 @@ class DOPWrapper(BaseModel):
             acc[0] += a
             acc[1] += m
         self.pruned_samples += 1
+
+    # ------------------------------------------------------------------ batched generation (run.py --batch-size)
+    # what the batched path stands in for: a wrapper that overrides one of these runs one sample at a time
+    BATCH_REPLACES = ("generate", "generate_inner", "model_inputs", "_generate_ids", "_record")
+    # processor outputs aligned with the tokens (left-padded when collating); other tensors are per image
+    TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+    def prepare_message(self, message):
+        """The message as VLMEvalKit's `BaseModel.generate` hands it to `generate_inner` (same checks, same
+        conversion by its own `check_content` / `preproc_content`)."""
+        assert self.check_content(message) in ["str", "dict", "liststr", "listdict"], f"Invalid input type: {message}"
+        message = self.preproc_content(message)
+        assert message is not None and self.check_content(message) == "listdict"
+        for item in message:
+            assert item["type"] in self.allowed_types, f"Invalid input type: {item['type']}"
+        return message
+
+    def batch_blocker(self) -> str | None:
+        """None if `generate_batch` answers exactly as `generate` does sample by sample, else the reason.
+
+        Not batched: a wrapper overriding a method of the one-sample path (`BATCH_REPLACES`), generation that
+        stops on strings (transformers marks such a row finished but the cut is not by token), a padding id
+        that is an image token (padding would count as visual), and a reducer or decoder-side pruner that
+        declares `batch_exact = False`.
+        """
+        cls = type(self)
+        for name in self.BATCH_REPLACES:
+            if getattr(cls, name) is not getattr(DOPWrapper, name):
+                return f"{cls.__name__} overrides {name}(), which the batched path does not call"
+        if getattr(self.generation_config(), "stop_strings", None):
+            return "its generation config stops on strings (stop_strings)"
+        if self._pad_id() in self._image_token_ids():
+            return f"its padding token id {self._pad_id()} is an image token"
+        with self._pruning() as handle:
+            for part in (getattr(handle, "token_pruner", None), getattr(handle, "reducer", None)):
+                if part is not None and not getattr(part, "batch_exact", True):
+                    return f"{getattr(part, 'name', type(part).__name__)} declares batch_exact = False"
+        return None
+
+    def _pad_id(self) -> int:
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        pad = getattr(tok, "pad_token_id", None)
+        return int(pad if pad is not None else self.generation_config().pad_token_id)
+
+    def _image_token_ids(self) -> set[int]:
+        from ..executor.families import adapter_for
+
+        return {int(i) for i in adapter_for(self.model).image_token_ids(self.model)}
+
+    def collate_inputs(self, samples: list) -> Any:
+        """One left-padded batch from per-sample `build_inputs` outputs (BatchFeatures of batch 1).
+
+        Token-aligned tensors (`TOKEN_KEYS`, or any other (1, N, ...) tensor with N = the sample's length) are
+        left-padded: `input_ids` with the padding id, the others with 0 (attention_mask 0 = padding). Every
+        other tensor (pixel values, image sizes, grids) is concatenated along dim 0 in sample order,
+        zero-padded in later dims where samples differ (as the processors pad LLaVA-NeXT crops and SmolVLM's
+        image slots when they batch); samples without images add none.
+        Inputs that cannot be batched (a non-tensor value, a token tensor of another length) raise
+        `BatchingError`.
+        """
+        from transformers import BatchFeature
+
+        width = max(s["input_ids"].shape[1] for s in samples)
+        out = {}
+        for key in dict.fromkeys(k for s in samples for k in s.keys()):
+            parts = [s[key] for s in samples if key in s]
+            if not all(isinstance(p, torch.Tensor) for p in parts):
+                raise BatchingError(f"{type(self).__name__}.build_inputs returns {key!r} as a non-tensor")
+            aligned = len(parts) == len(samples) and all(  # (1, N, ...) with N = the sample's own length
+                p.dim() >= 2 and p.shape[0] == 1 and p.shape[1] == s["input_ids"].shape[1]
+                for p, s in zip(parts, samples)
+            )
+            if key in self.TOKEN_KEYS or (aligned and key != "pixel_values"):
+                if not aligned:
+                    raise BatchingError(f"{type(self).__name__}.build_inputs: {key!r} is not aligned with input_ids")
+                fill = self._pad_id() if key == "input_ids" else 0
+                out[key] = torch.cat([_left_pad(p, width, fill) for p in parts], dim=0)
+                continue
+            shape = [max(p.shape[d] for p in parts) for d in range(parts[0].dim())]
+            padded = []
+            for p in parts:
+                pad = []
+                for d in range(p.dim() - 1, 0, -1):  # F.pad lists the last dim first
+                    pad += [0, shape[d] - p.shape[d]]
+                padded.append(torch.nn.functional.pad(p, pad) if any(pad) else p)
+            out[key] = torch.cat(padded, dim=0)
+        return BatchFeature(out)
+
+    def generate_batch(self, messages: list, dataset: str | None = None, inputs: list | None = None) -> list[str]:
+        """Answers to several messages in one `generate`, exactly as `generate_inner` answers each one.
+
+        The one-sample code runs per message (`build_inputs`: prompt, image preprocessing, resolution), the
+        samples are left-padded into one batch (`collate_inputs`), and generation runs once under the same
+        pruning context, generation config and per-row instruction texts. Every row stops at its own stop
+        token (transformers fills finished rows with the padding id until the batch ends); its answer is cut
+        there, so it holds the tokens the one-sample run generates.
+
+        Args:
+            messages: VLMEvalKit messages, already through `prepare_message`.
+            inputs: their `build_inputs` outputs when the caller has them (the batched loop builds them once
+                to sort by length); built here otherwise.
+        """
+        if inputs is None:
+            inputs = [self.build_inputs(m, dataset) for m in messages]
+        if len(inputs) != len(messages) or not messages:
+            raise ValueError(f"{len(messages)} messages and {len(inputs)} inputs")
+        batch = self._on_device(self.collate_inputs(inputs))
+        out, handle = self._generate_ids(batch, [self.prompt_of(m) for m in messages])
+        width = batch["input_ids"].shape[1]
+        stops = torch.tensor(sorted(self._stop_ids()), device=out.device)
+        per_sample = getattr(handle, "last_sample_layer_tokens", None) or None
+        image = self.model.config.image_token_id
+        answers = []
+        for b, sample in enumerate(inputs):
+            new = out[b, width:]
+            hit = torch.isin(new, stops).nonzero()
+            if len(hit):
+                new = new[: int(hit[0, 0]) + 1]  # up to and with its own stop token, as a one-sample run ends
+            answers.append(self.decode(new))
+            pad = width - sample["input_ids"].shape[1]
+            # the executor counts this row's padding in every layer (padding is never visual nor dropped)
+            counts = [(a - pad, m - pad) for a, m in (layer[b] for layer in per_sample)] if per_sample else None
+            self._record_sample(int((sample["input_ids"] == image).sum()), counts)
+        return answers
+
+    def _stop_ids(self) -> set[int]:
+        eos = self.generation_config().eos_token_id
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(entry={self.entry!r}, policy={self.policy}, reducer={self.reducer!r})"
