@@ -29,7 +29,7 @@ DEPTHS, VISUAL = [3, 2, 1, 0], [32, 16, 8]
 def _fake_profile_batch(calls):
     """profile_batch stand-in: per-sample values derived from the inputs (so a sample's numbers are its own)."""
 
-    def fake(model, inputs, depths, visual, reducer, counter=None, resized=None):
+    def fake(model, inputs, depths, visual, reducer, counter=None, resized=None, system=None):
         calls.append(len(inputs["x"]))
         base = inputs["x"].to(torch.float64)[:, None]
         return {"D_A": base + torch.arange(len(depths)), "D_P": base * 2 + torch.arange(len(depths)),
