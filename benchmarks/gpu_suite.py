@@ -51,6 +51,7 @@ import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
+import os  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -70,13 +71,16 @@ for _p in (str(ROOT), str(HERE)):  # the package from this checkout; reproduce/ 
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-PARTS = ("latency", "cdpruner", "overhead", "memory", "reducers", "search")
+PARTS = ("latency", "cdpruner", "overhead", "memory", "reducers", "search", "throughput")
 MODELS = ("llava15_7b", "llavanext_7b")
 TINY_FAMILY = {"llava15_7b": "llava15", "llavanext_7b": "llavanext"}
 # seconds per part (all models together); with the model builds they fit TOTAL_CAP on an H100/H200
-CAPS = {"latency": 90.0, "cdpruner": 65.0, "overhead": 60.0, "memory": 45.0, "reducers": 20.0, "search": 200.0}
+CAPS = {"latency": 90.0, "cdpruner": 65.0, "overhead": 60.0, "memory": 45.0, "reducers": 20.0, "search": 170.0,
+        "throughput": 60.0}
 TOTAL_CAP = 540.0
-SMOKE_CAPS = {"latency": 10.0, "cdpruner": 10.0, "overhead": 8.0, "memory": 8.0, "reducers": 6.0, "search": 12.0}
+SMOKE_CAPS = {"latency": 10.0, "cdpruner": 10.0, "overhead": 8.0, "memory": 8.0, "reducers": 6.0, "search": 12.0,
+              "throughput": 15.0}
+THROUGHPUT_BATCHES = (1, 8, 16)  # 1 = VLMEvalKit's own one-sample loop (issue #16's reference)
 SMOKE_TOTAL_CAP = 55.0
 SEARCH_BATCH = {"llava15_7b": 8, "llavanext_7b": 4}  # halved on CUDA out-of-memory
 OVERHEAD_TARGET_PCT = 2.0
@@ -697,9 +701,57 @@ def part_reducers(seg: Segment, full_cache: dict) -> None:
                               "ratio": _r(r["ms"] / ref["ms"], 5) if ref else None, "reps": r["reps"]})
 
 
+def part_throughput(seg: Segment, full_cache: dict) -> None:
+    """Evaluation throughput (`run.py --batch-size N` vs VLMEvalKit's one-sample loop, issue #16) of a pruned
+    LLaVA-1.5-7B entry (the lowest paper budget's policy, uniform reducer) on generated DOP_Demo-style samples.
+
+    benchmarks/eval_throughput.py builds the model: random weights at the real widths and depth on CUDA (the
+    bench's own model has no processor); the tiny model in smoke/CPU runs. Each batch size runs from an empty
+    work folder; `same_predictions` compares its answers with the one-sample loop's."""
+    import eval_throughput
+    from vlmeval_dop.policy import DOPPolicy
+
+    b, s = seg.bench, seg.s
+    if b.key != "llava15_7b":
+        seg.part.skipped.append({"what": f"{b.key}: all", "reason": "measured on the LLaVA-1.5-7B shape only"})
+        return
+    os.environ.setdefault("LMUData", tempfile.mkdtemp(prefix="gpu_suite_lmu_"))  # VLMEvalKit's image folder
+    if s.cuda and s.shrink == 1:
+        built = seg.run("build 7B-shaped model", lambda: eval_throughput.build_model(32, 24, s.device, s.torch_dtype))
+        if built is None:
+            return
+        model, processor = built
+        policy, n, new = min(b.policies.items())[1], 48, 16
+    else:  # smoke and CPU checks: the tiny model through the same loop
+        from vlmeval_dop.tiny import load_tiny
+
+        model, processor = load_tiny("llava15", dtype=s.torch_dtype)
+        L = model.config.text_config.num_hidden_layers
+        policy, n, new = DOPPolicy(L - 1, L - 2, 16), 8, 4
+    wrapper = eval_throughput.make_wrapper(model, processor, policy, new, s.device, s.dtype)
+    data = eval_throughput.make_dataset(n)
+    base = None
+    for bs in THROUGHPUT_BATCHES:
+        work = tempfile.mkdtemp(prefix=f"gpu_suite_thr{bs}_")
+        r = seg.run(f"batch {bs}", lambda bs=bs, work=work: eval_throughput.run_loop(wrapper, data, bs, work))
+        if r is None:
+            continue
+        seconds, preds = r
+        if bs == 1:
+            base = (seconds, preds)
+        seg.part.rows.append({
+            "model": b.key, "policy": str(policy), "samples": n, "max_new_tokens": new, "batch_size": bs,
+            "seconds": _r(seconds), "samples_per_s": _r(n / seconds),
+            "speedup_vs_loop": _r(base[0] / seconds) if base else None,
+            "same_predictions": (preds == base[1]) if base else None,
+        })
+    del wrapper, model
+    free_cuda()
+
+
 PART_FUNCS: dict[str, Callable[[Segment, dict], None]] = {
     "latency": part_latency, "cdpruner": part_cdpruner, "overhead": part_overhead, "memory": part_memory,
-    "reducers": part_reducers, "search": part_search,
+    "reducers": part_reducers, "search": part_search, "throughput": part_throughput,
 }
 
 
@@ -783,6 +835,12 @@ def markdown(report: dict) -> str:
             ("s / sample", lambda r: f"{r['seconds_per_sample']:.3f}"), ("target samples: s", search_target),
             ("layer-eq / sample", lambda r: str(r["layer_equivalents_per_sample"])),
             ("paper, A100 (min, 100 samples)", lambda r: "-" if r["paper_a100_min"] is None else str(r["paper_a100_min"]))]),
+        "throughput": ("Evaluation throughput: run.py --batch-size N vs VLMEvalKit's one-sample loop (N = 1)", None, [
+            ("model", lambda r: r["model"]), ("policy", lambda r: r["policy"]), ("samples", lambda r: str(r["samples"])),
+            ("new tokens", lambda r: str(r["max_new_tokens"])), ("batch", lambda r: str(r["batch_size"])),
+            ("seconds", lambda r: _fmt(r["seconds"], 2)), ("samples/s", lambda r: _fmt(r["samples_per_s"], 2)),
+            ("x loop", lambda r: _fmt(r["speedup_vs_loop"], 2)),
+            ("same answers", lambda r: "-" if r["same_predictions"] is None else ("yes" if r["same_predictions"] else "no"))]),
     }
     for name, (title, preamble, columns) in tables.items():
         if name not in parts:

@@ -39,9 +39,12 @@ ROW_KEYS = {
     "reducers": {"model", "setting", "reducer", "reducer_ms", "prefill_ms", "ratio"},
     "search": {"model", "procedure", "samples", "seconds", "seconds_per_sample", "seconds_for_target",
                "layer_equivalents_per_sample", "projected"},
+    "throughput": {"model", "policy", "samples", "batch_size", "seconds", "samples_per_s", "speedup_vs_loop",
+                   "same_predictions"},
 }
 SECTIONS = {"latency": "## Prefill latency", "cdpruner": "## DOP_CD vs CDPruner", "overhead": "## Full-policy overhead",
-            "memory": "## Peak memory", "reducers": "## Reducer cost", "search": "## Search profiling cost"}
+            "memory": "## Peak memory", "reducers": "## Reducer cost", "search": "## Search profiling cost",
+            "throughput": "## Evaluation throughput"}
 
 
 def test_smoke_runs_every_part(suite, tmp_path):
@@ -73,6 +76,10 @@ def test_smoke_runs_every_part(suite, tmp_path):
         assert row["measured"] is False and row["prefill_peak_gib"] is None  # CUDA only; no invented numbers
     for row in report["parts"]["search"]["rows"]:
         assert row["samples"] >= 1 and row["layer_equivalents_per_sample"] > 0
+    # batched evaluation answers exactly as VLMEvalKit's one-sample loop (fp32)
+    throughput = report["parts"]["throughput"]["rows"]
+    assert [r["batch_size"] for r in throughput] == list(suite.THROUGHPUT_BATCHES)
+    assert all(r["same_predictions"] for r in throughput[1:])
     assert "CPU run" in md
 
 
