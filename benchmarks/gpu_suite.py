@@ -80,6 +80,7 @@ CAPS = {"latency": 90.0, "cdpruner": 65.0, "overhead": 60.0, "memory": 45.0, "re
 TOTAL_CAP = 540.0
 SMOKE_CAPS = {"latency": 10.0, "cdpruner": 10.0, "overhead": 8.0, "memory": 8.0, "reducers": 6.0, "search": 12.0,
               "throughput": 15.0}
+PART_MODELS = {"throughput": ("llava15_7b",)}  # parts measured on some models only (the rest: all models)
 THROUGHPUT_BATCHES = (1, 8, 16)  # 1 = VLMEvalKit's own one-sample loop (issue #16's reference)
 SMOKE_TOTAL_CAP = 55.0
 SEARCH_BATCH = {"llava15_7b": 8, "llavanext_7b": 4}  # halved on CUDA out-of-memory
@@ -712,7 +713,7 @@ def part_throughput(seg: Segment, full_cache: dict) -> None:
     from vlmeval_dop.policy import DOPPolicy
 
     b, s = seg.bench, seg.s
-    if b.key != "llava15_7b":
+    if b.key not in PART_MODELS["throughput"]:
         seg.part.skipped.append({"what": f"{b.key}: all", "reason": "measured on the LLaVA-1.5-7B shape only"})
         return
     os.environ.setdefault("LMUData", tempfile.mkdtemp(prefix="gpu_suite_lmu_"))  # VLMEvalKit's image folder
@@ -882,6 +883,11 @@ def write(report: dict, json_path: Path, md_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def _models_left(part: str, left: tuple[str, ...]) -> int:
+    """How many of the models still to run this part measures (its cap left is shared among them)."""
+    return max(1, sum(1 for m in left if m in PART_MODELS.get(part, left)))
+
+
 def run_suite(s: Settings, out: Path, argv: list[str], t0: float | None = None) -> dict:
     """Run the selected parts model by model (one model built at a time), within the caps; write as it goes.
     `t0` is where the total cap counts from (default: this process's start)."""
@@ -909,10 +915,9 @@ def run_suite(s: Settings, out: Path, argv: list[str], t0: float | None = None) 
         write(report, json_path, md_path)
 
     full_cache: dict = {}
-    n_models = len(s.models)
     for i, key in enumerate(s.models):
         # each part's cap left is shared by the models it has still to run
-        budgets = {n: (p.cap_s - p.used_s) / (n_models - i) for n, p in parts.items()}
+        budgets = {n: (p.cap_s - p.used_s) / _models_left(n, s.models[i:]) for n, p in parts.items()}
         if not any(v > 0 for v in budgets.values()) or time.perf_counter() >= total_deadline:
             for n, p in parts.items():
                 why = "total cap reached" if time.perf_counter() >= total_deadline else f"{n} cap used up"
@@ -940,7 +945,7 @@ def run_suite(s: Settings, out: Path, argv: list[str], t0: float | None = None) 
                                  "policies": {str(k): str(v) for k, v in bench.policies.items()}})
         for name, p in parts.items():
             start = time.perf_counter()
-            budget = (p.cap_s - p.used_s) / (n_models - i)
+            budget = (p.cap_s - p.used_s) / _models_left(name, s.models[i:])
             deadline = min(start + budget, total_deadline)
             print(f"[gpu_suite] {key}: {name} ({max(deadline - start, 0):.0f} s budget)", flush=True)
             seg = Segment(p, bench, Clock(deadline), s)
