@@ -628,8 +628,9 @@ class DOPHandle:
         attn = plan.attn[i]
         took_part = torch.zeros_like(plan.alive)
         took_part.scatter_(1, attn.index, attn.valid)
-        if plan.kv_only[i] is not None:
-            took_part.scatter_(1, plan.kv_only[i].index, plan.kv_only[i].valid | took_part.gather(1, plan.kv_only[i].index))
+        if plan.kv_only[i] is not None:  # keys/values-only tokens took part too
+            kv = plan.kv_only[i]
+            took_part |= torch.zeros_like(took_part).scatter_(1, kv.index, kv.valid)
         layers = self.adapter.decoder_layers(self.model)
         B, N = plan.alive.shape
         order = plan.order if plan.order is not None else _index_order(B, N, plan.alive.device)
