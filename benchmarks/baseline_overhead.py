@@ -45,7 +45,7 @@ def selection_flops(name: str, args: dict, spec, counts, n_vis: int, text: int) 
         stats = [{"layer": None, "visual": n_vis, "text": text}]
         for layer in layers:
             n = counts[layer][0]
-            stats.append({"layer": layer, "queries": text, "keys": n, "recycled": max(0, counts[layer][0] - counts[layer + 1][0])})
+            stats.append({"layer": layer, "queries": text, "keys": n})
         return sparsevlm_selection_flops(spec, stats)
     if name == "fitprune":
         return sum(fitprune_selection_flops(spec, counts[i][0], counts[i][0])
