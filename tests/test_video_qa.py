@@ -377,3 +377,80 @@ def test_video_demo_is_generated_and_scored_by_exact_match(lmu_root, tmp_path):
     acc = ret.iloc[0].to_dict() if isinstance(ret, pd.DataFrame) else ret
     assert acc["Overall"] == pytest.approx(100 * 4 / 6)
     assert (acc["colour"], acc["direction"], acc["count"]) == (pytest.approx(200 / 3), 50.0, 100.0)
+
+
+# ------------------------------------------------------------------------------------------ Table 18
+def test_table18_plan_lists_every_cell_with_its_commands(tmp_path, monkeypatch, capsys):
+    from reproduce import run as rrun
+
+    monkeypatch.setenv("LMUData", str(tmp_path))
+    cells = rrun.plan_table(18, tmp_path / "outputs")
+    assert [(c.row, c.benchmark, c.dataset) for c in cells][:3] == [
+        ("videollava_7b", "TGIF-QA", "TGIF_QA"), ("videollava_7b", "MSVD-QA", "MSVD_QA"),
+        ("videollava_7b", "MSRVTT-QA", "MSRVTT_QA")]
+    assert len(cells) == 15 and all(c.status == "blocked" and c.data == c.dataset for c in cells)
+    dop = {c.entry for c in cells if "dopv" in c.row}
+    assert dop == {"videollava_7b_dopv16_val_msvd", "videollava_7b_dopv11_val_msvd"}
+    c = next(c for c in cells if c.row == "videollava_7b_dopv11")
+    assert c.reason == ("install its policy first: build MSVD_QA_VAL first (data line below), then vlmeval-dop search "
+                        "--model videollava_7b --reducer vispruner --data MSVD_QA_VAL --samples 100 --seed 42 "
+                        "--budget 0.11 --install val_msvd")
+    assert rrun.main(["--table", "18", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("table 18: 15 cells: 0 done, 0 to run, 15 blocked")
+    for d in ("TGIF_QA", "MSVD_QA", "MSRVTT_QA", "MSVD_QA_VAL"):
+        assert f"  data  {d}: {tmp_path / (d + '.tsv')} missing: python -m vlmeval_dop.datasets prepare-video-qa " \
+               f"--name {d} --annotations " in out
+    assert "--annotations <GPT_Zero_Shot_QA>/MSRVTT_Zero_Shot_QA/test_q.json --videos " \
+           "<GPT_Zero_Shot_QA>/MSRVTT_Zero_Shot_QA/videos/all" in out
+    assert "reproduce/aggregate.py --work-dir <work dir> --paper-table 18" in out and "--judge-key" in out
+
+    # once the datasets are built, only what the entries need is left (and finished cells are found)
+    for d in ("TGIF_QA", "MSVD_QA", "MSRVTT_QA", "MSVD_QA_VAL"):
+        (tmp_path / f"{d}.tsv").write_text("index\n")
+    work = tmp_path / "outputs"
+    (work / "videollava_7b").mkdir(parents=True)
+    (work / "videollava_7b" / "videollava_7b_MSVD_QA_score.json").write_text(json.dumps({"acc": 70.0, "score": 3.9}))
+    cells = rrun.plan_table(18, work)
+    assert not any(c.data for c in cells)
+    c = next(c for c in cells if c.row == "videollava_7b_dopv16")
+    assert c.reason.startswith("install its policy first: vlmeval-dop search --model videollava_7b --reducer "
+                               "vispruner --data MSVD_QA_VAL")
+    base = {c.benchmark: c for c in cells if c.row == "videollava_7b"}
+    if base["MSVD-QA"].reason == "":  # the Video-LLaVA entry is registered (wt/video_family)
+        assert base["MSVD-QA"].status == "done" and base["TGIF-QA"].status == "todo"
+    else:
+        assert base["MSVD-QA"].reason.startswith("no entry 'videollava_7b'")
+
+
+def test_table18_aggregate_beside_the_paper(tmp_path, capsys):
+    from reproduce import aggregate
+
+    vals = {  # (acc, score) per entry and dataset
+        "videollava_7b": {"TGIF_QA": (20.0, 2.5), "MSVD_QA": (70.0, 4.0), "MSRVTT_QA": (57.0, 3.46)},
+        "videollava_7b_dopv11_val_msvd": {"TGIF_QA": (15.0, 2.3), "MSVD_QA": (66.0, 3.8), "MSRVTT_QA": (54.0, 3.4)},
+        "videollava_7b_vispruner11": {"TGIF_QA": (14.0, 2.35)},
+    }
+    for entry, per in vals.items():
+        (tmp_path / entry).mkdir()
+        for d, (acc, score) in per.items():
+            (tmp_path / entry / f"{entry}_{d}_score.json").write_text(json.dumps(
+                {"acc": acc, "score": score, "acc_judged": 0.0, "n": 1000, "judge": "gpt-3.5-turbo"}))
+    scores = aggregate.collect_scores(tmp_path, benchmarks=["TGIF-QA", "MSVD-QA", "MSRVTT-QA"])
+    table, notes = aggregate.video_table(scores)
+    assert list(table.index) == ["videollava_7b", "videollava_7b (paper)", "videollava_7b_vispruner11",
+                                 "videollava_7b_vispruner11 (paper)", "videollava_7b_dopv11_val_msvd",
+                                 "videollava_7b_dopv11 (paper)"]
+    assert table.loc["videollava_7b", "avg_acc"] == pytest.approx((20 + 70 + 57) / 3)
+    assert table.loc["videollava_7b", "avg_score"] == pytest.approx((2.5 + 4.0 + 3.46) / 3)
+    assert table.loc["videollava_7b_dopv11 (paper)"].tolist() == [14.6, 2.36, 65.8, 3.80, 54.4, 3.42, 44.9, 3.19]
+    assert pd.isna(table.loc["videollava_7b_vispruner11", "avg_acc"])
+    assert any("vispruner11" in n for n in notes) and any("dopv11_val_msvd is Table 18's row" in n for n in notes)
+
+    assert aggregate.main(["--work-dir", str(tmp_path), "--paper-table", "18", "--out", str(tmp_path / "t18")]) == 0
+    out = capsys.readouterr().out
+    assert "| videollava_7b | 20.0 | 2.50 | 70.0 | 4.00 | 57.0 | 3.46 | 49.0 | 3.32 |" in out
+    assert "| videollava_7b (paper) | 19.8 | 2.53 | 70.5 | 3.93 | 57.5 | 3.50 | 49.3 | 3.32 |" in out
+    assert pd.read_csv(tmp_path / "t18.csv")["avg_acc"][0] == pytest.approx(49.0)
+    assert aggregate.main(["--work-dir", str(tmp_path), "--paper-table", "18", "--base", "videollava_7b"]) == 2
+    assert "drop --base" in capsys.readouterr().err
