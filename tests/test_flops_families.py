@@ -24,7 +24,7 @@ from vlmeval_dop.models_config import load_models
 # paper-scale entry -> tiny family whose config (classes, token ids, vision tower) is reused
 ENTRIES = {"qwen2vl_7b": "qwen2vl", "internvl35_8b": "internvl35", "llavaov_7b": "llavaov", "smolvlm_256m": "smolvlm",
            "smolvlm_500m": "smolvlm", "smolvlm_2b": "smolvlm", "qwen3vl_8b": "qwen3vl", "qwen3vl_4b": "qwen3vl",
-           "qwen3vl_2b": "qwen3vl"}
+           "qwen3vl_2b": "qwen3vl", "videollava_7b": "videollava"}
 N_TEXT_BEFORE, N_VISUAL, N_TEXT_AFTER = 6, 24, 10
 
 
@@ -84,16 +84,20 @@ def test_real_width_flops_equal_analytic(entry):
         assert (spec.family, spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size) == (
             arch.family, arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size,
         )  # fmt: skip
-        image, text_id = model.config.image_token_id, 5
-        ids = [text_id] * N_TEXT_BEFORE + [image] * N_VISUAL + [text_id] * N_TEXT_AFTER
-        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-        n_text = len(ids) - N_VISUAL
-        for policy in (DOPPolicy.full(2), DOPPolicy(0, 0), DOPPolicy(2, 2, 12), DOPPolicy(1, 2, 8),
-                       DOPPolicy(1, 0), DOPPolicy(2, 0, 5)):  # fmt: skip
-            with apply_dop(model, policy, reducer="uniform" if policy.n_v else None):
-                measured = _decoder_flops(model, inputs)
-            analytic = policy_flops(spec, policy, n_text, executed=True)
-            assert measured == analytic, (entry, policy, measured, analytic)
+        text_id = 5
+        # Video-LLaVA: image and video placeholders are both visual tokens
+        for image in (model.config.image_token_id, getattr(model.config, "video_token_id", None)):
+            if image is None:
+                continue
+            ids = [text_id] * N_TEXT_BEFORE + [image] * N_VISUAL + [text_id] * N_TEXT_AFTER
+            inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+            n_text = len(ids) - N_VISUAL
+            for policy in (DOPPolicy.full(2), DOPPolicy(0, 0), DOPPolicy(2, 2, 12), DOPPolicy(1, 2, 8),
+                           DOPPolicy(1, 0), DOPPolicy(2, 0, 5)):  # fmt: skip
+                with apply_dop(model, policy, reducer="uniform" if policy.n_v else None):
+                    measured = _decoder_flops(model, inputs)
+                analytic = policy_flops(spec, policy, n_text, executed=True)
+                assert measured == analytic, (entry, image, policy, measured, analytic)
     finally:
         del model
         gc.collect()

@@ -97,6 +97,11 @@ def test_entry_set_is_exactly_generated_plus_explicit():
     names = set(load_entries())
     expected = {n for n, *_ in _paper_entries()} | set(PAPER)
     beyond = {n for n in names if load_entries()[n].model.name in NEW_MODELS}  # issue 15, checked below
+    # Table 18 (issue 14): Video-LLaVA-7B unpruned and VisPruner at its 16 % / 11 % (256 / 128 video tokens);
+    # its DOP_V rows come from the search (no published policies)
+    video = {"videollava_7b", "videollava_7b_vispruner16", "videollava_7b_vispruner11"}
+    assert video <= names and load_entries()["videollava_7b_vispruner11"].policy == DOPPolicy(32, 32, 128)
+    expected |= video
     baselines = {n for n in names if load_entries()[n].source == "paper" and n not in expected | beyond}
     # every baseline cell of the paper's Tables 8-13 has its entry ...
     assert _paper_table_baseline_rows() <= baselines

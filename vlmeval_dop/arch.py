@@ -14,6 +14,7 @@ LlavaOnevisionForConditionalGeneration ``llava_onevision``  768x768: base + 2x2 
 Idefics3ForConditionalGeneration       ``smolvlm``    square image: 4x4 tiles + global = 17 x 64 = 1088 **
 SmolVLMForConditionalGeneration        ``smolvlm``    (SmolVLM2 checkpoints; same layout)
 Qwen3VLForConditionalGeneration        ``qwen3_vl``   1024x1024: (1024/32)^2 = 1024 (16 px patches, 2x2 merge)
+VideoLlavaForConditionalGeneration     ``video_llava`` a video of 8 frames x (224/14)^2 = 2048 ***
 =====================================  =============  ==========================================
 
 InternVL3.5 (`-HF` checkpoints) is ``InternVLForConditionalGeneration`` with a Qwen3 decoder: family
@@ -29,6 +30,12 @@ InternVL3.5 (`-HF` checkpoints) is ``InternVLForConditionalGeneration`` with a Q
 ** SmolVLM (HuggingFaceTB/SmolVLM-256M/500M-Instruct are ``idefics3`` checkpoints) resizes every image to a
   longest edge of 4 tiles and splits it into tiles plus a global view, (tile/patch)^2 / scale_factor^2 tokens
   each (64 for 512 px / 16 / 4; 81 for SmolVLM-Instruct's 384 / 14 / 3), with text markers between the tiles.
+*** Video-LLaVA (LanguageBind/Video-LLaVA-7B-hf) takes images (`<image>`, 256 placeholders: [CLS] dropped,
+  `vision_feature_select_strategy="default"`) and videos (`<video>`, 8 frames through the video tower). For
+  videos HF keeps every frame's [CLS] feature (`get_video_features` applies no select strategy, as the original
+  Video-LLaVA's video tower returns all 257 tokens): 8 x 257 = 2056 placeholders. The paper (App. E.7,
+  following VisPruner) counts 2048 = 8 x 256 patches; the 8 [CLS] rows are `visual_extra_tokens`, as
+  LLaVA-NeXT's newlines. Both ids are visual tokens for the executor.
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ SUPPORTED_CLASSES: dict[str, str] = {
     "Idefics3ForConditionalGeneration": "smolvlm",
     "SmolVLMForConditionalGeneration": "smolvlm",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "VideoLlavaForConditionalGeneration": "video_llava",
 }
 # model_type in the saved config.json -> the class above (lets us work from a config alone)
 _MODEL_TYPES: dict[str, str] = {
@@ -57,7 +65,12 @@ _MODEL_TYPES: dict[str, str] = {
     "idefics3": "Idefics3ForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "video_llava": "VideoLlavaForConditionalGeneration",
 }
+
+
+# frames per video of Video-LLaVA's processor (LanguageBind's `num_frames`, VLMEvalKit's `nframe`)
+VIDEO_LLAVA_FRAMES = 8
 
 
 class UnsupportedModelError(ValueError):
@@ -76,7 +89,7 @@ class ArchSpec:
 
     Attributes:
         family: one of ``llava``, ``llava_next``, ``qwen2_5_vl``, ``internvl``, ``qwen2_vl``,
-            ``llava_onevision``, ``smolvlm``, ``qwen3_vl``.
+            ``llava_onevision``, ``smolvlm``, ``qwen3_vl``, ``video_llava``.
         num_layers: decoder layers L.
         hidden_size: h.
         num_heads / num_kv_heads / head_dim: attention shape; ``kv_dim = num_kv_heads * head_dim``.
@@ -128,6 +141,11 @@ class ArchSpec:
             if family == "llava_next":
                 extra = 2 * (img // vision.patch_size)  # one newline per row of the 2x2-crop grid
             token_ids = (config.image_token_id,)
+        elif family == "video_llava":
+            per_frame = (vision.image_size // vision.patch_size) ** 2
+            default_n = VIDEO_LLAVA_FRAMES * per_frame  # the paper's 2048 for a video of 8 frames at 224 px
+            extra = VIDEO_LLAVA_FRAMES  # one [CLS] row per frame in HF's video span
+            token_ids = (config.image_token_id, config.video_token_id)
         elif family == "llava_onevision":
             per_tile = (vision.image_size // vision.patch_size) ** 2  # SigLIP: no CLS token
             default_n = 5 * per_tile  # 2x2 tiles of 768x768 -> base + 4 crops

@@ -201,10 +201,12 @@ def _tiny_arch(family: str):
     from transformers import AutoConfig
 
     from .arch import ArchSpec
-    from .tiny import TINY_VISUAL_TOKENS, tiny_path
+    from .tiny import TINY_VIDEO_FAMILIES, TINY_VISUAL_TOKENS, tiny_path
 
     config = AutoConfig.from_pretrained(tiny_path(family), local_files_only=True)
-    return ArchSpec.from_config(config, visual_tokens=TINY_VISUAL_TOKENS[family])
+    # a video family's reference input is a video (the class's own default count: frames x patches)
+    visual = None if family in TINY_VIDEO_FAMILIES else TINY_VISUAL_TOKENS[family]
+    return ArchSpec.from_config(config, visual_tokens=visual)
 
 
 def _registered(kind: str) -> str:

@@ -46,7 +46,10 @@ TINY_FAMILIES: tuple[str, ...] = ("llava15", "llavanext", "qwen25vl", "internvl3
 # Families beyond the paper's six models (issue 15), built and loaded the same way. A separate tuple: tests
 # and tools parametrised over the paper families (TINY_FAMILIES) stay as they are; ALL_TINY_FAMILIES is both.
 TINY_NEW_FAMILIES: tuple[str, ...] = ("qwen2vl", "internvl35", "llavaov", "smolvlm", "qwen3vl")
-ALL_TINY_FAMILIES: tuple[str, ...] = TINY_FAMILIES + TINY_NEW_FAMILIES
+# Video-LLaVA (issue 14): images and videos; not in TINY_NEW_FAMILIES, whose battery runs image inputs only and
+# checks GQA decoders (tests/test_executor_video_llava.py runs the battery on both input kinds).
+TINY_VIDEO_FAMILIES: tuple[str, ...] = ("videollava",)
+ALL_TINY_FAMILIES: tuple[str, ...] = TINY_FAMILIES + TINY_NEW_FAMILIES + TINY_VIDEO_FAMILIES
 
 # Bump when anything that changes the saved files changes: caches are keyed by it (<family>-v<VERSION>).
 TINY_VERSION = 1
@@ -57,10 +60,15 @@ TINY_IMAGE_SIZE: tuple[int, int] = (224, 224)
 # Placeholder tokens (model.config.image_token_id) one default tiny_image() yields; asserted in tests.
 TINY_VISUAL_TOKENS: dict[str, int] = {"llava15": 64, "llavanext": 336, "qwen25vl": 64, "internvl3": 80,
                                        "qwen2vl": 64, "internvl35": 80, "llavaov": 336, "smolvlm": 80,
-                                       "qwen3vl": 49}
+                                       "qwen3vl": 49, "videollava": 64}
+# Video-LLaVA: frames per video (the real processor's 8) and the placeholders one tiny_video() yields: HF's
+# Video-LLaVA keeps each frame's [CLS] feature, 8 x (1 + (112/14)^2) = 520 <video> (real: 8 x 257 = 2056).
+TINY_VIDEO_FRAMES = 8
+TINY_VIDEO_TOKENS: dict[str, int] = {"videollava": 8 * 65}
 
 _SEEDS = {"llava15": 1501, "llavanext": 1601, "qwen25vl": 2507, "internvl3": 3008, "qwen2vl": 2409,
-          "internvl35": 3508, "llavaov": 2408, "smolvlm": 5005, "qwen3vl": 3008}
+          "internvl35": 3508, "llavaov": 2408, "smolvlm": 5005, "qwen3vl": 3008,
+          "videollava": 1707}
 _MARKER = "vlmeval_dop_tiny.json"  # written last: its presence means the directory is complete
 _REQUIRED_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
@@ -183,11 +191,12 @@ def _vocab(alphabet: list[str], merges: list[tuple[str, str]], head: list[str], 
     return vocab
 
 
-def _llama_tokenizer():
+def _llama_tokenizer(added: tuple[str, ...] = ("<image>", "<pad>")):
     """LlamaTokenizer (SentencePiece-style BPE, byte fallback) with llava-hf's added tokens.
 
     Layout as in llava-hf: <unk>=0, <s>=1, </s>=2, <0x00>..<0xFF>, pieces, then ``<image>`` and ``<pad>``
-    as the last two ids (32000 and 32001 in the real model).
+    as the last two ids (32000 and 32001 in the real model). `added`: the tokens appended after the pieces
+    (Video-LLaVA-hf: ``<image>``, ``<video>``, ``<pad>`` = 32000, 32001, 32002).
     """
     from tokenizers import AddedToken
     from transformers import LlamaTokenizer
@@ -195,12 +204,12 @@ def _llama_tokenizer():
     alphabet = ["▁"] + list(string.ascii_letters + string.digits + string.punctuation)
     merges = _learn_bpe(["▁" + w for w in _WORDS] + _WORDS, alphabet)
     head = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    vocab = _vocab(alphabet, merges, head, ["<image>", "<pad>"])
+    vocab = _vocab(alphabet, merges, head, list(added))
     tok = LlamaTokenizer(
         vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False, pad_token="<pad>", padding_side="left"
     )
     # Registering existing vocab entries as special keeps their ids and stops them from being split.
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<image>", "<pad>")], special_tokens=True)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in added], special_tokens=True)
     return tok
 
 
@@ -325,6 +334,47 @@ def _build_llava(next_: bool):
         model = LlavaForConditionalGeneration(config)
         image_processor = CLIPImageProcessor(**image_kwargs)
         processor = LlavaProcessor(image_processor, tok, chat_template=_LLAVA_TEMPLATE, **proc_kwargs)
+    gen = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return model, processor, gen
+
+
+# llava-hf's template with videos rendered like images (`<video>\n` before the text): the prompt Video-LLaVA's
+# own examples and VLMEvalKit's VideoLLaVA_HF use, `USER: <video>\n<question> ASSISTANT:`.
+_VIDEOLLAVA_TEMPLATE = _LLAVA_TEMPLATE.replace(
+    "{# Render all text next #}",
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{# Render all text next #}",
+)
+
+
+def _build_videollava():
+    """LanguageBind/Video-LLaVA-7B-hf layout (`VideoLlavaForConditionalGeneration`): two CLIP-L/14-shaped towers
+    (image and video; each frame of a video goes through the video tower on its own), one shared projector, a
+    Vicuna (LLaMA) decoder. Images: (112/14)^2 = 64 `<image>` ([CLS] dropped, strategy "default"); videos: 8
+    frames x (1 + 64) `<video>` (HF keeps every frame's [CLS] feature). Real: 224 px, 256 / 8 x 257."""
+    from transformers import (
+        VideoLlavaConfig,
+        VideoLlavaForConditionalGeneration,
+        VideoLlavaImageProcessor,
+        VideoLlavaProcessor,
+        VideoLlavaVideoProcessor,
+    )
+
+    tok = _llama_tokenizer(added=("<image>", "<video>", "<pad>"))
+    per_frame = (_TILE // _PATCH) ** 2
+    config = VideoLlavaConfig(
+        vision_config=_clip_vision(), text_config=_llama_text(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"), projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=per_frame,
+        video_seq_length=TINY_VIDEO_FRAMES * (per_frame + 1), pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = VideoLlavaForConditionalGeneration(config)
+    sizes = dict(size={"shortest_edge": _TILE}, crop_size={"height": _TILE, "width": _TILE})
+    processor = VideoLlavaProcessor(
+        image_processor=VideoLlavaImageProcessor(**sizes), video_processor=VideoLlavaVideoProcessor(**sizes),
+        tokenizer=tok, patch_size=_PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=_VIDEOLLAVA_TEMPLATE,
+    )  # fmt: skip
     gen = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return model, processor, gen
 
@@ -648,6 +698,8 @@ def _build(family: str):
             model, processor, gen = _build_smolvlm()
         elif family == "qwen3vl":
             model, processor, gen = _build_qwen3vl()
+        elif family == "videollava":
+            model, processor, gen = _build_videollava()
         else:
             model, processor, gen = _build_llavaov()
     model.generation_config = GenerationConfig(**gen)
@@ -763,6 +815,7 @@ _MODEL_CLASSES = {
     "llavaov": "LlavaOnevisionForConditionalGeneration",
     "smolvlm": "Idefics3ForConditionalGeneration",
     "qwen3vl": "Qwen3VLForConditionalGeneration",
+    "videollava": "VideoLlavaForConditionalGeneration",
 }
 
 
@@ -812,27 +865,54 @@ def tiny_image(seed: int = 0, size: tuple[int, int] | None = None) -> Image.Imag
     return Image.fromarray(grid, mode="RGB").resize((width, height), Image.Resampling.BICUBIC)
 
 
+def tiny_video(seed: int = 0, frames: int = TINY_VIDEO_FRAMES, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A deterministic RGB test video, (frames, height, width, 3) uint8 (the layout video processors take).
+
+    The frames morph from one `tiny_image` to another (a linear blend), so consecutive frames are similar but
+    not equal, as in a real clip.
+    """
+    a = np.asarray(tiny_image(seed=2 * seed + 10_000, size=size), dtype=np.float64)
+    b = np.asarray(tiny_image(seed=2 * seed + 10_001, size=size), dtype=np.float64)
+    w = np.linspace(0.0, 1.0, frames)[:, None, None, None]
+    return np.round((1.0 - w) * a + w * b).astype(np.uint8)
+
+
 def tiny_inputs(
-    family: str, processor: ProcessorMixin, questions: list[str], images: list[Image.Image] | None = None
-) -> BatchFeature:
-    """Batched model inputs: one image per question, chat-formatted with the generation prompt.
+    family: str, processor: ProcessorMixin, questions: list[str], images: list[Image.Image] | None = None,
+    *, videos: list[np.ndarray] | None = None,
+) -> BatchFeature:  # fmt: skip
+    """Batched model inputs: one image (or video) per question, chat-formatted with the generation prompt.
 
     Each prompt is ``processor.apply_chat_template`` of one user turn ``[image, question]`` (the real
     model's template); the batch is left padded and returned as PyTorch tensors (a ``BatchFeature``).
 
     Args:
-        family: one of TINY_FAMILIES (the processor must be that family's).
+        family: one of ALL_TINY_FAMILIES (the processor must be that family's).
         processor: the processor returned by `load_tiny`.
         questions: one question per sample, batch size >= 1.
         images: one image per question; default ``tiny_image(seed=i)`` for question i.
+        videos: one video per question instead of images (`tiny_video` layout; families of TINY_VIDEO_FAMILIES).
 
     Raises:
-        ValueError: unknown family, no questions, or a different number of images and questions.
+        ValueError: unknown family, no questions, or a different number of images/videos and questions.
     """
     _check_family(family)
     questions = list(questions)
     if not questions:
         raise ValueError("tiny_inputs needs at least one question")
+    if videos is not None:
+        if family not in TINY_VIDEO_FAMILIES:
+            raise ValueError(f"videos are for the families {', '.join(TINY_VIDEO_FAMILIES)}, not {family!r}")
+        if images is not None or len(videos) != len(questions):
+            raise ValueError(f"one video per question and no images: got {len(videos)} videos for {len(questions)} questions")
+        prompts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": q}]}],
+                add_generation_prompt=True, tokenize=False,
+            )  # fmt: skip
+            for q in questions
+        ]
+        return processor(videos=list(videos), text=prompts, padding=True, padding_side="left", return_tensors="pt")
     images = [tiny_image(seed=i) for i in range(len(questions))] if images is None else list(images)
     if len(images) != len(questions):
         raise ValueError(f"one image per question: got {len(images)} images for {len(questions)} questions")
@@ -844,7 +924,11 @@ def tiny_inputs(
         )
         for q in questions
     ]
-    return processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+    # Video-LLaVA's processor still names images `pixel_values_images` unless told otherwise (deprecated name)
+    legacy = {"return_legacy_image_output": False} if family in TINY_VIDEO_FAMILIES else {}
+    return processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt", **legacy)
 
 
-__all__ = ["ALL_TINY_FAMILIES", "TINY_FAMILIES", "TINY_NEW_FAMILIES", "TINY_VERSION", "TINY_VISUAL_TOKENS", "load_tiny", "tiny_image", "tiny_inputs", "tiny_path"]
+__all__ = ["ALL_TINY_FAMILIES", "TINY_FAMILIES", "TINY_NEW_FAMILIES", "TINY_VERSION", "TINY_VIDEO_FAMILIES",
+           "TINY_VIDEO_FRAMES", "TINY_VIDEO_TOKENS", "TINY_VISUAL_TOKENS", "load_tiny", "tiny_image", "tiny_inputs",
+           "tiny_path", "tiny_video"]

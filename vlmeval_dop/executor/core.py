@@ -239,6 +239,7 @@ class DOPHandle:
         self._removers: list[Callable[[], None]] = []
         self._vision: VisionRecorder | None = None
         self._encoder_inputs: dict[str, Any] = {}  # what the last image-encoder call got (see _install)
+        self._encoder_round = False  # True between generate()'s encoder calls and the forward that uses them
         self._install()
 
     # ------------------------------------------------------------------ install / remove
@@ -277,18 +278,26 @@ class DOPHandle:
         `mm_encoder_outputs` and without `pixel_values` / `image_sizes` / `image_grid_thw`. Reducers that
         look at the image or the crop layout still need those, so we keep what `get_image_features` got.
         """
-        if "get_image_features" in mm.__dict__:
-            raise RuntimeError("get_image_features already has an instance override (is DOP applied twice?)")
-        original = mm.get_image_features
+        # Video-LLaVA encodes videos with `get_video_features(pixel_values_videos)`: generate() runs both
+        # encoders before the first forward, so both calls are remembered (merged: a prompt may hold both)
+        encoders = {"get_image_features": ("pixel_values", "image_sizes", "image_grid_thw"),
+                    "get_video_features": ("pixel_values_videos",)}  # fmt: skip
+        for fn_name, names in encoders.items():
+            if fn_name == "get_video_features" and self.adapter.family != "video_llava":
+                continue  # other families' video paths are not run under DOP
+            if fn_name in mm.__dict__:
+                raise RuntimeError(f"{fn_name} already has an instance override (is DOP applied twice?)")
+            original = getattr(mm, fn_name)
 
-        @functools.wraps(original)  # generate() picks the encoder's inputs from its signature
-        def get_image_features(*args, **kwargs):
-            names = ("pixel_values", "image_sizes", "image_grid_thw")
-            self._encoder_inputs = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
-            return original(*args, **kwargs)
+            def wrapped(*args, _original=original, _names=names, **kwargs):
+                got = {**dict(zip(_names, args)), **{k: v for k, v in kwargs.items() if k in _names}}
+                # the first encoder call after a forward starts a new sample's record
+                base = self._encoder_inputs if self._encoder_round else {}
+                self._encoder_inputs, self._encoder_round = {**base, **got}, True
+                return _original(*args, **kwargs)
 
-        mm.get_image_features = get_image_features
-        self._removers.append(lambda: mm.__dict__.pop("get_image_features", None))
+            setattr(mm, fn_name, functools.wraps(original)(wrapped))  # generate() reads the encoder's signature
+            self._removers.append(lambda fn_name=fn_name: mm.__dict__.pop(fn_name, None))
 
     def remove(self) -> None:
         """Restore the model exactly (idempotent)."""
@@ -353,14 +362,16 @@ class DOPHandle:
     def _multimodal_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         model_inputs = dict(kwargs)
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
-        if encoded and kwargs.get("pixel_values") is None:
+        outputs = kwargs.get("mm_encoder_outputs") or {}
+        encoded = any(outputs.get(m) is not None for m in ("image", "video"))
+        if encoded and kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
             # generate() ran the image encoder before this forward: its recording belongs to this forward
             model_inputs = {**self._encoder_inputs, **{k: v for k, v in kwargs.items() if v is not None}}
+            self._encoder_round = False
         else:
             if self._vision is not None:
                 self._vision.clear()  # a new forward: whatever was recorded belongs to an earlier one
-            self._encoder_inputs = {}
+            self._encoder_inputs, self._encoder_round = {}, False
         self._pending = {"input_ids": input_ids, "model_inputs": model_inputs}
         return None
 

@@ -111,6 +111,15 @@ class SmolVLMAdapter(FamilyAdapter):
         return spans
 
 
+@dataclass(frozen=True)
+class VideoLlavaAdapter(FamilyAdapter):
+    """Video-LLaVA: images (`<image>`) and videos (`<video>`, all frames of one video in one run) are both visual
+    placeholders; one image or one video is one span (`n_v` counts per image / per video)."""
+
+    def image_token_ids(self, model: nn.Module) -> tuple[int, ...]:
+        return (int(model.config.image_token_id), int(model.config.video_token_id))
+
+
 FAMILIES: dict[str, FamilyAdapter] = {
     "llava": FamilyAdapter("llava"),
     "llava_next": FamilyAdapter("llava_next"),
@@ -123,6 +132,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
     # first layers (full-length states, between layer calls): tokens a policy keeps get exactly the stock
     # additions, tokens it has left (or a reducer dropped) get them too but are never read again
     "qwen3_vl": FamilyAdapter("qwen3_vl", contiguous_positions=False),
+    "video_llava": VideoLlavaAdapter("video_llava"),
 }
 
 

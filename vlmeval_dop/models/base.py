@@ -257,8 +257,9 @@ class DOPWrapper(BaseModel):
     def _on_device(self, inputs):
         """Processor outputs (one sample or a collated batch) on the model's device, images in its dtype."""
         inputs = inputs.to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        for key in ("pixel_values", "pixel_values_videos"):  # videos: Video-LLaVA
+            if key in inputs:
+                inputs[key] = inputs[key].to(self.dtype)
         return inputs
 
     @staticmethod
@@ -292,8 +293,12 @@ class DOPWrapper(BaseModel):
         return tok.decode(token_ids, skip_special_tokens=True).strip()
 
     def _record(self, inputs, handle) -> None:
-        visual = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
-        self._record_sample(visual, getattr(handle, "last_layer_tokens", None))
+        self._record_sample(self._visual_count(inputs["input_ids"]), getattr(handle, "last_layer_tokens", None))
+
+    def _visual_count(self, input_ids: torch.Tensor) -> int:
+        """Visual placeholders in `input_ids` (every id of the family: Video-LLaVA's `<image>` and `<video>`)."""
+        ids = torch.tensor(sorted(self._image_token_ids()), device=input_ids.device)
+        return int(torch.isin(input_ids, ids).sum())
 
     def _record_sample(self, visual_tokens: int, counts) -> None:
         """Keep one sample's evidence: its visual tokens and the executor's per-layer (MHA, MLP) counts."""
@@ -425,7 +430,6 @@ class DOPWrapper(BaseModel):
         width = batch["input_ids"].shape[1]
         stops = torch.tensor(sorted(self._stop_ids()), device=out.device)
         per_sample = getattr(handle, "last_sample_layer_tokens", None) or None
-        image = self.model.config.image_token_id
         answers = []
         for b, sample in enumerate(inputs):
             new = out[b, width:]
@@ -436,7 +440,7 @@ class DOPWrapper(BaseModel):
             pad = width - sample["input_ids"].shape[1]
             # the executor counts this row's padding in every layer (padding is never visual nor dropped)
             counts = [(a - pad, m - pad) for a, m in (layer[b] for layer in per_sample)] if per_sample else None
-            self._record_sample(int((sample["input_ids"] == image).sum()), counts)
+            self._record_sample(self._visual_count(sample["input_ids"]), counts)
         return answers
 
     def _stop_ids(self) -> set[int]:

@@ -1,0 +1,84 @@
+"""Video-LLaVA-7B (LanguageBind/Video-LLaVA-7B-hf, `VideoLlavaForConditionalGeneration`) as a VLMEvalKit model.
+
+Videos: the inputs are exactly those of VLMEvalKit's `VideoLLaVA_HF` (its `Video-LLaVA-7B-HF` entry): its
+`generate_inner` runs as it is, with a stand-in for its model that hands back the inputs: the message's text
+items joined by newlines (`message_to_promptvideo`), the prompt `USER: <video>\\n<question> ASSISTANT:`, 8
+frames decoded with PyAV at `np.arange(0, total, total / 8)` and the processor (224 px, [CLS] + 256 patches per
+frame: 8 x 257 = 2056 `<video>` placeholders). A video message is VLMEvalKit's
+`[{"type": "video", "value": <video file>}, {"type": "text", "value": <question>}]` (what a video dataset's
+`build_prompt(line, video_llm=True)` gives a model with `VIDEO_LLM = True`); the dataset's `nframe` must be 8,
+as VLMEvalKit's wrapper requires.
+
+Images (VLMEvalKit's wrapper has no image path): `USER: <image>\\n<question> ASSISTANT:`, the same format with
+the image placeholder (the HF model card's image prompt), 256 `<image>` placeholders at 224 px.
+
+Differences to the official Video-LLaVA video-QA evaluation (Video-LLaVA's / VisPruner's
+`run_inference_video_qa.py`, which the paper's Table 18 follows): that script puts the llava_v1 system prompt
+before `USER:` and samples frames at `np.linspace(0, total - 1, 8)` (LanguageBind's processor); VLMEvalKit's
+wrapper does neither. We keep VLMEvalKit's inputs (this is a VLMEvalKit plugin) and the official float16
+(VLMEvalKit's wrapper loads float32; `dtype: float32` gives that). Greedy decoding, 1024 new tokens.
+
+Only token reducers apply (`uniform`, `vispruner`, `divprune`): the image-side `resize` (DOP_R) is refused, the
+video processor fixes every frame at 224 px.
+"""
+from __future__ import annotations
+
+import torch
+from vlmeval.vlm.video_llm.video_llava import VideoLLaVA_HF
+
+from .base import DOPWrapper
+from .reuse import refuse_resize, vlmeval_inputs
+
+FRAMES = 8  # VideoLLaVA_HF.nframe: the only frame count VLMEvalKit's wrapper accepts
+
+
+class VideoLLaVADOP(DOPWrapper):
+    """Video-LLaVA (`VideoLlavaForConditionalGeneration`): VLMEvalKit's `VideoLLaVA_HF` video inputs, and images."""
+
+    FAMILY = "video_llava"
+    MODEL_CLASS = "VideoLlavaForConditionalGeneration"
+    CUDA_DTYPE = torch.float16
+    DEFAULT_MAX_NEW_TOKENS = 1024  # VideoLLaVA_HF's generation_args
+    VIDEO_LLM = True  # VLMEvalKit hands over the video file, not frames as images
+    INTERLEAVE = False
+
+    def __init__(self, *args, **kwargs):
+        refuse_resize(kwargs, "Video-LLaVA", "its processors fix images and frames at 224 px")
+        super().__init__(*args, **kwargs)
+        self.nframe = FRAMES  # VLMEvalKit's video inference sets it to the dataset's nframe
+
+    def use_custom_prompt(self, dataset):
+        return False  # VideoLLaVA_HF keeps VLMEvalKit's default (the dataset's prompt)
+
+    @staticmethod
+    def split_message(message):
+        """[(type, value)] in message order; videos stay file paths (VLMEvalKit's wrapper opens them)."""
+        out = []
+        for item in message:
+            if item["type"] == "video":
+                out.append(("video", item["value"]))
+            else:
+                out.extend(DOPWrapper.split_message([item]))
+        return out
+
+    def build_inputs(self, message, dataset=None):
+        videos = [item for item in message if item["type"] == "video"]
+        images = [item for item in message if item["type"] == "image"]
+        if videos and images:
+            raise ValueError("a Video-LLaVA message holds one video or images, not both (VLMEvalKit's wrapper "
+                             "reads the first video only)")  # fmt: skip
+        if videos:
+            if len(videos) > 1:
+                raise ValueError(f"a Video-LLaVA message holds one video, got {len(videos)}")
+            stub = VideoLLaVA_HF.__new__(VideoLLaVA_HF)
+            stub.processor, stub.kwargs, stub.nframe = self.processor, {}, self.nframe
+            inputs = vlmeval_inputs(VideoLLaVA_HF.generate_inner, stub, message, dataset)
+            # its generate() call also carries its generation arguments: ours are the wrapper's (greedy, the same)
+            return type(inputs)({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+        parts = self.split_message(message)
+        question = "\n".join(v for t, v in parts if t == "text")
+        pictures = [v for t, v in parts if t == "image"]
+        # one `<image>\n` line per image (none for a text-only message), then the question
+        prompt = "USER: " + "<image>\n" * len(pictures) + question + " ASSISTANT:"
+        return self.processor(images=pictures or None, text=prompt, return_tensors="pt",
+                              return_legacy_image_output=False)  # fmt: skip
