@@ -39,7 +39,8 @@ if __package__ in (None, ""):  # run as a script: make `reproduce` importable fr
 import pandas as pd
 
 from reproduce.relavg import rel_avg, round_half_up
-from reproduce.tables import BENCHMARKS, REPO_ROOT, TABLES, get_table, parse_row, read_paper_table, rel_avg_benchmarks
+from reproduce.tables import (BENCHMARKS, DOP_METHODS, REPO_ROOT, TABLES, VIDEO_BENCHMARKS, VIDEO_METRICS, get_table, parse_row,
+                              read_paper_table, rel_avg_benchmarks)
 
 REQUIRED_COLUMNS = ("method", "benchmark", "score")
 REL_AVG = "Rel. Avg."
@@ -60,9 +61,11 @@ class InputError(ValueError):
 #   Y/N (ImageYORNDataset)  `_score.csv`: POPE_rating (rows per split, `Overall` = F1 in percent),
 #       MME_rating (one row: `perception`, `reasoning` and the 14 subtask scores);
 #   OCRBench                `_score.json`: {"Final Score": 0-1000, ...};
-#   captioning (vlmeval_dop/captioning.py, Table 17) `_score.json`: {"CIDEr": <Table 17 unit>, ...}.
+#   captioning (vlmeval_dop/captioning.py, Table 17) `_score.json`: {"CIDEr": <Table 17 unit>, ...};
+#   video QA (vlmeval_dop/video_qa.py, Table 18) `_score.json`: {"acc": percent, "score": 0-5, ...}.
 POPE_DATASET, MME_DATASET, OCRBENCH_DATASET = "POPE", "MME", "OCRBench"
 CAPTION_DATASETS = ("NoCaps_VAL", "TextCaps_VAL")
+VIDEO_DATASETS = ("TGIF_QA", "MSVD_QA", "MSRVTT_QA", "TGIF_QA_VAL", "MSVD_QA_VAL", "MSRVTT_QA_VAL")
 SERVER_SCORED = {
     "VQAv2_TestDev": "test-dev answers are not public: VLMEvalKit writes *_submission.json for the EvalAI "
                      "server; add the server's score with --scores",
@@ -106,7 +109,7 @@ def _mme_unit(entry: str, mme: str) -> str:
 def _suffixes(dataset: str) -> tuple[str, ...]:
     if dataset in (POPE_DATASET, MME_DATASET):
         return ("_score.csv",)
-    if dataset == OCRBENCH_DATASET or dataset in CAPTION_DATASETS:
+    if dataset == OCRBENCH_DATASET or dataset in CAPTION_DATASETS or dataset in VIDEO_DATASETS:
         return ("_score.json",)
     return ("_acc.csv", "_acc.json", "_score.csv")  # the last: Y/N datasets scored by default_rating
 
@@ -196,13 +199,28 @@ def read_score_file(path: str | Path, dataset: str, mme_unit: str = "perception"
     return float(values.iloc[0])
 
 
+def read_video_score_file(path: str | Path) -> dict[str, float]:
+    """{"acc": percent, "score": 0-5} of a video QA dataset's `_score.json` (vlmeval_dop/video_qa.py): Table 18's
+    two cells, the GPT judge's accuracy and mean score over all samples."""
+    path = Path(path)
+    df = _read_table(path)
+    out = {}
+    for metric in VIDEO_METRICS:
+        values = _column(df, path, metric)
+        if len(values) != 1 or not math.isfinite(float(values.iloc[0])):
+            raise InputError(f"{str(path)!r}: expected one finite {metric!r}, got {list(values)}")
+        out[metric] = float(values.iloc[0])
+    return out
+
+
 def collect_scores(work_dir: str | Path, entries: list[str] | None = None, benchmarks: list[str] | None = None,
                    mme: str = "auto") -> pd.DataFrame:
     """Read a VLMEvalKit work dir into the long format (method, benchmark, score) `aggregate` takes.
 
     `method` is the entry (VLMEvalKit model) folder name, `benchmark` the paper's alias (entries.yaml
     `benchmarks:`; a dataset without an alias keeps its VLMEvalKit name), `score` the paper's metric in the
-    paper's unit (`read_score_file`). Only VLMEvalKit's own score files are read; nothing is re-scored.
+    paper's unit (`read_score_file`). A video QA dataset gives two rows, `<alias>_acc` and `<alias>_score`
+    (Table 18's columns). Only VLMEvalKit's own score files are read; nothing is re-scored.
 
     Args:
         work_dir: the `--work-dir` of run.py / reproduce/run.py (holds `<entry>/` folders).
@@ -247,16 +265,21 @@ def collect_scores(work_dir: str | Path, entries: list[str] | None = None, bench
                 raise InputError(f"{name} ({dataset}) has no local score: {SERVER_SCORED[dataset]}")
             requested.append((to_alias.get(dataset, dataset), dataset))
         requested = list(dict.fromkeys(requested))  # `TextVQA` and `TextVQA_VAL` are one column
-    rows, files = [], {}
+    rows, files, got = [], {}, set()
     for entry in entries if entries is not None else folders:
         for label, dataset in requested:
             path = find_score_file(root, entry, dataset)
             if path is None:
                 continue
+            got.add(label)
+            if dataset in VIDEO_DATASETS:  # two cells: accuracy and score
+                for metric, value in read_video_score_file(path).items():
+                    rows.append((entry, f"{label}_{metric}", value))
+                    files[(entry, f"{label}_{metric}")] = path
+                continue
             unit = _mme_unit(entry, mme) if dataset == MME_DATASET else "perception"
             rows.append((entry, label, read_score_file(path, dataset, unit)))
             files[(entry, label)] = path
-    got = {b for _, b, _ in rows}
     if benchmarks is not None:
         lacking = [(b, d) for b, d in requested if b not in got]
         if lacking:
@@ -488,6 +511,72 @@ def swap_statistics(scores: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return pd.concat(out, ignore_index=True), notes
 
 
+VIDEO_TABLE = 18
+PAPER_SUFFIX = " (paper)"
+
+
+def _paper_row(method: str, rows: tuple[str, ...]) -> str | None:
+    """The table row a method stands for: itself, or the DOP row its searched entry `{row}_{tag}` installs
+    (`videollava_7b_dopv16_val_msvd` -> `videollava_7b_dopv16`)."""
+    if method in rows:
+        return method
+    cands = [r for r in rows if method.startswith(r + "_") and parse_row(r).method in DOP_METHODS]
+    return max(cands, key=len) if cands else None
+
+
+def video_table(scores: pd.DataFrame, number: int = VIDEO_TABLE) -> tuple[pd.DataFrame, list[str]]:
+    """Table 18's layout: per method `<b>_acc`, `<b>_score` for the three video benchmarks, then `avg_acc`,
+    `avg_score` (means over the three, as the paper's Average columns; empty when a benchmark is missing),
+    each of our rows followed by the paper's printed row (`<row> (paper)`) where the method is a row of the
+    table or a searched entry of one (`videollava_7b_dopv16_<tag>`).
+
+    Raises:
+        InputError: no score of the table's columns in `scores`.
+    """
+    spec = get_table(number)
+    columns = [f"{b}_{m}" for b in VIDEO_BENCHMARKS for m in VIDEO_METRICS]
+    scores = scores[scores["benchmark"].isin(columns)]
+    if scores.empty:
+        raise InputError(f"no Table {number} cells in the scores (benchmarks {', '.join(columns[:2])}, ...: "
+                         "VLMEvalKit score files of TGIF_QA / MSVD_QA / MSRVTT_QA)")
+    wide = scores.pivot(index="method", columns="benchmark", values="score").reindex(columns=columns)
+    notes: list[str] = []
+    for m in VIDEO_METRICS:
+        cells = wide[[f"{b}_{m}" for b in VIDEO_BENCHMARKS]]
+        wide[f"avg_{m}"] = cells.mean(axis=1).where(cells.notna().all(axis=1))
+    incomplete = [str(i) for i in wide.index[wide["avg_acc"].isna() | wide["avg_score"].isna()]]
+    if incomplete:
+        notes.append(f"averages left empty for rows missing a benchmark: {', '.join(incomplete)}")
+    paper = read_paper_table(number).set_index("row")
+    mapped = {m: _paper_row(str(m), spec.rows) for m in wide.index}
+    order = sorted(wide.index, key=lambda m: (spec.rows.index(mapped[m]) if mapped[m] else len(spec.rows), str(m)))
+    out = []
+    for m in order:
+        out.append(wide.loc[[m]])
+        row = mapped[m]
+        if row is not None:
+            printed = paper.loc[[row], list(wide.columns)]
+            printed.index = [row + PAPER_SUFFIX]
+            out.append(printed)
+            if row != m:
+                notes.append(f"{m} is Table {number}'s row {row}")
+    table = pd.concat(out)
+    table.index.name = "method"
+    return table, notes
+
+
+def video_markdown(table: pd.DataFrame) -> str:
+    """Markdown of `video_table`: accuracies with 1 decimal, scores with 2, as the paper prints them."""
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(["Method"] + cols) + " |", "|" + "|".join(["---"] * (len(cols) + 1)) + "|"]
+    for method, row in table.iterrows():
+        cells = [str(method)] + ["-" if pd.isna(row[c]) else
+                                 f"{round_half_up(row[c], 1 if c.endswith('_acc') else 2):.{1 if c.endswith('_acc') else 2}f}"
+                                 for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit code (0 ok, 2 bad input)."""
     parser = argparse.ArgumentParser(
@@ -504,19 +593,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mme", choices=MME_UNITS, default="auto",
                         help="MME unit: perception (LLaVA tables), total = perception + reasoning (Qwen2.5-VL / "
                              "InternVL3 tables), auto = by each entry's model family (default)")
-    parser.add_argument("--base", required=True, help="the row (method) whose scores are the denominators")
+    parser.add_argument("--base", help="the row (method) whose scores are the denominators (not for --paper-table 18, "
+                                       "which prints averages and the paper's rows instead)")
     parser.add_argument("--out", help="also write PREFIX.csv (full precision) and PREFIX.xlsx")
     parser.add_argument("--paper-table", type=int, metavar="N",
-                        help="show the paper's Rel. Avg. of table N and the difference")
+                        help="show the paper's Rel. Avg. of table N and the difference; 18: Table 18's layout (video "
+                             "QA acc / score, averages) with the paper's rows beside ours")
     args = parser.parse_args(argv)
     try:
         if not args.work_dir and (args.entries or args.benchmarks):
             raise InputError("--entries / --benchmarks select from a --work-dir; none was given")
         if not args.scores and not args.work_dir:
             raise InputError("give --scores CSV, --work-dir DIR (VLMEvalKit's outputs), or both")
+        video = args.paper_table == VIDEO_TABLE
+        if video and args.base:
+            raise InputError(f"Table {VIDEO_TABLE} prints no Rel. Avg.: drop --base")
+        if not video and not args.base:
+            raise InputError(f"--base ROW is required (the row whose scores are the denominators), except with "
+                             f"--paper-table {VIDEO_TABLE}")
         parts = []
         if args.work_dir:
-            parts.append(collect_scores(args.work_dir, args.entries, args.benchmarks, args.mme))
+            benchmarks = args.benchmarks or (list(VIDEO_BENCHMARKS) if video else None)
+            parts.append(collect_scores(args.work_dir, args.entries, benchmarks, args.mme))
         if args.scores:
             parts.append(read_scores(args.scores))
         scores = pd.concat(parts, ignore_index=True)
@@ -524,9 +622,12 @@ def main(argv: list[str] | None = None) -> int:
         if not dup.empty:  # a cell both in the work dir and in --scores
             cells = sorted({f"{m}/{b}" for m, b in zip(dup["method"], dup["benchmark"])})
             raise InputError(f"--scores repeats cell(s) read from --work-dir: {', '.join(cells)}")
-        scores, swap_notes = swap_statistics(scores)
-        table, notes = aggregate(scores, args.base, args.paper_table)
-        notes = swap_notes + notes
+        if video:
+            table, notes = video_table(scores)
+        else:
+            scores, swap_notes = swap_statistics(scores)
+            table, notes = aggregate(scores, args.base, args.paper_table)
+            notes = swap_notes + notes
         files: dict[Path, bytes] = {}
         if args.out:
             prefix = Path(args.out)
@@ -536,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(to_markdown(table))
+    print(video_markdown(table) if video else to_markdown(table))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     for path, data in files.items():

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script from anywhere: the repo root holds vlmeval_dop
     sys.path.insert(0, str(HERE.parent))
 
-from reproduce.tables import get_table, parse_row  # noqa: E402
+from reproduce.tables import DOP_METHODS, VIDEO_MODELS, get_table, parse_row  # noqa: E402
 
 OTHER_TOOLS = {
     "efficiency": "reproduce/efficiency.py (GPU latency, peak memory, TFLOPs per attention implementation)",
@@ -58,6 +58,7 @@ class Cell:
     status: str  # "done", "todo" or "blocked"
     reason: str = ""
     note: str = ""
+    data: str = ""  # a locally built dataset (video QA) whose TSV is missing: blocks the cell too
 
 
 def benchmark_datasets() -> dict[str, str]:
@@ -114,6 +115,11 @@ def _plan_row(row: str, benchmarks, datasets: dict[str, str], work_dir: Path) ->
         blocked = "" if _unavailable(entry) == "" else f"install its policy first: {command}"
         note = IMPL_NOTE if "impl" in ref.config else ""
         return [_cell(row, entry, bench, datasets[bench], blocked, work_dir, note) for bench in benchmarks]
+    video = video_search_row(ref)
+    if video is not None:  # Table 18: DOP rows of a model without published policies
+        entry, command = video
+        blocked = "" if _unavailable(entry) == "" else f"install its policy first: {command}"
+        return [_cell(row, entry, bench, datasets[bench], blocked, work_dir) for bench in benchmarks]
     if ref.config:
         blocked = f"needs a search/evaluation ablation ({', '.join(f'{k}={v}' for k, v in ref.config.items())})"
     else:
@@ -219,10 +225,67 @@ def searched_row(ref, seed: int = 42) -> tuple[str, str] | None:
     return f"{ref.entry}_{tag}", command
 
 
+# Table 18 (App. E.7): the video QA datasets are built locally (vlmeval_dop/video_qa.py) from Video-LLaVA's
+# evaluation files (TRAIN_AND_VALIDATE.md: eval/GPT_Zero_Shot_QA/<X>_Zero_Shot_QA/, the folders its
+# scripts/v1_5/eval/run_qa_*.sh read); the search's validation set from the official MSVD-QA val split.
+VIDEO_DATASETS_PREPARE = {
+    "TGIF_QA": "--annotations <GPT_Zero_Shot_QA>/TGIF_Zero_Shot_QA/test_q.json "
+               "--videos <GPT_Zero_Shot_QA>/TGIF_Zero_Shot_QA/mp4",
+    "MSVD_QA": "--annotations <GPT_Zero_Shot_QA>/MSVD_Zero_Shot_QA/test_q.json "
+               "--videos <GPT_Zero_Shot_QA>/MSVD_Zero_Shot_QA/videos",
+    "MSRVTT_QA": "--annotations <GPT_Zero_Shot_QA>/MSRVTT_Zero_Shot_QA/test_q.json "
+                 "--videos <GPT_Zero_Shot_QA>/MSRVTT_Zero_Shot_QA/videos/all",
+    "MSVD_QA_VAL": "--annotations <MSVD-QA>/val_qa.json --video-map <MSVD-QA>/youtube_mapping.txt "
+                   "--videos <MSVD>/YouTubeClips",
+}
+# The DOP policies of Table 18 are not published: searched as the paper's image policies (100 samples,
+# seed 42, KL objective) on a video validation set disjoint from the evaluated test questions
+VIDEO_SEARCH = {"data": "MSVD_QA_VAL", "tag": "val_msvd", "samples": 100, "seed": 42}
+
+
+def prepare_command(dataset: str) -> str:
+    """The command that builds a video QA dataset's TSV (`--limit` default: the paper's first 1K)."""
+    return f"python -m vlmeval_dop.datasets prepare-video-qa --name {dataset} {VIDEO_DATASETS_PREPARE[dataset]}"
+
+
+def _lmu_root() -> Path:
+    """VLMEvalKit's data root, as vlmeval.smp.LMUDataRoot finds it (its `LMUData` setting, else ~/LMUData),
+    without importing vlmeval."""
+    import os
+
+    env = os.environ.get("LMUData")
+    return Path(env) if env and Path(env).exists() else Path.home() / "LMUData"
+
+
+def _unprepared(dataset: str) -> str:
+    """Why a locally built video dataset cannot run yet (its TSV is missing), or ""."""
+    if dataset not in VIDEO_DATASETS_PREPARE:
+        return ""
+    path = _lmu_root() / f"{dataset}.tsv"
+    return "" if path.is_file() else f"{path} missing: {prepare_command(dataset)}"
+
+
+def video_search_row(ref) -> tuple[str, str] | None:
+    """(entry, command) for a DOP row of a model whose policies are not published (Table 18:
+    `videollava_7b_dopv16` -> `videollava_7b_dopv16_val_msvd`, installed by `vlmeval-dop search ... --install
+    val_msvd` on VIDEO_SEARCH's validation set); None for other rows."""
+    if ref.model not in VIDEO_MODELS or ref.method not in DOP_METHODS or ref.budget is None or ref.config:
+        return None
+    reducer = METHOD_REDUCERS.get(ref.method, "vispruner")
+    s = VIDEO_SEARCH
+    command = (f"vlmeval-dop search --model {ref.model} --reducer {reducer} --data {s['data']} --samples "
+               f"{s['samples']} --seed {s['seed']} --budget {ref.budget} --install {s['tag']}")
+    if _unprepared(s["data"]):
+        command = f"build {s['data']} first (data line below), then {command}"
+    return f"{ref.entry}_{s['tag']}", command
+
+
 def _cell(row: str, entry: str, column: str, dataset: str, blocked: str, work_dir: Path, note: str = "") -> Cell:
-    """One cell: blocked with the reason, else done / todo by VLMEvalKit's score file."""
-    if blocked:
-        return Cell(row, entry, column, dataset, "blocked", blocked, note)
+    """One cell: blocked with the reason (the entry's) and/or `data` (a locally built dataset that is missing),
+    else done / todo by VLMEvalKit's score file."""
+    data = dataset if _unprepared(dataset) else ""
+    if blocked or data:
+        return Cell(row, entry, column, dataset, "blocked", blocked, note, data)
     return Cell(row, entry, column, dataset, "done" if is_finished(work_dir, entry, dataset) else "todo", "", note)
 
 
@@ -292,11 +355,16 @@ def format_plan(number: int, cells: list[Cell]) -> str:
             datasets.append(c.dataset)
     for entry, ds in by_entry.items():
         lines.append(f"  run   {entry}: {' '.join(ds)}")
-    reasons: dict[tuple[str, str], int] = {}
+    groups: dict[tuple[str, str], list[Cell]] = {}
     for c in blocked:
-        reasons[(c.row, c.reason)] = reasons.get((c.row, c.reason), 0) + 1
-    for (row, reason), n in reasons.items():
-        lines.append(f"  block {row} ({n} cells): {reason}")
+        groups.setdefault((c.row, c.reason), []).append(c)
+    for (row, reason), group in groups.items():
+        missing = list(dict.fromkeys(c.data for c in group if c.data))
+        why = "; ".join(x for x in (reason, f"data not built: {', '.join(missing)}" if missing else "") if x)
+        lines.append(f"  block {row} ({len(group)} cells): {why}")
+    for d in VIDEO_DATASETS_PREPARE:  # each missing local dataset once, with the command that builds it
+        if any(c.data == d or f"build {d} first" in c.reason for c in blocked):
+            lines.append(f"  data  {d}: {_unprepared(d)}")
     notes = dict.fromkeys((c.row, c.entry, c.note) for c in cells if c.note)
     for row, entry, note in notes:
         lines.append(f"  note  {row} -> {entry}: {note}")
@@ -312,6 +380,11 @@ OTHER_COLUMNS = {
     22: ("d_A, d_P, n_v: the installed policies (search.joint_grid.json / search.grid_additive.json; "
          "`vlmeval-dop list`)",),
     23: ("*_std: mean and standard deviation over the five seeds' cells",),
+    18: ("*_acc, *_score: VLMEvalKit's evaluation asks the GPT judge of Video-LLaVA's scripts (default "
+         "gpt-3.5-turbo through VLMEvalKit's build_judge): configure it as for any VLMEvalKit judge, OPENAI_API_KEY "
+         "(+ OPENAI_API_BASE) in VLMEvalKit's .env, or append `-- --judge-key KEY [--judge-base-url URL]`",
+         "avg_acc, avg_score and the paper's numbers beside: python reproduce/aggregate.py --work-dir <work dir> "
+         "--paper-table 18"),
 }
 
 

@@ -17,6 +17,9 @@
   prompt and metric; `python -m vlmeval_dop.datasets prepare-textvqa-train ...` builds it.
 - **DOP_Demo**: 8 generated images (coloured shapes) with questions whose exact answers are known
   (colour, count, shape), built deterministically in memory, scored by exact match; no download, no judge.
+- **Video QA** (`TGIF_QA`, `MSVD_QA`, `MSRVTT_QA`, their `_VAL` search sets, and the offline `DOP_VideoDemo`):
+  VLMEvalKit video datasets of vlmeval_dop/video_qa.py (Table 18; GPT judge through VLMEvalKit's build_judge);
+  `python -m vlmeval_dop.datasets prepare-video-qa ...` builds them from the official files.
 
 `register_datasets()` adds the plugin classes to VLMEvalKit's dataset registry
 (`vlmeval.dataset.DATASET_CLASSES`, which `build_dataset`, `DATASET_TYPE` and the status reports iterate).
@@ -85,7 +88,7 @@ def resolve_dataset_name(name: str) -> str:
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownDatasetError(
         f"unknown dataset {name!r}.{hint} Paper benchmarks: {', '.join(aliases)}; "
-        f"offline demo: DOP_Demo; any VLMEvalKit dataset name, or a custom {LMUDataRoot()}/<name>.tsv."
+        f"offline demos: DOP_Demo, DOP_VideoDemo; any VLMEvalKit dataset name, or a custom {LMUDataRoot()}/<name>.tsv."
     )
 
 
@@ -459,8 +462,11 @@ class DOPDemoDataset(ImageBaseDataset):
 
 
 from .captioning import CaptioningDataset, prepare_captions  # noqa: E402  (NoCaps_VAL / TextCaps_VAL, Table 17)
+from .video_qa import (DEFAULT_LIMIT, DOPVideoDemoDataset, VIDEO_QA_DATASETS,  # noqa: E402  (Table 18)
+                       VideoQADataset, prepare_video_qa)
 
-PLUGIN_DATASETS = (VQAv2Dataset, DOPDemoDataset, CaptioningDataset, TextVQATrainDataset)
+PLUGIN_DATASETS = (VQAv2Dataset, DOPDemoDataset, CaptioningDataset, TextVQATrainDataset, VideoQADataset,
+                   DOPVideoDemoDataset)
 
 
 def register_datasets() -> None:
@@ -470,7 +476,7 @@ def register_datasets() -> None:
     for cls in PLUGIN_DATASETS:
         if cls not in vd.DATASET_CLASSES:
             vd.DATASET_CLASSES.append(cls)
-            vd.IMAGE_DATASET.append(cls)
+            (vd.VIDEO_DATASET if cls.MODALITY == "VIDEO" else vd.IMAGE_DATASET).append(cls)
             vd.SUPPORTED_DATASETS.extend(cls.supported_datasets())
         setattr(vd, cls.__name__, cls)  # `--config` files name dataset classes as attributes of vlmeval.dataset
 
@@ -499,8 +505,32 @@ def main(argv: list[str] | None = None) -> int:
                    help="nocaps_val_4500_captions.json (NoCaps) or TextCaps_0.1_val.json (TextCaps)")
     p.add_argument("--images", required=True, help="image directory (NoCaps val images; TextCaps train_images/)")
     p.add_argument("--out", help="output TSV (default: VLMEvalKit's data root)")
+    p = sub.add_parser(
+        "prepare-video-qa", help="build LMUData/<name>.tsv for TGIF-QA / MSVD-QA / MSRVTT-QA (Table 18)",
+        description="Build a video QA dataset (Table 18) from the official files. --annotations: Video-LLaVA's "
+                    "GPT_Zero_Shot_QA/<X>_Zero_Shot_QA/test_q.json (test_a.json beside it), MSVD-QA / MSRVTT-QA "
+                    "{train,val,test}_qa.json (Xu et al. 2017; MSVD also --video-map youtube_mapping.txt), or "
+                    "TGIF-QA {Train,Test}_frameqa_question.csv. Videos: <videos>/<name>.{mp4,avi,mov,mkv,gif}.")
+    p.add_argument("--name", required=True, choices=list(VIDEO_QA_DATASETS),
+                   help="TGIF_QA / MSVD_QA / MSRVTT_QA: evaluation sets; *_VAL: DOP search validation sets")
+    p.add_argument("--annotations", required=True, help="test_q.json, *_qa.json or *_frameqa_question.csv")
+    p.add_argument("--answers", help="test_a.json (default: beside test_q.json)")
+    p.add_argument("--videos", required=True, help="the video folder")
+    p.add_argument("--video-map", help="MSVD-QA youtube_mapping.txt (clip name -> vid<N>), for *_qa.json files")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
+                   help=f"keep the first N questions in file order (default {DEFAULT_LIMIT}, the paper's 1K; 0 = all)")
+    p.add_argument("--out", help="output TSV (default: VLMEvalKit's data root)")
     args = parser.parse_args(argv)
-    if args.cmd == "prepare-captions":
+    if args.cmd == "prepare-video-qa":
+        from .video_qa import VideoQAError
+
+        try:
+            print(prepare_video_qa(args.name, args.annotations, args.videos, args.answers, args.limit,
+                                   args.video_map, args.out))
+        except VideoQAError as exc:
+            print(f"prepare-video-qa: error: {exc}", file=sys.stderr)
+            return 2
+    elif args.cmd == "prepare-captions":
         print(prepare_captions(args.dataset, args.annotations, args.images, args.out))
     elif args.cmd == "prepare-textvqa-train":
         print(prepare_textvqa_train(args.questions, args.images, args.out))
