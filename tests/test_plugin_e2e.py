@@ -257,8 +257,14 @@ def test_every_tiny_method_entry_generates_pruned(entry, lmu_root):
 
     e = get_entry(entry)
     wrapper = load_entry(entry).load()
-    ds = DOPDemoDataset("DOP_Demo")
-    out = wrapper.generate(ds.build_prompt(ds.data.iloc[1]), dataset="DOP_Demo")
+    if getattr(wrapper, "VIDEO_LLM", False):  # Video-LLaVA: its entries' policies are for videos (8 frames)
+        from vlmeval_dop.video_qa import DOPVideoDemoDataset
+
+        ds = DOPVideoDemoDataset("DOP_VideoDemo")
+        out = wrapper.generate(ds.build_prompt(ds.data.iloc[1], video_llm=True), dataset="DOP_VideoDemo")
+    else:
+        ds = DOPDemoDataset("DOP_Demo")
+        out = wrapper.generate(ds.build_prompt(ds.data.iloc[1]), dataset="DOP_Demo")
     assert isinstance(out, str)
     counts = wrapper.last_layer_tokens
     assert counts is not None and len(counts) == 4
