@@ -107,3 +107,24 @@ def test_image_and_video_in_one_batch(tiny):
         assert [k.numel() for k in handle.last_kept] == [32, 32]
         alone = [te._logits(model, x)[:, -1] for x in (video, image)]
     torch.testing.assert_close(both, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_real_config_shapes_and_table18_labels():
+    """The Video-LLaVA-7B-hf config (VideoLlavaConfig's CLIP-L/14 224 px towers, Vicuna-7B decoder, ids 32000 /
+    32001 as transformers' conversion script adds them) gives models.yaml's arch; Table 18's 16 % / 11 % labels
+    are 256 / 128 video tokens (32 / 16 per frame) within 0.3 pt under Eq. 11 at the entry's text tokens."""
+    from transformers import LlamaConfig, VideoLlavaConfig
+
+    from vlmeval_dop.flops import policy_tflops
+    from vlmeval_dop.models_config import load_models
+
+    vicuna = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32064)  # fmt: skip
+    spec = ArchSpec.from_config(VideoLlavaConfig(text_config=vicuna.to_dict()))
+    entry = load_models()["videollava_7b"]
+    assert spec == entry.arch
+    assert (spec.visual_tokens, spec.visual_extra_tokens, spec.image_token_ids) == (2048, 8, (32000, 32001))
+    for label, tokens in entry.budgets.items():
+        ratio = policy_tflops(spec, DOPPolicy(32, 32, tokens), entry.text_tokens)["ratio"]
+        assert abs(ratio - label) <= 0.003, (label, tokens, ratio)
+    assert entry.budgets == {0.16: 256, 0.11: 128}
