@@ -431,9 +431,15 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="run at most this many cells (>= 0)")
     parser.add_argument("--work-dir", type=Path, default=Path("outputs"), help="VLMEvalKit work dir")
     parser.add_argument("--gpus", type=int, default=1, help="> 1: launch run.py with torchrun")
+    from vlmeval_dop.plugins import PluginError, add_plugins_argument, load_plugins, split_plugins
+
+    add_plugins_argument(parser)  # users' methods: loaded here for the plan, passed on to run.py
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     try:
+        if args.plugins:
+            load_plugins(args.plugins)
+            extra = ["--plugins", ",".join(_absolute(p) for p in split_plugins(args.plugins)), *extra]
         _check_args(args)
         spec = get_table(args.table)
         if spec.kind != "accuracy" and not spec.benchmarks and not spec.has_rel_avg and args.dry_run:
@@ -441,13 +447,19 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"table {args.table} ({spec.kind}): not VLMEvalKit accuracy cells; produced by:\n{lines}")
             return 0
         cells = plan_table(args.table, args.work_dir)
-    except ValueError as exc:
+    except (ValueError, PluginError) as exc:
         print(f"reproduce/run.py: error: {exc}", file=sys.stderr)
         return 2
     print(format_plan(args.table, cells))
     if args.dry_run:
         return 0
     return run_cells(cells, args.work_dir, args.limit, args.gpus, extra)
+
+
+def _absolute(plugin: str) -> str:
+    """A plugin .py path made absolute (run.py runs from the repository root); module names unchanged."""
+    path = Path(plugin).expanduser()
+    return str(path.resolve()) if plugin.endswith(".py") or path.is_file() else plugin
 
 
 def _check_args(args) -> None:
