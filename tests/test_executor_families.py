@@ -18,7 +18,8 @@ from vlmeval_dop.arch import ArchSpec
 from vlmeval_dop.reducers import ReducerError
 from vlmeval_dop.tiny import TINY_NEW_FAMILIES, TINY_VISUAL_TOKENS, load_tiny
 
-FAMILY_KEY = {"qwen2vl": "qwen2_vl", "internvl35": "internvl", "llavaov": "llava_onevision", "smolvlm": "smolvlm", "qwen3vl": "qwen3_vl"}
+FAMILY_KEY = {"qwen2vl": "qwen2_vl", "internvl35": "internvl", "llavaov": "llava_onevision", "smolvlm": "smolvlm", "qwen3vl": "qwen3_vl",
+              "gemma3": "gemma3"}
 
 
 @pytest.fixture(scope="module", params=TINY_NEW_FAMILIES)
@@ -128,7 +129,7 @@ def test_kv_only_keys_equal_stock_keys(tiny):
     decoder_kwargs, _ = te.stock_decoder_inputs(model, inputs)
     decoder_kwargs = {k: v for k, v in decoder_kwargs.items() if k not in ("cache", "use_cache")}
     handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    cache = DynamicCache()  # full layers (a sliding layer, Gemma 3's local ones, keeps only its window's keys)
     try:
         with torch.no_grad():
             lm(**decoder_kwargs, cache=cache, use_cache=True)
