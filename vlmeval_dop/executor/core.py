@@ -988,8 +988,8 @@ def apply_dop(
     or as a plain call returning a handle whose `remove()` restores the model.
 
     Args:
-        model: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-            Qwen2_5_VLForConditionalGeneration or InternVLForConditionalGeneration.
+        model: a stock transformers MLLM of a class in `vlmeval_dop.arch.SUPPORTED_CLASSES` (LLaVA(-NeXT,
+            -OneVision), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL, SmolVLM / Idefics3, Gemma 3).
         policy: `DOPPolicy(d_A, d_P, n_v)`; depths are validated against the decoder depth now, `n_v`
             against each image's visual token count at the first forward.
         reducer: name in `vlmeval_dop.reducers.REDUCERS` or a `VisualTokenReducer`; required when
