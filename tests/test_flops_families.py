@@ -24,7 +24,7 @@ from vlmeval_dop.models_config import load_models
 # paper-scale entry -> tiny family whose config (classes, token ids, vision tower) is reused
 ENTRIES = {"qwen2vl_7b": "qwen2vl", "internvl35_8b": "internvl35", "llavaov_7b": "llavaov", "smolvlm_256m": "smolvlm",
            "smolvlm_500m": "smolvlm", "smolvlm_2b": "smolvlm", "qwen3vl_8b": "qwen3vl", "qwen3vl_4b": "qwen3vl",
-           "qwen3vl_2b": "qwen3vl"}
+           "qwen3vl_2b": "qwen3vl", "gemma3_4b": "gemma3"}
 N_TEXT_BEFORE, N_VISUAL, N_TEXT_AFTER = 6, 24, 10
 
 
@@ -51,6 +51,8 @@ def real_width_model(entry: str, tiny_family: str, num_layers: int = 2):
         data["vision_config"]["hidden_size"] = arch.hidden_size  # the merger's output width
     if data.get("model_type") == "qwen3_vl":
         data["vision_config"]["out_hidden_size"] = arch.hidden_size
+    if data.get("model_type") == "gemma3":  # the real attention scale and window (masks change no matmul count)
+        text.update(query_pre_attn_scalar=arch.head_dim, sliding_window=1024)
     config = type(config).from_dict(data)
     cls = getattr(transformers, _MODEL_CLASSES[tiny_family])
     with torch.device("meta"):

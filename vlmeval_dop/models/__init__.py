@@ -19,6 +19,7 @@ WRAPPERS: dict[str, str] = {
     "llava_onevision": "vlmeval_dop.models.llava_onevision:LLaVAOneVisionDOP",
     "smolvlm": "vlmeval_dop.models.smolvlm:SmolVLMDOP",
     "qwen3_vl": "vlmeval_dop.models.qwen3_vl:Qwen3VLDOP",
+    "gemma3": "vlmeval_dop.models.gemma3:Gemma3DOP",
 }
 
 
