@@ -39,10 +39,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..executor.families import adapter_for
 from ..executor.token_pruner import DecoderPruneContext
+from .attention import project_keys, rope_function
 from ..methods import register_method
 
 
@@ -114,10 +114,10 @@ def _keys(ctx: DecoderPruneContext, b: int, positions: torch.Tensor) -> torch.Te
     """(S, kv_heads * head_dim) post-RoPE key states of layer `ctx.layer_idx` at `positions` of sample b."""
     layer, attn = ctx.layer, ctx.layer.self_attn
     x = layer.input_layernorm(ctx.hidden_in[b : b + 1, positions])
-    k = attn.k_proj(x).view(1, positions.numel(), -1, attn.head_dim).transpose(1, 2)
+    k = project_keys(attn, x)
     cos, sin = ctx.position_embeddings
     cos, sin = cos[min(b, cos.shape[0] - 1)][None, positions], sin[min(b, sin.shape[0] - 1)][None, positions]
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    _, k = rope_function(attn)(k, k, cos, sin)
     return k.transpose(1, 2).reshape(positions.numel(), -1)
 
 
