@@ -1,0 +1,231 @@
+"""reproduce/run.py --compare and reproduce/aggregate.py --compare: a comparison of your own, end to end on the
+tiny demo model and DOP_Demo (run.py's main called in-process for each cell group, as `python run.py` would be,
+so VLMEvalKit is imported once), resume, the table's numbers against hand-computed ones, and bad specs."""
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from reproduce import aggregate
+from reproduce import compare
+from reproduce import run as rrun
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture()
+def in_process(run_py, monkeypatch):
+    """reproduce/run.py's `python run.py ...` subprocess replaced by run.py's main in this process (same argv);
+    returns the list of argv it was called with."""
+    calls = []
+
+    def call(cmd):
+        argv = cmd[cmd.index(str(ROOT / "run.py")) + 1:]
+        calls.append(argv)
+        argv0 = list(sys.argv)
+        try:
+            run_py.main(argv)
+            return 0
+        except SystemExit as exc:
+            return exc.code or 0
+        finally:
+            sys.argv[:] = argv0
+
+    monkeypatch.setattr(rrun.subprocess, "call", call)
+    return calls
+
+
+def _arch():
+    from transformers import AutoConfig
+
+    from vlmeval_dop.arch import ArchSpec
+    from vlmeval_dop.tiny import tiny_path
+
+    return ArchSpec.from_config(AutoConfig.from_pretrained(tiny_path("llava15"), local_files_only=True),
+                                visual_tokens=64)
+
+
+def test_compare_end_to_end_resume_table_and_plots(in_process, tmp_path, capsys):
+    work = tmp_path / "w"
+    spec = _spec(tmp_path, "name: demo\nmodels: [tiny_llava15]\n"
+                           "methods: [full, tiny_llava15_dop, tiny_llava15_fastv]\nbenchmarks: [DOP_Demo]\n")
+    assert rrun.main(["--compare", str(spec), "--work-dir", str(work)]) == 0
+    assert [a[a.index("--model") + 1] for a in in_process] == ["tiny_llava15", "tiny_llava15_dop",
+                                                                "tiny_llava15_fastv"]
+    entries = ("tiny_llava15", "tiny_llava15_dop", "tiny_llava15_fastv")
+    for e in entries:
+        assert aggregate.find_score_file(work, e, "DOP_Demo") is not None
+    stamps = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
+
+    # resume: the second run plans nothing, calls nothing and touches no file
+    in_process.clear()
+    capsys.readouterr()
+    assert rrun.main(["--compare", str(spec), "--work-dir", str(work)]) == 0
+    assert in_process == []
+    assert "3 cells: 3 done, 0 to run, 0 blocked" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()} == stamps
+
+    assert aggregate.main(["--compare", str(spec), "--work-dir", str(work)]) == 0
+    out = work / "comparisons" / "demo"
+    table = pd.read_csv(out / "demo.csv").set_index("entry")
+    # the scores are VLMEvalKit's own: its Overall in the score file
+    for e in entries:
+        assert table.at[e, "DOP_Demo"] == pytest.approx(
+            float(pd.read_csv(aggregate.find_score_file(work, e, "DOP_Demo"))["Overall"].iloc[0]))
+    # TFLOPs: the flops.py count of each entry's per-layer tokens, written out by hand here (text 92 + 64
+    # visual tokens; DOP (2, 1, 8): visual tokens in MHA of layers 0-1 and MLP of layer 0; FastV k=2, keep 16)
+    from vlmeval_dop.flops import schedule_flops
+
+    spec_ = _arch()
+    t, v = 92, 64
+    expected = {"tiny_llava15": [(t + v, t + v)] * 4,
+                "tiny_llava15_dop": [(t + 8, t + 8), (t + 8, t), (t, t), (t, t)],
+                "tiny_llava15_fastv": [(t + v, t + v)] * 2 + [(t + 16, t + 16)] * 2}
+    full = schedule_flops(spec_, expected["tiny_llava15"])
+    for e, counts in expected.items():
+        assert table.at[e, "tflops"] == pytest.approx(schedule_flops(spec_, counts) / 1e12, rel=1e-12)
+        assert table.at[e, "tflops_ratio"] == pytest.approx(schedule_flops(spec_, counts) / full, rel=1e-12)
+    # plots: valid PNG and SVG per benchmark and for Rel. Avg.
+    from PIL import Image
+
+    for stem in ("DOP_Demo", "rel_avg"):
+        with Image.open(out / f"demo_{stem}.png") as im:
+            im.verify()
+            assert im.format == "PNG"
+        assert ET.parse(out / f"demo_{stem}.svg").getroot().tag.endswith("svg")
+    assert (out / "demo.md").read_text().startswith("| Entry | Method | Budget | TFLOPs |")
+
+
+def _score(work: Path, entry: str, dataset: str, value: float) -> None:
+    (work / entry).mkdir(parents=True, exist_ok=True)
+    (work / entry / f"{entry}_{dataset}_acc.csv").write_text(f"Overall\n{value}\n")
+
+
+def test_rel_avg_undefined_base_and_missing_cells(tmp_path, capsys):
+    """Injected score files: Rel. Avg. by hand; a base of 0 makes every Rel. Avg. of that model undefined,
+    a missing cell says why; the table and its files are written either way."""
+    work = tmp_path / "w"
+    spec = _spec(tmp_path, "models: [tiny_llava15]\nmethods: [tiny_llava15_dop, tiny_llava15_fastv, "
+                           "tiny_llava15_divprune]\nbenchmarks: [DOP_Demo, TextVQA]\n")
+    for entry, demo, text in (("tiny_llava15", 80.0, 40.0), ("tiny_llava15_dop", 60.0, 30.0),
+                              ("tiny_llava15_fastv", 70.0, 10.0)):
+        _score(work, entry, "DOP_Demo", demo)
+        _score(work, entry, "TextVQA_VAL", text)
+    _score(work, "tiny_llava15_divprune", "DOP_Demo", 20.0)
+    s = compare.prepare(spec)
+    table = {tr.row.label: tr for tr in compare.compare_table(s, work).rows}
+    assert table["tiny_llava15"].row.note == compare.BASE_NOTE  # added as the denominator
+    assert table["tiny_llava15"].rel.mean == pytest.approx(100.0)
+    assert table["tiny_llava15_dop"].rel.mean == pytest.approx(100 * (60 / 80 + 30 / 40) / 2)  # 75.0
+    assert table["tiny_llava15_fastv"].rel.mean == pytest.approx(100 * (70 / 80 + 10 / 40) / 2)  # 56.25
+    div = table["tiny_llava15_divprune"]
+    assert div.cells["DOP_Demo"].mean == 20.0 and div.cells["TextVQA"].status == "missing"
+    assert "not run yet" in div.cells["TextVQA"].reason and div.rel.status == "missing"
+    assert "lacks TextVQA" in div.rel.reason
+
+    _score(work, "tiny_llava15", "TextVQA_VAL", 0.0)  # the base now scores 0 on TextVQA
+    assert aggregate.main(["--compare", str(spec), "--work-dir", str(work)]) == 0
+    md = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| tiny")}
+    assert all("undefined [" in rows[r] for r in rows)  # every Rel. Avg. cell of that model, not a crash
+    assert "base tiny_llava15 scores 0 on TextVQA: the ratio is undefined" in md
+    assert "60.00" in rows["tiny_llava15_dop"] and "missing [" in rows["tiny_llava15_divprune"]
+    csv = pd.read_csv(work / "comparisons" / "mine" / "mine.csv").set_index("entry")
+    assert set(csv["rel_avg_status"]) == {"undefined"} and csv["rel_avg"].isna().all()
+
+    (work / "tiny_llava15" / "tiny_llava15_TextVQA_VAL_acc.csv").unlink()  # base missing: undefined too
+    t2 = {tr.row.label: tr for tr in compare.compare_table(s, work).rows}
+    assert t2["tiny_llava15_dop"].rel.status == "undefined"
+    assert "base tiny_llava15 has no score on TextVQA: not run yet" in t2["tiny_llava15_dop"].rel.reason
+
+
+def test_mean_and_std_over_seeds_by_hand():
+    """Rows with three seed runs: each cell is the mean and sample std (n - 1) of the runs that have it, the
+    Rel. Avg. is per run then averaged; a run lacking a value lowers n and says which."""
+    runs = tuple(compare.Run(f"m_x28.s{s}", s) for s in range(3))
+    row = compare.Row("m", "x", 0.28, "m_x28", runs)
+    base = compare.Row("m", "full", None, "m", (compare.Run("m"),), base=True)
+    scores = {("m", "A"): 50.0, ("m", "B"): 20.0,
+              ("m_x28.s0", "A"): 40.0, ("m_x28.s1", "A"): 45.0, ("m_x28.s2", "A"): 35.0,
+              ("m_x28.s0", "B"): 10.0, ("m_x28.s1", "B"): 16.0}
+    why = {("m_x28.s2", "B"): "failed: CUDA out of memory"}
+    a = compare._stat(row, "A", scores, why)
+    assert (a.mean, a.n) == (40.0, 3) and a.std == pytest.approx(5.0)  # sqrt(((0)^2 + 5^2 + 5^2) / 2)
+    b = compare._stat(row, "B", scores, why)
+    assert b.mean == 13.0 and b.std == pytest.approx(math.sqrt(18)) and b.n == 2
+    assert b.reason == "seed 2: failed: CUDA out of memory"
+    rel = compare._rel(row, base, ["A", "B"], scores, why)
+    per_run = [100 * (40 / 50 + 10 / 20) / 2, 100 * (45 / 50 + 16 / 20) / 2]  # 65.0, 85.0
+    assert rel.mean == pytest.approx(75.0) and rel.std == pytest.approx(statistics.stdev(per_run)) and rel.n == 2
+    assert rel.reason == "seed 2: lacks B"
+    cell = compare._fmt_stat(rel, 3, 1, pct=True)
+    assert cell == f"75.0% ± {statistics.stdev(per_run):.1f} (n=2)"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("models: [tiny_lava15]\nmethods: [full]\nbenchmarks: [DOP_Demo]\n",
+     "unknown model(s) 'tiny_lava15' (did you mean tiny_llava15"),
+    ("models: [llava15_7b]\nmethods: [full, dopp]\nbudgets: [0.28]\nbenchmarks: [TextVQA]\n",
+     "unknown method(s) 'dopp' (did you mean dop"),
+    ("models: [llava15_7b]\nmethods: [full, dop]\nbudgets: [28]\nbenchmarks: [TextVQA]\n",
+     "give TFLOPs fractions of the full model in (0, 1)"),
+    ("models: [llava15_7b]\nmethods: [dop]\nbenchmarks: [TextVQA]\n", "method(s) dop need `budgets:`"),
+    ("models: [llava15_7b]\nmethods: [full]\nbenchmarks: [TextVQA]\nbudget: [0.28]\n",
+     "unknown key(s) budget; valid keys: name, plugins, models"),
+    ("models: [llava15_7b]\nmethods: [tiny_llava15_dop]\nbenchmarks: [TextVQA]\n",
+     "entry 'tiny_llava15_dop' runs model 'tiny_llava15', which is not in models"),
+    ("models: [llava15_7b]\nmethods: [full]\nbenchmarks: [TextVQB]\n", "unknown dataset 'TextVQB'"),
+    ("models: [llava15_7b]\nmethods: [full]\nbenchmarks: [TextVQA]\nplugins: [no_such_module_xyz]\n",
+     "plugin module 'no_such_module_xyz' not found"),
+])
+def test_bad_specs_one_message_nothing_written(text, message, tmp_path, capsys):
+    spec = _spec(tmp_path, text)
+    work = tmp_path / "w"
+    assert rrun.main(["--compare", str(spec), "--work-dir", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    work.mkdir()
+    assert aggregate.main(["--compare", str(spec), "--work-dir", str(work)]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(work.iterdir())
+
+
+def test_plan_blocks_infeasible_budgets_with_the_reason(tmp_path, capsys):
+    """A method x budget the registry cannot make is blocked with the registry's reason, not dropped; the
+    full row is always planned (the Rel. Avg. denominator)."""
+    spec = _spec(tmp_path, "name: paper\nmodels: [llava15_7b]\nmethods: [dop, fastv]\nbudgets: [0.28, 0.23]\n"
+                           "benchmarks: [TextVQA, GQA]\n")
+    assert rrun.main(["--compare", str(spec), "--dry-run", "--work-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("comparison paper: 10 cells: 0 done, 8 to run, 2 blocked")
+    assert "run   llava15_7b: TextVQA_VAL GQA_TestDev_Balanced" in out
+    assert "block llava15_7b_fastv23 (2 cells): entry 'llava15_7b_fastv23' does not exist: fastv" in out
+    assert "note  llava15_7b -> llava15_7b: Rel. Avg. denominator" in out
+
+
+def test_example_spec_plans_on_the_tiny_demo(tmp_path, capsys):
+    assert rrun.main(["--compare", str(ROOT / "reproduce" / "compare_example.yaml"), "--dry-run",
+                      "--work-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0 blocked" in out and "run   tiny_llava15: DOP_Demo" in out
+
+
+def test_paper_table_paths_unchanged(capsys):
+    with pytest.raises(SystemExit):  # argparse: --table or --compare is required
+        rrun.main(["--dry-run"])
+    assert "one of the arguments --table --compare is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        aggregate.main(["--scores", "x.csv"])
+    assert "the following arguments are required: --base" in capsys.readouterr().err
