@@ -28,7 +28,8 @@ mean +- std over seeds, Rel. Avg. against each model's full row, "undefined" whe
 missing cells with their reason) is printed, and written with NAME.csv, NAME_runs.csv and accuracy-vs-TFLOPs
 plots (PNG, SVG) per benchmark and for Rel. Avg. to --out DIR (default <work-dir>/comparisons/NAME/).
 
-No vlmeval import (nor torch): the score files are read with pandas, the aliases with yaml.
+No vlmeval import (nor torch): the score files are read with pandas, the aliases with yaml. --compare also
+reads the entry registry (vlmeval_dop, hence torch) for the TFLOPs and the entries' reasons.
 """
 from __future__ import annotations
 

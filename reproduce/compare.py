@@ -29,7 +29,8 @@ why (blocked, failed in VLMEvalKit, not run yet). Plots: score (and Rel. Avg.) a
 method, PNG and SVG.
 
 No vlmeval import unless a benchmark is neither an alias nor a dataset of entries.yaml (then VLMEvalKit's
-dataset list is consulted, as run.py does).
+dataset list is consulted, as run.py does); the entry registry (vlmeval_dop.registry) is read for entries,
+reasons and TFLOPs.
 """
 from __future__ import annotations
 
