@@ -138,28 +138,51 @@ def load_spec(path: str | Path) -> CompareSpec:
     return parse_spec(read_yaml(path, "fix the spec (see reproduce/compare_example.yaml)"), path)
 
 
+def _plugin_targets(spec: CompareSpec) -> list[str]:
+    """The spec's plugins as the registry's `load_plugins` and run.py's `--plugins` take them: a `.py` path
+    relative to the spec's folder, and a module name that is a file of that folder, become absolute paths
+    (so every run.py process finds them); other module names pass unchanged (installed or on PYTHONPATH)."""
+    folder = spec.path.resolve().parent
+    out = []
+    for plugin in spec.plugins:
+        if plugin.endswith(".py") or "/" in plugin:
+            path = Path(plugin).expanduser()
+            out.append(str(path if path.is_absolute() else (folder / path).resolve()))
+        elif (folder / f"{plugin}.py").is_file():
+            out.append(str(folder / f"{plugin}.py"))
+        else:
+            out.append(plugin)
+    return out
+
+
 def load_plugins(spec: CompareSpec) -> None:
-    """Import the spec's plugin modules (their methods register on import). The spec's folder is searched
-    first, so a module next to mine.yaml needs no installation."""
+    """Import the spec's plugin modules (their methods register on import), through the registry's
+    `vlmeval_dop.plugins.load_plugins`. A module next to the spec file needs no installation."""
     if not spec.plugins:
         return
-    folder = str(spec.path.resolve().parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
     try:
         from vlmeval_dop.plugins import load_plugins as registry_load
     except ImportError:  # a registry without plugin discovery: plain imports register the same way
         registry_load = None
     try:
         if registry_load is not None:
-            registry_load(list(spec.plugins))
+            registry_load(_plugin_targets(spec))
         else:
-            import importlib
+            import importlib.util
 
-            for module in spec.plugins:
-                importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        raise SpecError(f"{spec.path}: plugin module {exc.name!r} not found (looked in {folder} and on sys.path)")
+            for target in _plugin_targets(spec):
+                if target.endswith(".py"):
+                    mod_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+                    module = importlib.util.module_from_spec(mod_spec)
+                    sys.modules[mod_spec.name] = module
+                    mod_spec.loader.exec_module(module)
+                else:
+                    importlib.import_module(target)
+    except ImportError as exc:  # the registry's PluginError is one; its message names the module
+        if isinstance(exc, ModuleNotFoundError):
+            raise SpecError(f"{spec.path}: plugin module {exc.name!r} not found (not next to the spec, not "
+                            "installed, not on PYTHONPATH)") from None
+        raise SpecError(f"{spec.path}: plugins: {exc}") from None
     from vlmeval_dop import registry
 
     registry.load_entries.cache_clear()  # entries of the new methods exist from now on
@@ -192,7 +215,8 @@ class Row:
 
 
 def _registered_methods() -> dict[str, str]:
-    """Method names -> where they come from: DOP variants, baselines, user methods, tiny entries' labels."""
+    """Method names -> what they are: full, the DOP variants, every registered method (the package's and
+    the plugins'), and the method labels of explicit entries."""
     from vlmeval_dop import registry
     from vlmeval_dop.fileio import read_yaml
     from vlmeval_dop.models_config import CONFIG_DIR
@@ -200,16 +224,14 @@ def _registered_methods() -> dict[str, str]:
     out = {FULL: "the unpruned model", "dop": "DOP, the paper's headline variant of the model's family"}
     raw = read_yaml(CONFIG_DIR / registry.ENTRIES_FILE, "restore it (git checkout -- eval_configs/)") or {}
     out.update({m: "DOP variant" for m in raw.get("methods") or {}})
-    bpath = CONFIG_DIR / registry.BASELINES_FILE
-    if bpath.exists():
-        braw = read_yaml(bpath, "restore it (git checkout -- eval_configs/)") or {}
-        out.update({m: "baseline" for m in braw.get("baselines") or {}})
     try:
-        from vlmeval_dop import methods as method_registry
-    except ImportError:
-        method_registry = None
-    names = getattr(method_registry, "METHODS", None) or getattr(method_registry, "REGISTRY", None) or {}
-    out.update({str(m): "registered method" for m in names if str(m) not in out})
+        from vlmeval_dop.methods import registered
+    except ImportError:  # a registry without the method registry: the baselines of baselines.yaml
+        bpath = CONFIG_DIR / registry.BASELINES_FILE
+        braw = (read_yaml(bpath, "restore it (git checkout -- eval_configs/)") or {}) if bpath.exists() else {}
+        out.update({m: "baseline" for m in braw.get("baselines") or {} if m not in out})
+    else:
+        out.update({m: f"{info.kind}-side method" for m, info in registered().items() if m not in out})
     for e in registry.load_entries().values():
         out.setdefault(e.method, "entry label")
     return out
@@ -222,11 +244,9 @@ def _declares_seed(method: str) -> bool:
     except ImportError:
         return False
     try:
-        info = method_info(method)
-    except (KeyError, ValueError):
+        return bool(method_info(method).takes_seed)
+    except KeyError:  # full, the DOP variants, entry labels: no seed
         return False
-    args = getattr(info, "entry_args", None) or getattr(info, "args", None) or ()
-    return bool(getattr(info, "seed", False)) or "seed" in args
 
 
 def _blocked(entry: str) -> str:
@@ -658,4 +678,4 @@ def plugin_args(spec: CompareSpec) -> list[str]:
     """run.py flags that load the spec's plugin modules in each run (none when the spec has none)."""
     if not spec.plugins:
         return []
-    return ["--plugins", *spec.plugins]
+    return ["--plugins", ",".join(_plugin_targets(spec))]
