@@ -37,16 +37,11 @@ from __future__ import annotations
 import difflib
 import io
 import json
-import math
 import re
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # run as a script from anywhere: the repo root holds vlmeval_dop
-    sys.path.insert(0, str(HERE.parent))
 
 SPEC_KEYS = {
     "name": "names the output files (default: the spec file's stem)",
