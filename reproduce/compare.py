@@ -133,7 +133,7 @@ def load_spec(path: str | Path) -> CompareSpec:
     return parse_spec(read_yaml(path, "fix the spec (see reproduce/compare_example.yaml)"), path)
 
 
-def _plugin_targets(spec: CompareSpec) -> list[str]:
+def plugin_targets(spec: CompareSpec) -> list[str]:
     """The spec's plugins as the registry's `load_plugins` and run.py's `--plugins` take them: a `.py` path
     relative to the spec's folder, and a module name that is a file of that folder, become absolute paths
     (so every run.py process finds them); other module names pass unchanged (installed or on PYTHONPATH)."""
@@ -151,32 +151,15 @@ def _plugin_targets(spec: CompareSpec) -> list[str]:
 
 
 def load_plugins(spec: CompareSpec) -> None:
-    """Import the spec's plugin modules (their methods register on import), through the registry's
+    """Import the spec's plugin modules (their methods register on import) with the registry's
     `vlmeval_dop.plugins.load_plugins`. A module next to the spec file needs no installation."""
     if not spec.plugins:
         return
-    try:
-        from vlmeval_dop.plugins import load_plugins as registry_load
-    except ImportError:  # a registry without plugin discovery: plain imports register the same way
-        registry_load = None
-    try:
-        if registry_load is not None:
-            registry_load(_plugin_targets(spec))
-        else:
-            import importlib.util
+    from vlmeval_dop.plugins import PluginError, load_plugins as registry_load
 
-            for target in _plugin_targets(spec):
-                if target.endswith(".py"):
-                    mod_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-                    module = importlib.util.module_from_spec(mod_spec)
-                    sys.modules[mod_spec.name] = module
-                    mod_spec.loader.exec_module(module)
-                else:
-                    importlib.import_module(target)
-    except ImportError as exc:  # the registry's PluginError is one; its message names the module
-        if isinstance(exc, ModuleNotFoundError):
-            raise SpecError(f"{spec.path}: plugin module {exc.name!r} not found (not next to the spec, not "
-                            "installed, not on PYTHONPATH)") from None
+    try:
+        registry_load(plugin_targets(spec))
+    except PluginError as exc:  # names the module and the cause
         raise SpecError(f"{spec.path}: plugins: {exc}") from None
     from vlmeval_dop import registry
 
@@ -211,35 +194,26 @@ class Row:
 
 def _registered_methods() -> dict[str, str]:
     """Method names -> what they are: full, the DOP variants, every registered method (the package's and
-    the plugins'), and the method labels of explicit entries."""
+    the plugins'), baselines.yaml's recipes (resize), and the method labels of explicit entries."""
     from vlmeval_dop import registry
-    from vlmeval_dop.fileio import read_yaml
+    from vlmeval_dop.methods import registered
     from vlmeval_dop.models_config import CONFIG_DIR
 
     out = {FULL: "the unpruned model", "dop": "DOP, the paper's headline variant of the model's family"}
-    raw = read_yaml(CONFIG_DIR / registry.ENTRIES_FILE, "restore it (git checkout -- eval_configs/)") or {}
-    out.update({m: "DOP variant" for m in raw.get("methods") or {}})
-    try:
-        from vlmeval_dop.methods import registered
-    except ImportError:  # a registry without the method registry: the baselines of baselines.yaml
-        bpath = CONFIG_DIR / registry.BASELINES_FILE
-        braw = (read_yaml(bpath, "restore it (git checkout -- eval_configs/)") or {}) if bpath.exists() else {}
-        out.update({m: "baseline" for m in braw.get("baselines") or {} if m not in out})
-    else:
-        out.update({m: f"{info.kind}-side method" for m, info in registered().items() if m not in out})
+    out.update({m: "DOP variant" for m in registry.read_entries_config(CONFIG_DIR).methods})
+    out.update({m: f"{info.kind}-side method" for m, info in registered().items() if m not in out})
+    out.update({m: "baseline" for m in registry.read_baselines_config(CONFIG_DIR).recipes if m not in out})
     for e in registry.load_entries().values():
         out.setdefault(e.method, "entry label")
     return out
 
 
 def _declares_seed(method: str) -> bool:
-    """Whether `method` takes a seed (its entries accept `.s{seed}`); False where the registry cannot say."""
+    """Whether `method` takes a seed (its entries accept `.s{seed}`: `entry_args={"seed": int}`)."""
+    from vlmeval_dop.methods import method_info
+
     try:
-        from vlmeval_dop.methods import method_info
-    except ImportError:
-        return False
-    try:
-        return bool(method_info(method).takes_seed)
+        return method_info(method).takes_seed
     except KeyError:  # full, the DOP variants, entry labels: no seed
         return False
 
@@ -288,10 +262,10 @@ def resolve_rows(spec: CompareSpec) -> list[Row]:
     """The table's rows: for every model its full row, then every method at every budget (an explicit entry
     name once), each with one run per seed where the method declares a seed. SpecError (one message naming
     the valid values) for unknown models and methods or a method without budgets."""
-    from vlmeval_dop.registry import EntryError, budget_label, get_entry, load_entries
+    from vlmeval_dop.models_config import CONFIG_DIR
+    from vlmeval_dop.registry import EntryError, budget_label, get_entry, read_entries_config
 
-    entries = load_entries()
-    models = list(dict.fromkeys(e.model.name for e in entries.values()))
+    models = list(read_entries_config(CONFIG_DIR).models)
     bad = [m for m in spec.models if m not in models]
     if bad:
         raise SpecError(f"{spec.path}: unknown model(s) {', '.join(f'{m!r}{_close(m, models)}' for m in bad)}; "
@@ -319,10 +293,25 @@ def resolve_rows(spec: CompareSpec) -> list[Row]:
         raise SpecError(f"{spec.path}: method(s) {', '.join(need)} need `budgets:` (TFLOPs fractions, e.g. "
                         "[0.28, 0.19]); explicit entry names need none")
 
+    cfg = read_entries_config(CONFIG_DIR)
+
     def runs(name: str, method: str) -> tuple[Run, ...]:
         if spec.seeds and _declares_seed(method):
             return tuple(Run(f"{name}.s{s}", s, _blocked(f"{name}.s{s}")) for s in spec.seeds)
         return (Run(name, None, _blocked(name)),)
+
+    def dop_runs(model: str, method: str, budget: float) -> tuple[Run, ...]:
+        """A DOP variant's entry exists where a policy does (the paper's, or one installed by a search)."""
+        name = f"{model}_{method}{budget_label(budget)}"
+        (run,) = runs(name, method)
+        if not run.blocked.startswith("unknown entry"):
+            return (run,)
+        variant = (cfg.paper.get(model) or {}).get("dop") if method == "dop" else method
+        reducer = (cfg.methods.get(variant) or {}).get("reducer", "<reducer>")
+        return (Run(name, None, f"no {method} policy for {model} at {100 * budget:g} % TFLOPs: search one with "
+                                f"`vlmeval-dop search --model {model} --reducer {reducer} --data TextVQA_TRAIN "
+                                f"--budget {budget:g} --install <tag>` and list its entry "
+                                f"{model}_{variant or method}{budget_label(budget)}_<tag> in `methods:`"),)
 
     rows: dict[str, Row] = {}
     for model in spec.models:
@@ -338,7 +327,9 @@ def resolve_rows(spec: CompareSpec) -> list[Row]:
                 continue
             for b in spec.budgets:
                 name = f"{model}_{m}{budget_label(b)}"
-                rows.setdefault(name, Row(model, m, b, name, runs(name, m)))
+                if name not in rows:
+                    dop = m == "dop" or m in cfg.methods
+                    rows[name] = Row(model, m, b, name, dop_runs(model, m, b) if dop else runs(name, m))
     return list(rows.values())
 
 
@@ -668,9 +659,3 @@ def main_aggregate(spec_path: str, work_dir: str, out: str | None, mme: str) -> 
     print(f"wrote {len(files)} files to {out_dir}", file=sys.stderr)
     return 0
 
-
-def plugin_args(spec: CompareSpec) -> list[str]:
-    """run.py flags that load the spec's plugin modules in each run (none when the spec has none)."""
-    if not spec.plugins:
-        return []
-    return ["--plugins", ",".join(_plugin_targets(spec))]

@@ -441,11 +441,17 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="run at most this many cells (>= 0)")
     parser.add_argument("--work-dir", type=Path, default=Path("outputs"), help="VLMEvalKit work dir")
     parser.add_argument("--gpus", type=int, default=1, help="> 1: launch run.py with torchrun")
+    from vlmeval_dop.plugins import PluginError, add_plugins_argument, load_plugins, split_plugins
+
+    add_plugins_argument(parser)  # users' methods: loaded here for the plan, passed on to run.py
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     if args.compare is not None:
         return _main_compare(args, extra)
     try:
+        if args.plugins:
+            load_plugins(args.plugins)
+            extra = ["--plugins", ",".join(_absolute(p) for p in split_plugins(args.plugins)), *extra]
         _check_args(args)
         spec = get_table(args.table)
         if spec.kind != "accuracy" and not spec.benchmarks and not spec.has_rel_avg and args.dry_run:
@@ -453,7 +459,7 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"table {args.table} ({spec.kind}): not VLMEvalKit accuracy cells; produced by:\n{lines}")
             return 0
         cells = plan_table(args.table, args.work_dir)
-    except ValueError as exc:
+    except (ValueError, PluginError) as exc:
         print(f"reproduce/run.py: error: {exc}", file=sys.stderr)
         return 2
     print(format_plan(args.table, cells))
@@ -463,22 +469,34 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _main_compare(args, extra: list[str]) -> int:
-    """`--compare SPEC`: the spec checked and planned like a table, its todo cells run (plugin modules are
-    handed to every run.py call)."""
-    from reproduce.compare import plan_compare, plugin_args, prepare
+    """`--compare SPEC`: the spec checked and planned like a table, its todo cells run; the spec's plugins
+    (and any --plugins) are loaded here and handed to every run.py call."""
+    from reproduce.compare import plan_compare, plugin_targets, prepare
+    from vlmeval_dop.plugins import PluginError, load_plugins, split_plugins
     from vlmeval_dop.registry import EntryError
 
     try:
+        plugins = [_absolute(p) for p in split_plugins(args.plugins)]
+        if plugins:
+            load_plugins(plugins)
         _check_args(args)
         spec = prepare(args.compare)
+        plugins += [p for p in plugin_targets(spec) if p not in plugins]
         cells = plan_compare(spec, args.work_dir)
-    except (ValueError, EntryError) as exc:
+    except (ValueError, EntryError, PluginError) as exc:
         print(f"reproduce/run.py: error: {exc}", file=sys.stderr)
         return 2
     print(format_plan(None, cells, title=f"comparison {spec.name}"))
     if args.dry_run:
         return 0
-    return run_cells(cells, args.work_dir, args.limit, args.gpus, plugin_args(spec) + extra)
+    extra = (["--plugins", ",".join(plugins)] if plugins else []) + extra
+    return run_cells(cells, args.work_dir, args.limit, args.gpus, extra)
+
+
+def _absolute(plugin: str) -> str:
+    """A plugin .py path made absolute (run.py runs from the repository root); module names unchanged."""
+    path = Path(plugin).expanduser()
+    return str(path.resolve()) if plugin.endswith(".py") or path.is_file() else plugin
 
 
 def _check_args(args) -> None:

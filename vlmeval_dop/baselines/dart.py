@@ -43,6 +43,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..executor.families import adapter_for
 from ..executor.token_pruner import DecoderPruneContext
+from ..methods import register_method
 
 
 def dart_quota(keep: int, n_visual: int, pivot_image: int = 4, pivot_text: int = 4) -> int:
@@ -120,6 +121,12 @@ def _keys(ctx: DecoderPruneContext, b: int, positions: torch.Tensor) -> torch.Te
     return k.transpose(1, 2).reshape(positions.numel(), -1)
 
 
+def _dart_cost(spec, args: dict, counts, n_visual: int, text_tokens: int) -> float:
+    """Selection FLOPs of one sample (registration's cost model): `dart_selection_flops`."""
+    return dart_selection_flops(spec, n_visual, text_tokens)
+
+
+@register_method("dart", kind="decoder", budget_knob="keep", knob_range=(0, "n_visual"), selection_cost=_dart_cost)
 class DART:
     """DART for `apply_dop(model, DOPPolicy.full(L), token_pruner=DART(k=2, keep=128))`.
 

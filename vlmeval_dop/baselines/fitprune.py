@@ -54,6 +54,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from ..executor.token_pruner import DecoderPruneContext
+from ..methods import register_method
 
 # ---------------------------------------------------------------------------------------- attention
 
@@ -278,6 +279,14 @@ def as_schedule(schedule) -> FitPruneSchedule:
 # ---------------------------------------------------------------------------------------- inference
 
 
+def _fitprune_cost(spec, args: dict, counts, n_visual: int, text_tokens: int) -> float:
+    """Selection FLOPs of one sample (registration's cost model): the visual attention rows of every layer
+    after which the fitted schedule drops tokens."""
+    return sum(fitprune_selection_flops(spec, counts[i][0], counts[i][0])
+               for i in range(len(counts) - 1) if counts[i + 1][0] < counts[i][0])  # fmt: skip
+
+
+@register_method("fitprune", kind="decoder", budget_arg="budget", selection_cost=_fitprune_cost)
 class FitPrune:
     """FitPrune at inference: `apply_dop(model, DOPPolicy.full(L), token_pruner=FitPrune(schedule))`.
 

@@ -35,6 +35,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from ..executor.token_pruner import DecoderPruneContext, PruneDecision
+from ..methods import register_method
 
 
 def pdrop_ratio_list(boundaries: Sequence[int], ratio: float = 0.5, ratios: Sequence[float] | None = None) -> list[float]:
@@ -105,6 +106,13 @@ def pdrop_selection_flops(spec, n_tokens: int) -> float:
     return 2.0 * n_tokens * spec.hidden_size * (spec.q_dim + spec.kv_dim) + 2.0 * n_tokens * spec.q_dim
 
 
+def _pdrop_cost(spec, args: dict, counts, n_visual: int, text_tokens: int) -> float:
+    """Selection FLOPs of one sample: the next layer's q/k of the whole current sequence, one score row,
+    per stage boundary (registration's cost model)."""
+    return sum(pdrop_selection_flops(spec, counts[b - 1][0]) for b in args.get("boundaries", (8, 16, 24)))
+
+
+@register_method("pdrop", kind="decoder", budget_knob="ratio", knob_range=(0.0001, 0.9999), selection_cost=_pdrop_cost)
 class PDrop:
     """PyramidDrop for `apply_dop(..., token_pruner=PDrop(boundaries=[8, 16, 24], ratio=0.5))`.
 

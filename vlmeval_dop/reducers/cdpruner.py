@@ -69,6 +69,7 @@ import torch
 
 from .base import ImageSpan, ReducerError, ReductionContext, Selection, check_n_keep
 from .instruction import InstructionText, instruction_ids
+from ..methods import register_method
 
 _CLIP_FAMILIES = ("llava", "llava_next")
 NEXT_PACKINGS = ("official", "stock")
@@ -197,6 +198,7 @@ def crop_quotas(available: list[int], n_keep: int) -> list[int]:
     return quota
 
 
+@register_method("cdpruner", kind="vision")
 class CDPruner:
     """Reducer: conditional-DPP visual token selection (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, InternVL3); see module doc.
 

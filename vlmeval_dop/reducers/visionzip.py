@@ -50,6 +50,7 @@ import torch
 
 from .base import ReducerError, ReductionContext, ReplacedSpan, check_family, check_n_keep
 from .vision import CLIP_FAMILIES, VisionCapture, vision_capture
+from ..methods import register_method
 
 #: official (dominant, contextual) = (54, 10) for 64 tokens: the contextual share of the budget
 CONTEXTUAL_FRACTION = 10 / 64
@@ -199,6 +200,7 @@ def split_budget(n_keep: int, sizes: list[int]) -> list[int]:
     return out
 
 
+@register_method("visionzip", kind="vision")
 class VisionZip:
     """Reducer: official VisionZip, `[CLS, dominant, contextual]` per crop (LLaVA-1.5; LLaVA-NeXT with the
     official packing); see module doc. Returns `ReplacedSpan`s."""
