@@ -219,7 +219,8 @@ def test_example_spec_plans_on_the_tiny_demo(tmp_path, capsys):
     assert rrun.main(["--compare", str(ROOT / "reproduce" / "compare_example.yaml"), "--dry-run",
                       "--work-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "0 blocked" in out and "run   tiny_llava15: DOP_Demo" in out
+    assert out.startswith("comparison compare_example: 8 cells: 0 done, 8 to run, 0 blocked")
+    assert "run   tiny_llava15_divprune80: DOP_Demo" in out and "run   tiny_llava15_dop: DOP_Demo" in out
 
 
 def test_paper_table_paths_unchanged(capsys):
@@ -229,3 +230,72 @@ def test_paper_table_paths_unchanged(capsys):
     with pytest.raises(SystemExit):
         aggregate.main(["--scores", "x.csv"])
     assert "the following arguments are required: --base" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def user_methods(tmp_path):
+    """docs/adding_a_baseline.md's one-file example (a seeded random vision-side method `rand`, a decoder-side
+    `l2norm`) written to a folder outside the repository, next to the spec; the method registry, loaded
+    plugins and modules are restored afterwards, and the repository must be untouched."""
+    from test_user_methods import _git_status, guide_module_source
+    from vlmeval_dop import methods, plugins, registry
+
+    folder = tmp_path / "user"
+    folder.mkdir()
+    (folder / "my_methods.py").write_text(guide_module_source(), encoding="utf-8")
+    before, loaded, status = dict(methods._REGISTRY), dict(plugins._LOADED), _git_status()
+    yield folder
+    sys.modules.pop("my_methods", None)
+    plugins._LOADED.clear()
+    plugins._LOADED.update(loaded)
+    methods._REGISTRY.clear()
+    methods._REGISTRY.update(before)
+    registry.load_entries.cache_clear()
+    assert _git_status() == status, "a comparison of the user's methods must not change the repository"
+
+
+def test_user_methods_from_an_outside_module_with_two_seeds(user_methods, in_process, capsys):
+    """`plugins:` names a module next to the spec: its seeded method runs once per seed, the others once, a
+    budget below the model's floor is blocked with the reason, and the table's seeded cells are mean and
+    sample std of the two runs (checked on injected scores by hand)."""
+    from vlmeval_dop.flops import full_flops, schedule_flops
+
+    spec = _spec(user_methods, "name: user\nplugins: [my_methods]\nmodels: [tiny_llava15]\n"
+                               "methods: [full, rand, l2norm]\nbudgets: [0.9, 0.5]\nbenchmarks: [DOP_Demo]\n"
+                               "seeds: [0, 1]\n")
+    work = user_methods / "w"
+    assert rrun.main(["--compare", str(spec), "--work-dir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("comparison user: 7 cells: 0 done, 4 to run, 3 blocked")
+    assert ("block tiny_llava15_rand50 (2 cells): entry 'tiny_llava15_rand50' does not exist: 50 % TFLOPs is "
+            "below tiny_llava15's floor") in out and "block tiny_llava15_l2norm50 (1 cells)" in out
+    called = [a[a.index("--model") + 1] for a in in_process]
+    assert called == ["tiny_llava15", "tiny_llava15_rand90.s0", "tiny_llava15_rand90.s1", "tiny_llava15_l2norm90"]
+    assert all(a[a.index("--plugins") + 1] == str(user_methods / "my_methods.py") for a in in_process)
+
+    assert aggregate.main(["--compare", str(spec), "--work-dir", str(work)]) == 0
+    res = work / "comparisons" / "user"
+    table = pd.read_csv(res / "user.csv").set_index("entry")
+    assert table.at["tiny_llava15_rand90", "runs"] == 2 and table.at["tiny_llava15_rand90", "DOP_Demo_n"] == 2
+    assert table.at["tiny_llava15_l2norm90", "runs"] == 1
+    assert table.at["tiny_llava15_rand50", "DOP_Demo_status"] == "missing"
+    assert "below tiny_llava15's floor" in table.at["tiny_llava15_rand50", "DOP_Demo_reason"]
+    runs = pd.read_csv(res / "user_runs.csv")
+    assert sorted(runs[runs["row"] == "tiny_llava15_rand90"]["seed"]) == [0, 1]
+    # TFLOPs: rand keeps n_e tokens in every layer, n_e = the most whose (L, L, n) count stays within 90 %
+    spec_, t = _arch(), 92
+    full = full_flops(spec_, t)
+    n_e = max(n for n in range(65) if schedule_flops(spec_, [(t + n, t + n)] * 4) <= 0.9 * full)
+    assert table.at["tiny_llava15_rand90", "tflops"] == pytest.approx(
+        schedule_flops(spec_, [(t + n_e, t + n_e)] * 4) / 1e12, rel=1e-12)
+    for stem in ("DOP_Demo", "rel_avg"):
+        assert (res / f"user_{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # injected scores: base 80; the seeds 30 and 50 -> 40 +- sqrt(200); Rel. Avg. 50 % +- 100 sqrt(200) / 80
+    for entry, value in (("tiny_llava15", 80), ("tiny_llava15_rand90.s0", 30), ("tiny_llava15_rand90.s1", 50)):
+        _score(work, entry, "DOP_Demo", value)
+    t2 = {tr.row.label: tr for tr in compare.compare_table(compare.prepare(spec), work).rows}
+    rand = t2["tiny_llava15_rand90"]
+    assert (rand.cells["DOP_Demo"].mean, rand.cells["DOP_Demo"].n) == (40.0, 2)
+    assert rand.cells["DOP_Demo"].std == pytest.approx(math.sqrt(200))
+    assert rand.rel.mean == pytest.approx(50.0) and rand.rel.std == pytest.approx(100 * math.sqrt(200) / 80)
