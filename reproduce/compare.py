@@ -406,8 +406,8 @@ def _tflops(entry_name: str) -> tuple[float | None, float | None, str]:
 
     try:
         entry = registry.get_entry(entry_name)
-    except registry.EntryError as exc:
-        return None, None, str(exc)
+    except registry.EntryError as exc:  # worded as the row's blocked cells are: one footnote for both
+        return None, None, f"blocked: {exc}"
     count = getattr(registry, "entry_tflops", None)
     r = count(entry) if count is not None else entry.tflops()
     if r is None:
