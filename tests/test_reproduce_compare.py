@@ -28,7 +28,11 @@ def _spec(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:
 @pytest.fixture()
 def in_process(run_py, monkeypatch):
     """reproduce/run.py's `python run.py ...` subprocess replaced by run.py's main in this process (same argv);
-    returns the list of argv it was called with."""
+    returns the list of argv it was called with. VLMEvalKit's process-wide model table is restored afterwards
+    (run.py adds on-demand entries such as `x_rand90.s0` to it, bound to this module's run.py)."""
+    from vlmeval.config import supported_VLM
+
+    before = dict(supported_VLM)
     calls = []
 
     def call(cmd):
@@ -44,7 +48,9 @@ def in_process(run_py, monkeypatch):
             sys.argv[:] = argv0
 
     monkeypatch.setattr(rrun.subprocess, "call", call)
-    return calls
+    yield calls
+    supported_VLM.clear()
+    supported_VLM.update(before)
 
 
 def _arch():
