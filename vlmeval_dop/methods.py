@@ -116,7 +116,7 @@ def register_method(
         if kind not in KINDS:
             raise RegistrationError(f"{name}: kind {kind!r} unknown; valid: {', '.join(KINDS)}")
         where = f"{cls.__module__}.{cls.__qualname__}"
-        params = _init_params(cls)
+        params = init_params(cls)
         if kind == "vision":
             if budget_knob is not None or budget_arg is not None or args or fallback:
                 raise RegistrationError(f"{name} ({where}): a vision-side method's budget is the kept token count "
@@ -158,7 +158,7 @@ def register_method(
 _SOURCE: dict[str, str] = {}  # set by vlmeval_dop.plugins while it imports a plugin module
 
 
-def _init_params(cls: type) -> set[str] | None:
+def init_params(cls: type) -> set[str] | None:
     """The constructor's argument names; None if it takes **kwargs (anything goes)."""
     try:
         sig = inspect.signature(cls.__init__)

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..methods import init_params
 from ..policy import DOPPolicy
 from .entry import Entry, EntryError, ModelSpec, tiny_arch
 
@@ -102,7 +103,7 @@ def solve_knob(info, shape: ModelShape, n_e: int, args: dict, label: str = "") -
         mid = (lo + hi) // 2 if integer else (lo + hi) / 2
         lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid)
     best = hi if cost(hi) <= target else lo
-    params = _init_params(cls)
+    params = init_params(cls)
     extra = {"n_visual": N} if params is not None and "n_visual" in params else {}
     # ratios rounded *down* to 4 decimals: still within the budget (cost grows with the kept amount)
     return {**args, **extra, knob: best if integer else math.floor(best * 1e4) / 1e4}
@@ -120,16 +121,6 @@ def call_layer_tokens(cls, num_layers: int, n_visual: int, text_tokens: int, arg
         names = list(sig.parameters)[3:]
         args = {k: v for k, v in args.items() if k in names}
     return fn(num_layers, n_visual, text_tokens, **args)
-
-
-def _init_params(cls) -> set[str] | None:
-    try:
-        sig = inspect.signature(cls.__init__)
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return None
-    return set(sig.parameters)
 
 
 def entry_layer_tokens(entry: Entry) -> list[tuple[int, ...]] | None:

@@ -148,6 +148,11 @@ def method_entry(model: ModelSpec, method: str, budget: float, bcfg: BaselinesCo
     shape = model_shape(model)
     n_e = visual_budget(shape, budget)
     if reducer is not None:
+        reducer_info = registered("vision").get(reducer)
+        families = getattr(reducer_info.cls, "families", None) if reducer_info else None
+        if families is not None and shape.arch.family not in families:  # refused now, not at the first sample
+            raise EntryError(f"{name!r}: reducer {reducer!r} does not support model family {shape.arch.family!r} "
+                             f"(supported: {', '.join(families)})")
         L = shape.arch.num_layers
         return check_resize(Entry(name, model, method, budget=budget, policy=DOPPolicy(L, L, n_e), reducer=reducer,
                                   source=source))
