@@ -7,7 +7,7 @@ like the paper's tables.
 The spec (a YAML mapping; reproduce/compare_example.yaml runs offline on the tiny demo):
 
     name: mine                    # names the output files (default: the spec file's name)
-    plugins: [mymodule]           # optional: modules that register methods of your own
+    plugins: [mymodule]           # optional: modules registering methods (next to the spec, installed, or .py)
     models: [llava15_7b]          # model names of `vlmeval-dop list`
     methods: [full, dop, vispruner, mymethod]   # method names, or explicit entry names (llava15_7b_dopcd28)
     budgets: [0.28, 0.19, 0.11]   # TFLOPs as fractions of the full model; a method runs as {model}_{method}{28}
@@ -17,7 +17,7 @@ The spec (a YAML mapping; reproduce/compare_example.yaml runs offline on the tin
 Everything is checked before anything runs or is written: an unknown key, model, method, benchmark or a
 budget that is not a fraction in (0, 1) is one error naming the valid values. Each model's unpruned row
 (`full`) is always part of the comparison: it is the Rel. Avg. denominator. A cell that cannot run (a budget
-the method cannot meet, a component that is not registered, an entry that does not exist) is planned as
+the method cannot meet, a component that is not registered, a DOP budget without a policy) is planned as
 blocked with the registry's reason, never dropped.
 
 The table (`compare_table`): one row per (model, method, budget) with the entry's analytic TFLOPs (paper count,
@@ -381,6 +381,9 @@ class Stat:
 
 @dataclass
 class TableRow:
+    """One row of the table: its TFLOPs (None with the reason when the entry cannot exist), its cells by
+    benchmark and its Rel. Avg."""
+
     row: Row
     tflops: float | None
     ratio: float | None
