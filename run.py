@@ -20,6 +20,9 @@ What it adds before handing the (unchanged) flags to `vlmeval.run.main()`:
   benchmark and goes on to the next); the exit code is 1 when every requested benchmark failed, else
   VLMEvalKit's own (0 for partial success). Ctrl-C prints "interrupted; rerun the same command to resume"
   and exits 130 (VLMEvalKit's `--reuse` keeps finished predictions).
+- `--plugins mymodule[,path/to/other.py]` (ours): import users' modules that register methods with
+  `@vlmeval_dop.methods.register_method` first, so `--model {model}_{method}{budget}` works for them
+  (docs/adding_a_baseline.md). Installed packages' `vlmeval_dop.methods` entry points load by themselves.
 - `--batch-size N` (ours; default 1 = VLMEvalKit's own one-sample loop, unchanged): N samples per
   `generate`, grouped by prompt length, with the same intermediate files, resume, predictions and evaluation
   (vlmeval_dop/batched_inference.py); an entry that cannot be batched exactly says so once and runs batch 1.
@@ -42,8 +45,29 @@ def _fail(msg: str) -> "SystemExit":
 _BATCH_FLAG = "--batch-size"
 BATCH_HELP = (
     "  --batch-size N        (vlmeval-dop) samples per generate call, grouped by prompt length; default 1 =\n"
-    "                        VLMEvalKit's one-sample loop. Same predictions, files and resume."
+    "                        VLMEvalKit's one-sample loop. Same predictions, files and resume.\n"
+    "  --plugins MODULES     (vlmeval-dop) comma-separated modules or .py files registering methods with\n"
+    "                        @vlmeval_dop.methods.register_method (docs/adding_a_baseline.md); repeatable."
 )
+_PLUGINS_FLAG = "--plugins"
+
+
+def split_plugins_flag(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(`--plugins` values, argv without them): VLMEvalKit's parser does not know the flag."""
+    plugins, out, i = [], [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith(_PLUGINS_FLAG + "="):
+            plugins.append(tok.split("=", 1)[1])
+        elif tok == _PLUGINS_FLAG:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                raise _fail(f"{_PLUGINS_FLAG} needs a value (module names or .py paths, comma-separated)")
+            plugins.append(argv[i + 1])
+            i += 1
+        else:
+            out.append(tok)
+        i += 1
+    return plugins, out
 
 
 def split_batch_size(argv: list[str]) -> tuple[int, list[str]]:
@@ -184,8 +208,9 @@ def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = sys.argv[0] if sys.argv else "run.py"
     batch_size, argv = split_batch_size(argv)
+    plugins, argv = split_plugins_flag(argv)
     if "-h" in argv or "--help" in argv:
-        print(f"run.py = VLMEvalKit's run.py with the vlmeval-dop entries; one flag of its own:\n{BATCH_HELP}\n")
+        print(f"run.py = VLMEvalKit's run.py with the vlmeval-dop entries; flags of its own:\n{BATCH_HELP}\n")
     # vlmeval.run must be imported before anything initialises CUDA: under torchrun it assigns each local
     # rank its GPUs through CUDA_VISIBLE_DEVICES at import time.
     import vlmeval.run as vrun
@@ -197,6 +222,13 @@ def _main(argv: list[str] | None = None) -> int:
     from vlmeval_dop.registry import EntryError, runnable_entry
 
     load_env()  # as VLMEvalKit's run.py does (API keys for judges from its .env)
+    if plugins:  # users' methods register before the entries are read
+        from vlmeval_dop.plugins import PluginError, load_plugins
+
+        try:
+            load_plugins(plugins)
+        except PluginError as exc:
+            raise _fail(str(exc)) from None
     register(supported_VLM)
 
     sys.argv = [prog] + argv

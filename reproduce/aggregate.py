@@ -3,6 +3,7 @@
     python reproduce/aggregate.py --work-dir outputs --base <row name> [--entries E ...] [--benchmarks B ...]
                                   [--mme auto|perception|total] [--out PREFIX] [--paper-table N]
     python reproduce/aggregate.py --scores scores.csv --base <row name> [--out PREFIX] [--paper-table N]
+    python reproduce/aggregate.py --compare mine.yaml [--work-dir outputs] [--out DIR] [--mme auto]
 
 --work-dir reads VLMEvalKit's own score files under `<work_dir>/<entry>/` (`collect_scores`: one row per
 entry folder, one column per paper benchmark found, each in the paper's unit). --scores reads a long-format
@@ -22,7 +23,13 @@ benchmark without any score file, a benchmark without a base score, an unknown b
 output folder) prints one error line and exits with code 2, before anything is written. Scores and base must
 be in the same unit per benchmark (see relavg.py on MME / OCRBench; `--mme`).
 
-No vlmeval import (nor torch): the score files are read with pandas, the aliases with yaml.
+--compare SPEC aggregates a comparison of your own (reproduce/compare.py): the markdown table (TFLOPs column,
+mean +- std over seeds, Rel. Avg. against each model's full row, "undefined" where that base is 0 or missing,
+missing cells with their reason) is printed, and written with NAME.csv, NAME_runs.csv and accuracy-vs-TFLOPs
+plots (PNG, SVG) per benchmark and for Rel. Avg. to --out DIR (default <work-dir>/comparisons/NAME/).
+
+No vlmeval import (nor torch): the score files are read with pandas, the aliases with yaml. --compare also
+reads the entry registry (vlmeval_dop, hence torch) for the TFLOPs and the entries' reasons.
 """
 from __future__ import annotations
 
@@ -593,13 +600,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mme", choices=MME_UNITS, default="auto",
                         help="MME unit: perception (LLaVA tables), total = perception + reasoning (Qwen2.5-VL / "
                              "InternVL3 tables), auto = by each entry's model family (default)")
-    parser.add_argument("--base", help="the row (method) whose scores are the denominators (not for --paper-table 18, "
-                                       "which prints averages and the paper's rows instead)")
-    parser.add_argument("--out", help="also write PREFIX.csv (full precision) and PREFIX.xlsx")
+    parser.add_argument("--base", help="the row (method) whose scores are the denominators (required except with "
+                                        "--compare; not for --paper-table 18, which prints averages and the paper's "
+                                        "rows instead)")
+    parser.add_argument("--out", help="also write PREFIX.csv (full precision) and PREFIX.xlsx; with --compare: "
+                                      "the output folder (default <work-dir>/comparisons/<name>)")
+    parser.add_argument("--compare", metavar="SPEC",
+                        help="a comparison spec of your own (YAML, reproduce/compare.py): its table, CSVs and plots")
     parser.add_argument("--paper-table", type=int, metavar="N",
                         help="show the paper's Rel. Avg. of table N and the difference; 18: Table 18's layout (video "
                              "QA acc / score, averages) with the paper's rows beside ours")
     args = parser.parse_args(argv)
+    if args.compare is not None:
+        if args.scores or args.base or args.entries or args.benchmarks or args.paper_table is not None:
+            parser.error("--compare takes its rows and benchmarks from the spec: use it with --work-dir, --out "
+                         "and --mme only")
+        from reproduce.compare import main_aggregate
+
+        return main_aggregate(args.compare, args.work_dir or "outputs", args.out, args.mme)
+    if args.base is None and args.paper_table != VIDEO_TABLE:  # Table 18 prints no Rel. Avg. (checked below)
+        parser.error("the following arguments are required: --base")
     try:
         if not args.work_dir and (args.entries or args.benchmarks):
             raise InputError("--entries / --benchmarks select from a --work-dir; none was given")

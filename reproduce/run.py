@@ -2,6 +2,7 @@
 
     python reproduce/run.py --table 8 --dry-run          # the plan: every cell, done / to run / blocked
     python reproduce/run.py --table 8 [--limit K] [--work-dir outputs] [--gpus N] [-- <run.py flags>]
+    python reproduce/run.py --compare mine.yaml [--dry-run] [...]  # your own comparison (reproduce/compare.py)
 
 A cell is (entry, benchmark). It counts as finished when VLMEvalKit's score file for it exists under
 `<work-dir>/<entry>/` (`<entry>_<dataset>_{acc,score}*`); finished cells are never recomputed and VLMEvalKit
@@ -20,6 +21,11 @@ failed, or VLMEvalKit logged the benchmark as failed and went on), why (VLMEvalK
 it, else run.py's exit code) and where the log is; the exit code is 1 if any cell failed. Arguments are
 checked before anything runs (exit 2); Ctrl-C prints "interrupted; rerun the same command to resume" and
 exits 130.
+
+--compare SPEC plans and runs a comparison of your own (methods x budgets x benchmarks x seeds, a YAML spec:
+reproduce/compare.py, reproduce/compare_example.yaml) with the same planner, runner and resume; the spec is
+checked (models, methods, benchmarks, budgets, plugins) before anything runs, and `aggregate.py --compare
+SPEC` makes its table and plots.
 """
 from __future__ import annotations
 
@@ -342,12 +348,14 @@ def _plan_operation_table(spec, work_dir: Path) -> list[Cell]:
     return cells
 
 
-def format_plan(number: int, cells: list[Cell]) -> str:
-    """Human-readable plan: counts, the cells to run grouped by entry, and the blocked rows with reasons."""
+def format_plan(number: int | None, cells: list[Cell], title: str | None = None) -> str:
+    """Human-readable plan: counts, the cells to run grouped by entry, and the blocked rows with reasons.
+    `title` replaces "table N" in the first line (a comparison's name)."""
     todo = [c for c in cells if c.status == "todo"]
     done = [c for c in cells if c.status == "done"]
     blocked = [c for c in cells if c.status == "blocked"]
-    lines = [f"table {number}: {len(cells)} cells: {len(done)} done, {len(todo)} to run, {len(blocked)} blocked"]
+    head = title or f"table {number}"
+    lines = [f"{head}: {len(cells)} cells: {len(done)} done, {len(todo)} to run, {len(blocked)} blocked"]
     by_entry: dict[str, list[str]] = {}
     for c in todo:
         datasets = by_entry.setdefault(c.entry, [])
@@ -499,14 +507,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", type=int, required=True, help="paper table number (1-30)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--table", type=int, help="paper table number (1-30)")
+    what.add_argument("--compare", metavar="SPEC", help="a comparison spec of your own (YAML; reproduce/compare.py)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan only")
     parser.add_argument("--limit", type=int, default=None, help="run at most this many cells (>= 0)")
     parser.add_argument("--work-dir", type=Path, default=Path("outputs"), help="VLMEvalKit work dir")
     parser.add_argument("--gpus", type=int, default=1, help="> 1: launch run.py with torchrun")
+    from vlmeval_dop.plugins import PluginError, add_plugins_argument, load_plugins, split_plugins
+
+    add_plugins_argument(parser)  # users' methods: loaded here for the plan, passed on to run.py
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
+    if args.compare is not None:
+        return _main_compare(args, extra)
     try:
+        if args.plugins:
+            load_plugins(args.plugins)
+            extra = ["--plugins", ",".join(_absolute(p) for p in split_plugins(args.plugins)), *extra]
         _check_args(args)
         spec = get_table(args.table)
         if spec.kind != "accuracy" and not spec.benchmarks and not spec.has_rel_avg and args.dry_run:
@@ -514,13 +532,44 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"table {args.table} ({spec.kind}): not VLMEvalKit accuracy cells; produced by:\n{lines}")
             return 0
         cells = plan_table(args.table, args.work_dir)
-    except ValueError as exc:
+    except (ValueError, PluginError) as exc:
         print(f"reproduce/run.py: error: {exc}", file=sys.stderr)
         return 2
     print(format_plan(args.table, cells))
     if args.dry_run:
         return 0
     return run_cells(cells, args.work_dir, args.limit, args.gpus, extra)
+
+
+def _main_compare(args, extra: list[str]) -> int:
+    """`--compare SPEC`: the spec checked and planned like a table, its todo cells run; the spec's plugins
+    (and any --plugins) are loaded here and handed to every run.py call."""
+    from reproduce.compare import plan_compare, plugin_targets, prepare
+    from vlmeval_dop.plugins import PluginError, load_plugins, split_plugins
+    from vlmeval_dop.registry import EntryError
+
+    try:
+        plugins = [_absolute(p) for p in split_plugins(args.plugins)]
+        if plugins:
+            load_plugins(plugins)
+        _check_args(args)
+        spec = prepare(args.compare)
+        plugins += [p for p in plugin_targets(spec) if p not in plugins]
+        cells = plan_compare(spec, args.work_dir)
+    except (ValueError, EntryError, PluginError) as exc:
+        print(f"reproduce/run.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(None, cells, title=f"comparison {spec.name}"))
+    if args.dry_run:
+        return 0
+    extra = (["--plugins", ",".join(plugins)] if plugins else []) + extra
+    return run_cells(cells, args.work_dir, args.limit, args.gpus, extra)
+
+
+def _absolute(plugin: str) -> str:
+    """A plugin .py path made absolute (run.py runs from the repository root); module names unchanged."""
+    path = Path(plugin).expanduser()
+    return str(path.resolve()) if plugin.endswith(".py") or path.is_file() else plugin
 
 
 def _check_args(args) -> None:

@@ -540,7 +540,6 @@ class RowRef:
 
 
 _ROW_RE = re.compile(r"^(?P<entry>[a-z0-9_]+)(?:\[(?P<cfg>[^\]]+)\])?$")
-_METHOD_RE = re.compile(r"^(?P<method>[a-z]+?)(?P<budget>\d+)$")
 
 
 def parse_row(row: str) -> RowRef:
@@ -555,13 +554,17 @@ def parse_row(row: str) -> RowRef:
         if not sep or not value or key not in CONFIG_KEYS:
             raise ValueError(f"row {row!r}: bad configuration item {item!r}; keys: {', '.join(CONFIG_KEYS)}")
         config[key] = value
+    # the entry naming rule, imported here: importing the vlmeval_dop package loads torch, which the
+    # table registry's importers (aggregate.py) do not need
+    from vlmeval_dop.entries.names import split_method_budget
+
     for model in sorted(MODELS + VIDEO_MODELS + tuple(EXTERNAL_MODELS), key=len, reverse=True):
         if entry == model:
             return RowRef(entry, model, "full", None, config)
         if entry.startswith(model + "_"):
-            mm = _METHOD_RE.match(entry[len(model) + 1:])
-            if mm and mm.group("method") in METHODS:
-                return RowRef(entry, model, mm.group("method"), int(mm.group("budget")) / 100, config)
+            mm = split_method_budget(entry[len(model) + 1:])  # the entry naming rule (vlmeval_dop/entries/names.py)
+            if mm and mm[1] is not None and mm[0] in METHODS:
+                return RowRef(entry, model, mm[0], mm[1], config)
     raise ValueError(f"row {row!r}: {entry!r} is not {{model}} or {{model}}_{{method}}{{budget %}} with model in "
                      f"{', '.join(MODELS + VIDEO_MODELS)} and method in {', '.join(METHODS)}")
 

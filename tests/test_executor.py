@@ -6,6 +6,8 @@ eager attention (sdpa), the analytic FLOPs model vs FlopCounterMode (compute rea
 """
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -53,11 +55,37 @@ def _num_layers(model):
 # ---------------------------------------------------------------------------------------------------
 # independent reference: full-length sequence, pruning by masking, residual pass-through by torch.where
 # ---------------------------------------------------------------------------------------------------
+def _image_runs(visual):
+    """(B, N) id of the maximal run of visual tokens each token is in (-1 outside): Gemma 3's image blocks."""
+    start = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
+    return torch.where(visual, torch.cumsum(start.long(), 1) - 1, torch.full_like(visual, -1, dtype=torch.long))
+
+
+def _layer_branches(layer):
+    """(attention update, MLP update) of a decoder layer, written out per layout: Gemma 3 normalises both
+    outputs ((1 + w) RMSNorms before and after), the LLaMA layout only the inputs."""
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3
+        return (lambda h, **kw: layer.post_attention_layernorm(layer.self_attn(hidden_states=layer.input_layernorm(h), **kw)[0]),
+                lambda h: layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h))))  # fmt: skip
+    return (lambda h, **kw: layer.self_attn(hidden_states=layer.input_layernorm(h), **kw)[0],
+            lambda h: layer.mlp(layer.post_attention_layernorm(h)))  # fmt: skip
+
+
+def extend_token_types(extra, nxt):
+    """Generated tokens are text (type 0): Qwen2.5-VL's `mm_token_type_ids`, Gemma 3's `token_type_ids`."""
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in extra:
+            extra[key] = torch.cat([extra[key], torch.zeros_like(nxt)], 1)
+
+
 def masked_reference(model, inputs, policy: DOPPolicy, drop_after=None, op_mask=None) -> torch.Tensor:
     """Last-token logits of `policy`, computed by masking (no gathering, no cache, paper's d_P as is).
 
     `drop_after=(K, rule)`: after layer K, tokens `rule(h_out, visual, alive)` leave all later layers.
     `op_mask`: visual MHA / MLP operations pruned at single layers (sets of layer indices).
+    Gemma 3 (a decoder config with `layer_types`): per-layer-type RoPE tables, image tokens of one image attending
+    to each other in both directions (when `token_type_ids` is given, as stock), and local layers' windows over
+    the RoPE positions (renumbered after the reducer's drop, as a rebuilt sequence would have them).
     """
     attn_off = set() if op_mask is None else set(op_mask.attn)
     mlp_off = set() if op_mask is None else set(op_mask.mlp)
@@ -82,7 +110,14 @@ def masked_reference(model, inputs, policy: DOPPolicy, drop_after=None, op_mask=
         pos_ids = pos_ids[1:]
     if not m_rope:  # 1D RoPE: positions as in a sequence rebuilt without the dropped tokens
         pos_ids = pos_ids.expand(B, N) - (torch.cumsum(dropped.long(), 1) - dropped.long())
-    cos, sin = lm.rotary_emb(h, pos_ids)
+    text_cfg = lm.config
+    layer_types = getattr(text_cfg, "layer_types", None) or [None] * len(lm.layers)
+    if "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters:  # Gemma 3: a RoPE table per layer type
+        tables = {t: lm.rotary_emb(h, pos_ids, t) for t in set(layer_types)}
+    else:
+        tables = {t: lm.rotary_emb(h, pos_ids) for t in set(layer_types)}
+    runs = _image_runs(visual) if "token_type_ids" in inputs else None
+    same_image = None if runs is None else (runs[:, :, None] == runs[:, None, :]) & (runs[:, :, None] >= 0)
 
     system = (torch.cumsum(visual.long(), 1) == 0) & pad
     causal = torch.tril(torch.ones(N, N, dtype=torch.bool))
@@ -93,14 +128,17 @@ def masked_reference(model, inputs, policy: DOPPolicy, drop_after=None, op_mask=
         for i, layer in enumerate(lm.layers):
             a_part = ~dropped & (~visual | ((i < policy.d_A) and i not in attn_off)) & (~system | (i < d_A_sys))
             m_part = ~dropped & (~visual | ((i < policy.d_P) and i not in mlp_off)) & (~system | (i < d_P_sys))
-            allowed = causal[None] & pad[:, None, :] & a_part[:, None, :]
+            kind = layer_types[i]
+            visible = causal[None] if same_image is None else causal[None] | same_image
+            if kind == "sliding_attention":  # key position > query position - window
+                visible = visible & (pos_ids[:, None, :] > pos_ids[:, :, None] - text_cfg.sliding_window)
+            allowed = visible & pad[:, None, :] & a_part[:, None, :]
             allowed = allowed | torch.eye(N, dtype=torch.bool)[None]
             mask = torch.zeros(B, 1, N, N, dtype=h.dtype).masked_fill(~allowed[:, None], torch.finfo(h.dtype).min)
-            a = layer.self_attn(
-                hidden_states=layer.input_layernorm(h), attention_mask=mask, position_embeddings=(cos, sin)
-            )[0]
+            attn_update, mlp_update = _layer_branches(layer)
+            a = attn_update(h, attention_mask=mask, position_embeddings=tables[kind])
             h = torch.where(a_part[..., None], h + a, h)
-            m = layer.mlp(layer.post_attention_layernorm(h))
+            m = mlp_update(h)
             h = torch.where(m_part[..., None], h + m, h)
             deepstack = captured.get("deepstack_visual_embeds")  # Qwen3-VL: features added after the first layers
             if deepstack is not None and i < len(deepstack):
@@ -205,8 +243,7 @@ def test_cached_decoding_equals_recompute(tiny):
             recomputed.append(nxt)
             seq = torch.cat([seq, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            if "mm_token_type_ids" in extra:  # Qwen2.5-VL: generated tokens are text (type 0)
-                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+            extend_token_types(extra, nxt)
     assert torch.equal(cached, torch.cat(recomputed, 1))
 
 
@@ -345,8 +382,7 @@ def test_decoder_token_pruner_matches_reference_and_decodes(tiny):
                     nxt = model(input_ids=seq, attention_mask=mask, use_cache=False, **extra).logits[:, -1].argmax(-1, keepdim=True)
                 assert torch.equal(nxt[:, 0], cached[:, t])
                 seq, mask = torch.cat([seq, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-                if "mm_token_type_ids" in extra:
-                    extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+                extend_token_types(extra, nxt)
     with pytest.raises(ValueError, match="valid: 0.."):
         apply_dop(model, DOPPolicy.full(L), token_pruner=_NormPruner(L - 1))
 
@@ -386,7 +422,6 @@ def test_single_operation_pruning_equals_masking(tiny, mask):
             assert torch.equal(nxt, gen[:, t : t + 1])
             seq = torch.cat([seq, nxt], 1)
             am = torch.cat([am, torch.ones_like(nxt)], 1)
-            if "mm_token_type_ids" in extra:  # Qwen2.5-VL: generated tokens are text (type 0)
-                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+            extend_token_types(extra, nxt)
     with pytest.raises(Exception, match="valid: 0.."):
         apply_dop(model, policy, op_mask=OperationMask(attn={L}))

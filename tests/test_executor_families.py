@@ -18,7 +18,8 @@ from vlmeval_dop.arch import ArchSpec
 from vlmeval_dop.reducers import ReducerError
 from vlmeval_dop.tiny import TINY_NEW_FAMILIES, TINY_VISUAL_TOKENS, load_tiny
 
-FAMILY_KEY = {"qwen2vl": "qwen2_vl", "internvl35": "internvl", "llavaov": "llava_onevision", "smolvlm": "smolvlm", "qwen3vl": "qwen3_vl"}
+FAMILY_KEY = {"qwen2vl": "qwen2_vl", "internvl35": "internvl", "llavaov": "llava_onevision", "smolvlm": "smolvlm", "qwen3vl": "qwen3_vl",
+              "gemma3": "gemma3"}
 
 
 @pytest.fixture(scope="module", params=TINY_NEW_FAMILIES)
@@ -69,6 +70,8 @@ def test_arch_spec_and_family_facts(tiny):
             with_ds = te._lm(model)(**kwargs).last_hidden_state
             without = te._lm(model)(**{**kwargs, "deepstack_visual_embeds": None}).last_hidden_state
         assert not torch.allclose(with_ds[:, -1], without[:, -1], atol=1e-4)
+    if family == "gemma3":  # sliding windows, per-layer-type RoPE, bidirectional image attention
+        _gemma3_facts(model, processor, te._inputs(family, processor, n=2))
     if family == "smolvlm":  # 2x2 tiles + global view of 16 tokens each, in 5 runs between text markers: one image
         from vlmeval_dop.executor.families import adapter_for
 
@@ -89,22 +92,82 @@ def test_arch_spec_and_family_facts(tiny):
         assert [k.numel() for k in handle.last_kept] == [8, 8]
 
 
+def _gemma3_facts(model, processor, inputs):
+    """Gemma 3: the window is shorter than the prompt and both layer kinds occur, each with its own RoPE table;
+    the bidirectional image mask changes the stock output; DOP's cache keeps sliding layers in full; a renumbering
+    decoder-side pruner and prepared masks without a padding mask are refused by name."""
+    from vlmeval_dop.executor.cache import DOPCache
+    from vlmeval_dop.executor.families import adapter_for
+
+    text = model.config.get_text_config(decoder=True)
+    lm = te._lm(model)
+    assert text.sliding_window < inputs["input_ids"].shape[1] and set(text.layer_types) == {"sliding_attention", "full_attention"}
+    adapter = adapter_for(model)
+    assert [adapter.sliding_window(model, i) for i in range(4)] == [text.sliding_window if t == "sliding_attention" else None
+                                                                  for t in text.layer_types]  # fmt: skip
+    pos = torch.arange(20)[None]
+    tables = adapter.rotary_tables(lm, torch.zeros(1, 20, 4), pos)
+    local, glob = tables[text.layer_types.index("sliding_attention")], tables[text.layer_types.index("full_attention")]
+    assert not torch.allclose(local[0], glob[0])  # bases 1e4 vs 1e6 (and the global layers' linear scaling)
+    with torch.no_grad():  # stock without token_type_ids is causal over the image: the bidirectional mask matters
+        causal = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits[:, -1]
+    assert not torch.allclose(causal, te._logits(model, inputs)[:, -1], atol=1e-4)
+    assert all(type(layer).__name__ == "DynamicLayer" for layer in DOPCache(config=text).layers)
+
+    class _Renumber:
+        name, layers = "toy_renumber", (1,)
+
+        def select(self, ctx):
+            from vlmeval_dop.executor.token_pruner import PruneDecision
+
+            return PruneDecision(drop=ctx.visual & ctx.alive, renumber=True)
+
+    with apply_dop(model, DOPPolicy.full(4), token_pruner=_Renumber()):
+        with pytest.raises(ValueError, match="sliding-window layers"):
+            te._logits(model, inputs)
+    captured, _ = te.stock_decoder_inputs(model, inputs)
+    assert isinstance(captured["attention_mask"], dict)  # per-layer-type masks prepared by Gemma3Model
+    kwargs = {k: v for k, v in captured.items() if k not in ("cache", "use_cache")}
+    with apply_dop(model, DOPPolicy(2, 1)) as handle, torch.no_grad():
+        with pytest.raises(ValueError, match="padding_mask"):
+            handle.run_decoder(kwargs, inputs["input_ids"])
+        got = handle.run_decoder(kwargs, inputs["input_ids"], model_inputs={"token_type_ids": inputs["token_type_ids"]},
+                                 padding_mask=inputs["attention_mask"])  # fmt: skip
+    torch.testing.assert_close(got, te.masked_reference(model, inputs, DOPPolicy(2, 1)), atol=1e-5, rtol=1e-5)
+
+
 def test_only_meaningful_reducers_run(tiny):
     """`uniform` runs on every family; the CLIP-tower reducers refuse by name before anything runs, and so does
-    CDPruner except on InternVL3.5, whose class (InternVLForConditionalGeneration) its InternVL LLM-space port
-    covers."""
+    CDPruner except where its LLM-space port applies: InternVL3.5 (the InternVL class), Qwen2-VL and Qwen3-VL (the
+    Qwen2.5-VL port). There its selection equals the DPP MAP written out here from the decoder-input image
+    embeddings and the instruction tokens (those after `<|vision_end|>` up to `<|im_end|>`)."""
+    from vlmeval_dop.reducers.cdpruner import cdpruner_select, relevance_scores
+
     family, model, processor = tiny
     key = FAMILY_KEY[family]
-    refused = ("vispruner", "visionzip", "prumergeplus", "trim") + (() if family == "internvl35" else ("cdpruner",))
+    ported = family in ("internvl35", "qwen2vl", "qwen3vl")
+    refused = ("vispruner", "visionzip", "prumergeplus", "trim") + (() if ported else ("cdpruner",))
     for name in refused:
         with pytest.raises(ReducerError, match=f"does not support model family {key!r}"):
             apply_dop(model, DOPPolicy(1, 1, 3), reducer=name)
     assert all("forward" not in layer.__dict__ for layer in te._lm(model).layers)
-    if family == "internvl35":
+    if ported:
         inputs = te._inputs(family, processor, n=1)
         with apply_dop(model, DOPPolicy(2, 1, 8), reducer="cdpruner") as handle:
             out = te._logits(model, inputs)
         assert torch.isfinite(out).all() and [len(k) for k in handle.last_kept] == [8]
+    if family in ("qwen2vl", "qwen3vl"):
+        captured, _ = te.stock_decoder_inputs(model, inputs)
+        ids = inputs["input_ids"][0]
+        vis = torch.nonzero(ids == model.config.image_token_id).flatten()
+        tok = processor.tokenizer
+        after = ids[vis[-1] + 2:].tolist()  # past <|vision_end|>
+        instruction = torch.tensor(after[: after.index(tok.convert_tokens_to_ids("<|im_end|>"))])
+        feats = captured["inputs_embeds"][0, vis]
+        with torch.no_grad():
+            text = model.get_input_embeddings()(instruction)
+        want = cdpruner_select(feats, relevance_scores(feats, text), 8)
+        assert sorted(handle.last_kept[0].tolist()) == sorted(want.tolist())
 
 
 def test_kv_only_keys_equal_stock_keys(tiny):
@@ -128,7 +191,7 @@ def test_kv_only_keys_equal_stock_keys(tiny):
     decoder_kwargs, _ = te.stock_decoder_inputs(model, inputs)
     decoder_kwargs = {k: v for k, v in decoder_kwargs.items() if k not in ("cache", "use_cache")}
     handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    cache = DynamicCache()  # full layers (a sliding layer, Gemma 3's local ones, keeps only its window's keys)
     try:
         with torch.no_grad():
             lm(**decoder_kwargs, cache=cache, use_cache=True)

@@ -24,7 +24,7 @@ from vlmeval_dop.models_config import load_models
 # paper-scale entry -> tiny family whose config (classes, token ids, vision tower) is reused
 ENTRIES = {"qwen2vl_7b": "qwen2vl", "internvl35_8b": "internvl35", "llavaov_7b": "llavaov", "smolvlm_256m": "smolvlm",
            "smolvlm_500m": "smolvlm", "smolvlm_2b": "smolvlm", "qwen3vl_8b": "qwen3vl", "qwen3vl_4b": "qwen3vl",
-           "qwen3vl_2b": "qwen3vl", "videollava_7b": "videollava"}
+           "qwen3vl_2b": "qwen3vl", "gemma3_4b": "gemma3", "videollava_7b": "videollava"}
 N_TEXT_BEFORE, N_VISUAL, N_TEXT_AFTER = 6, 24, 10
 
 
@@ -51,6 +51,8 @@ def real_width_model(entry: str, tiny_family: str, num_layers: int = 2):
         data["vision_config"]["hidden_size"] = arch.hidden_size  # the merger's output width
     if data.get("model_type") == "qwen3_vl":
         data["vision_config"]["out_hidden_size"] = arch.hidden_size
+    if data.get("model_type") == "gemma3":  # the real attention scale and window (masks change no matmul count)
+        text.update(query_pre_attn_scalar=arch.head_dim, sliding_window=1024)
     config = type(config).from_dict(data)
     cls = getattr(transformers, _MODEL_CLASSES[tiny_family])
     with torch.device("meta"):
@@ -85,10 +87,8 @@ def test_real_width_flops_equal_analytic(entry):
             arch.family, arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size,
         )  # fmt: skip
         text_id = 5
-        # Video-LLaVA: image and video placeholders are both visual tokens
-        for image in (model.config.image_token_id, getattr(model.config, "video_token_id", None)):
-            if image is None:
-                continue
+        # every visual placeholder id of the family (Video-LLaVA: `<image>` and `<video>`)
+        for image in spec.image_token_ids:
             ids = [text_id] * N_TEXT_BEFORE + [image] * N_VISUAL + [text_id] * N_TEXT_AFTER
             inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
             n_text = len(ids) - N_VISUAL

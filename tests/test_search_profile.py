@@ -13,7 +13,7 @@ DEPTHS = [3, 2, 1, 0]
 QUESTIONS = ["What is shown?", "Which color is the large square in the picture?", "Count?", "Where?"]
 
 
-@pytest.mark.parametrize("family", ["llava15", "qwen25vl", "internvl3", "llavanext"])
+@pytest.mark.parametrize("family", ["llava15", "qwen25vl", "internvl3", "llavanext", "gemma3"])
 def test_prefix_sharing_equals_naive_with_fewer_forwards(family):
     model, processor = load_tiny(family)
     inputs = tiny_inputs(family, processor, QUESTIONS[:2], [tiny_image(1), tiny_image(2)])

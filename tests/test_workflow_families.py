@@ -38,7 +38,7 @@ def config_copy(tmp_path, monkeypatch):
 
 
 WORKFLOWS = [("qwen3vl", "resize", "dopr"), ("smolvlm", "uniform", "dopuniform"), ("qwen2vl", "resize", "dopr"),
-             ("internvl35", "resize", "dopr"), ("llavaov", "uniform", "dopuniform")]
+             ("internvl35", "resize", "dopr"), ("llavaov", "uniform", "dopuniform"), ("gemma3", "uniform", "dopuniform")]
 
 
 @pytest.mark.parametrize("family,reducer,method", WORKFLOWS)

@@ -132,7 +132,8 @@ def test_internvl35_inputs_are_vlmevalkits(lmu_root, no_cuda_moves):
         )  # fmt: skip
 
 
-FAMILIES = {"qwen2vl": 64, "internvl35": 80, "llavaov": 336, "smolvlm": 80, "qwen3vl": 49}  # of a 224x224 image
+FAMILIES = {"qwen2vl": 64, "internvl35": 80, "llavaov": 336, "smolvlm": 80, "qwen3vl": 49,
+            "gemma3": 64}  # of a 224x224 image
 DOPR = {"tiny_qwen2vl_dopr": 16, "tiny_internvl35_dopr": 9, "tiny_qwen3vl_dopr": 16}
 
 
@@ -150,6 +151,42 @@ def test_qwen3vl_inputs_are_vlmevalkits(lmu_root):
     assert inputs["image_grid_thw"].tolist() == [[1, 14, 14]] and int((ids == wrapper.model.config.image_token_id).sum()) == 49
     with wrapper.resized(16):  # DOP_R: 16 x 32^2 pixels
         assert wrapper.build_inputs(_demo_message(), "DOP_Demo")["image_grid_thw"].tolist() == [[1, 8, 8]]
+
+
+def test_gemma3_inputs_are_vlmevalkits(lmu_root, monkeypatch):
+    """Gemma 3's inputs are those VLMEvalKit's own `Gemma3.generate_inner_transformers` hands its model: its system
+    prompt and message layout, the checkpoint's chat template, the processor's fixed resolution (pan-and-scan off,
+    64 tokens for the tiny 224 px tower), token_type_ids (the bidirectional image mask), pixels cast to bfloat16.
+    VLMEvalKit's call is run here with PIL decoding the demo PNG (torchvision's libpng clashes with decord's zlib in
+    this environment; the wrapper falls back the same way, lossless for PNG)."""
+    import transformers.image_utils as iu
+    from PIL import Image
+    from vlmeval.vlm.gemma import Gemma3
+
+    from vlmeval_dop.registry import load_entry
+
+    wrapper = load_entry("tiny_gemma3").load()
+    msg = _demo_message()
+    ours = wrapper.build_inputs(msg, "DOP_Demo")
+    monkeypatch.setattr(iu, "load_image_as_tensor", lambda path, **k: torch.from_numpy(
+        __import__("numpy").asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).contiguous())
+    stub = Gemma3.__new__(Gemma3)
+    stub.__dict__.update(processor=wrapper.processor, model=_Recorder(), device="cpu",
+                         system_prompt="You are a helpful assistant. ", kwargs={})  # fmt: skip
+    with pytest.raises(_Captured):
+        stub.generate_inner_transformers(msg, dataset="DOP_Demo")
+    theirs = stub.model.kwargs
+    for key in ("input_ids", "attention_mask", "token_type_ids", "pixel_values"):
+        assert torch.equal(ours[key], theirs[key]), key
+    assert ours["pixel_values"].dtype == torch.bfloat16
+    ids = ours["input_ids"][0]
+    image = wrapper.model.config.image_token_id
+    assert torch.equal(ours["token_type_ids"][0].bool(), ids == image) and int((ids == image).sum()) == 64
+    text = wrapper.processor.tokenizer.decode(ids[ids != image])
+    assert text.startswith("<bos><start_of_turn>user\nYou are a helpful assistant. \n\n\n\n<start_of_image><end_of_image>")
+    assert text.endswith("<end_of_turn>\n<start_of_turn>model\n")
+    with pytest.raises(ValueError, match="resize reduction .* not meaningful for Gemma 3"):
+        load_entry("tiny_gemma3", reducer="resize")
 
 
 def test_smolvlm_inputs_are_vlmevalkits(lmu_root):

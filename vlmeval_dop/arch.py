@@ -14,7 +14,8 @@ LlavaOnevisionForConditionalGeneration ``llava_onevision``  768x768: base + 2x2 
 Idefics3ForConditionalGeneration       ``smolvlm``    square image: 4x4 tiles + global = 17 x 64 = 1088 **
 SmolVLMForConditionalGeneration        ``smolvlm``    (SmolVLM2 checkpoints; same layout)
 Qwen3VLForConditionalGeneration        ``qwen3_vl``   1024x1024: (1024/32)^2 = 1024 (16 px patches, 2x2 merge)
-VideoLlavaForConditionalGeneration     ``video_llava`` a video of 8 frames x (224/14)^2 = 2048 ***
+Gemma3ForConditionalGeneration         ``gemma3``     any image: 896x896, (896/14)^2 patches pooled 4x4 = 256 ***
+VideoLlavaForConditionalGeneration     ``video_llava`` a video of 8 frames x (224/14)^2 = 2048 ****
 =====================================  =============  ==========================================
 
 InternVL3.5 (`-HF` checkpoints) is ``InternVLForConditionalGeneration`` with a Qwen3 decoder: family
@@ -30,7 +31,9 @@ InternVL3.5 (`-HF` checkpoints) is ``InternVLForConditionalGeneration`` with a Q
 ** SmolVLM (HuggingFaceTB/SmolVLM-256M/500M-Instruct are ``idefics3`` checkpoints) resizes every image to a
   longest edge of 4 tiles and splits it into tiles plus a global view, (tile/patch)^2 / scale_factor^2 tokens
   each (64 for 512 px / 16 / 4; 81 for SmolVLM-Instruct's 384 / 14 / 3), with text markers between the tiles.
-*** Video-LLaVA (LanguageBind/Video-LLaVA-7B-hf) takes images (`<image>`, 256 placeholders: [CLS] dropped,
+*** Gemma 3 resizes every image to 896x896 (pan-and-scan off, VLMEvalKit's and the processor's default) and
+  average-pools SigLIP's 64x64 patches to `mm_tokens_per_image` = 256 tokens: the count never depends on the image.
+**** Video-LLaVA (LanguageBind/Video-LLaVA-7B-hf) takes images (`<image>`, 256 placeholders: [CLS] dropped,
   `vision_feature_select_strategy="default"`) and videos (`<video>`, 8 frames through the video tower). For
   videos HF keeps every frame's [CLS] feature (`get_video_features` applies no select strategy, as the original
   Video-LLaVA's video tower returns all 257 tokens): 8 x 257 = 2056 placeholders. The paper (App. E.7,
@@ -53,6 +56,7 @@ SUPPORTED_CLASSES: dict[str, str] = {
     "SmolVLMForConditionalGeneration": "smolvlm",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
     "VideoLlavaForConditionalGeneration": "video_llava",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
 # model_type in the saved config.json -> the class above (lets us work from a config alone)
 _MODEL_TYPES: dict[str, str] = {
@@ -66,6 +70,7 @@ _MODEL_TYPES: dict[str, str] = {
     "smolvlm": "SmolVLMForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "video_llava": "VideoLlavaForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
 }
 
 
@@ -89,7 +94,7 @@ class ArchSpec:
 
     Attributes:
         family: one of ``llava``, ``llava_next``, ``qwen2_5_vl``, ``internvl``, ``qwen2_vl``,
-            ``llava_onevision``, ``smolvlm``, ``qwen3_vl``, ``video_llava``.
+            ``llava_onevision``, ``smolvlm``, ``qwen3_vl``, ``gemma3``, ``video_llava``.
         num_layers: decoder layers L.
         hidden_size: h.
         num_heads / num_kv_heads / head_dim: attention shape; ``kv_dim = num_kv_heads * head_dim``.
@@ -159,6 +164,9 @@ class ArchSpec:
             merge = vision.spatial_merge_size * vision.patch_size  # 32 px per LLM token
             default_n = (1024 // merge) ** 2
             token_ids = (config.image_token_id,)
+        elif family == "gemma3":
+            default_n = int(config.mm_tokens_per_image)  # fixed: every image is resized to vision_config.image_size
+            token_ids = (config.image_token_id,)
         elif family in ("qwen2_5_vl", "qwen2_vl"):
             merge = vision.spatial_merge_size * vision.patch_size  # 28 px per LLM token
             default_n = (1008 // merge) ** 2
@@ -181,7 +189,7 @@ class ArchSpec:
             visual_extra_tokens=extra,
             image_token_ids=tuple(int(t) for t in token_ids),
             gqa=family in ("qwen2_5_vl", "internvl", "qwen2_vl", "llava_onevision", "qwen3_vl")
-            or (family == "smolvlm" and (getattr(text, "num_key_value_heads", None) or num_heads) < num_heads),
+            or (family in ("smolvlm", "gemma3") and (getattr(text, "num_key_value_heads", None) or num_heads) < num_heads),
         )
 
     @classmethod

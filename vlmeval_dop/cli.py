@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from .plugins import PluginError, add_plugins_argument, load_plugins
 from .policy import DOPPolicy, PolicyError
 
 
@@ -142,25 +143,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .registry import format_table, load_entries
+    from .registry import budget_label, entry_tflops, format_missing, format_table, load_entries, missing_cells
 
     entries = list(load_entries().values())
+    if args.model:
+        entries = [e for e in entries if e.model.name in args.model]
+    if args.budget:
+        entries = [e for e in entries if e.budget in args.budget]
+    missing = []
+    if args.all:  # every known method at every budget label (or --budget) of each model
+        made, missing = missing_cells(args.model, args.budget)
+        entries += made
     if args.runnable:
         entries = [e for e in entries if e.runnable]
     if args.json:
         rows = []
         for e in entries:
-            r = e.tflops()
+            r = entry_tflops(e)
             rows.append({
                 "entry": e.name, "model": e.model.name, "method": e.method, "budget": e.budget,
                 "policy": None if e.policy is None else e.policy.to_dict(), "reducer": e.reducer,
                 "baseline": e.baseline, "tflops_ratio": None if r is None else r["ratio"],
                 "executed_tflops_ratio": None if r is None else r["executed_ratio"],
-                "runnable": e.runnable, "unavailable_reason": e.unavailable_reason(),
+                "runnable": e.runnable, "unavailable_reason": e.unavailable_reason(), "source": e.source,
             })
+        rows += [{"entry": f"{m}_{meth}{budget_label(b)}", "model": m, "method": meth, "budget": b,
+                  "runnable": False, "unavailable_reason": why, "source": "missing"} for m, meth, b, why in missing]
         print(json.dumps(rows, indent=2))
         return 0
     print(format_table(entries))
+    if args.all:
+        print("\n" + format_missing(missing))
     print(
         "\nTFLOPs %: decoder prefill, paper Eq. 11 (GQA variant for Qwen2-style LLMs) relative to the "
         "unpruned model, at the representative text tokens of eval_configs/models.yaml (paper models) or "
@@ -312,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="every evaluation entry (run.py --model) with model, method, policy, TFLOPs %%")
     p.add_argument("--runnable", action="store_true", help="only entries whose reducer/baseline is registered")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    p.add_argument("--all", action="store_true", help="also every registered method (plugins too) at every budget "
+                   "label of each model (or --budget): the entries made on demand, and each missing (model, method, "
+                   "budget) cell with its reason")
+    p.add_argument("--model", action="append", default=None, help="only this model (repeatable)")
+    p.add_argument("--budget", action="append", type=float, default=None,
+                   help="only this TFLOPs fraction (repeatable); with --all, the budgets of the grid (tiny models "
+                   "have no budget labels of their own)")
+    add_plugins_argument(p)
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("search", help="profile divergence curves on validation samples and solve Eq. 7 per budget")
@@ -355,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="App. E.1 / Table 7: joint divergences of K combinations of the sampling points (216 = all of "
                         "Table 6's) and Spearman's rho with the additive D_sum")
     p.add_argument("--json", action="store_true")
+    add_plugins_argument(p)
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("solve", help="Eq. 7 from a saved profile.json (no model run); another model's profile is "
@@ -371,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Eq. 14 with the profile's system-token curves (search --system-tokens); N: their count "
                         "(default: the one the profile recorded)")
     p.add_argument("--json", action="store_true")
+    add_plugins_argument(p)
     p.set_defaults(func=_cmd_solve)
 
     p = sub.add_parser("fitprune", help="fit FitPrune's per-layer schedules on validation samples (for the fitprune entries)")
@@ -381,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--force", action="store_true", help="refit and overwrite existing schedules")
     p.add_argument("--device", default=None)
+    add_plugins_argument(p)
     p.set_defaults(func=_cmd_fitprune)
 
     p = sub.add_parser("demo", help="offline: build tiny random-weight models and run DOP-pruned generate for each family")
@@ -401,11 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "plugins", None):  # users' methods register before anything reads the registry
+            load_plugins(args.plugins)
         return args.func(args)
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)  # finished samples are on disk: the same command resumes
         return 130
-    except (PolicyError, KeyError, ValueError) as exc:  # bad input: one clear line, no traceback
+    except (PolicyError, KeyError, ValueError, PluginError) as exc:  # bad input: one clear line, no traceback
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"vlmeval-dop {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 TINY_FAMILIES: tuple[str, ...] = ("llava15", "llavanext", "qwen25vl", "internvl3")
 # Families beyond the paper's six models (issue 15), built and loaded the same way. A separate tuple: tests
 # and tools parametrised over the paper families (TINY_FAMILIES) stay as they are; ALL_TINY_FAMILIES is both.
-TINY_NEW_FAMILIES: tuple[str, ...] = ("qwen2vl", "internvl35", "llavaov", "smolvlm", "qwen3vl")
+TINY_NEW_FAMILIES: tuple[str, ...] = ("qwen2vl", "internvl35", "llavaov", "smolvlm", "qwen3vl", "gemma3")
 # Video-LLaVA (issue 14): images and videos; not in TINY_NEW_FAMILIES, whose battery runs image inputs only and
 # checks GQA decoders (tests/test_executor_video_llava.py runs the battery on both input kinds).
 TINY_VIDEO_FAMILIES: tuple[str, ...] = ("videollava",)
@@ -60,15 +60,14 @@ TINY_IMAGE_SIZE: tuple[int, int] = (224, 224)
 # Placeholder tokens (model.config.image_token_id) one default tiny_image() yields; asserted in tests.
 TINY_VISUAL_TOKENS: dict[str, int] = {"llava15": 64, "llavanext": 336, "qwen25vl": 64, "internvl3": 80,
                                        "qwen2vl": 64, "internvl35": 80, "llavaov": 336, "smolvlm": 80,
-                                       "qwen3vl": 49, "videollava": 64}
+                                       "qwen3vl": 49, "gemma3": 64, "videollava": 64}
 # Video-LLaVA: frames per video (the real processor's 8) and the placeholders one tiny_video() yields: HF's
 # Video-LLaVA keeps each frame's [CLS] feature, 8 x (1 + (112/14)^2) = 520 <video> (real: 8 x 257 = 2056).
 TINY_VIDEO_FRAMES = 8
 TINY_VIDEO_TOKENS: dict[str, int] = {"videollava": 8 * 65}
 
 _SEEDS = {"llava15": 1501, "llavanext": 1601, "qwen25vl": 2507, "internvl3": 3008, "qwen2vl": 2409,
-          "internvl35": 3508, "llavaov": 2408, "smolvlm": 5005, "qwen3vl": 3008,
-          "videollava": 1707}
+          "internvl35": 3508, "llavaov": 2408, "smolvlm": 5005, "qwen3vl": 3008, "gemma3": 3404, "videollava": 1707}
 _MARKER = "vlmeval_dop_tiny.json"  # written last: its presence means the directory is complete
 _REQUIRED_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
@@ -669,6 +668,104 @@ def _build_qwen3vl():
     )  # fmt: skip
 
 
+# Gemma 3 (google/gemma-3-4b-it): Gemma's special tokens in their real order (<pad>=0, <eos>=1, <bos>=2, <unk>=3,
+# <mask>=4, <start_of_turn>/<end_of_turn> at 105/106 real), the image markers late (<start_of_image>=255999,
+# <end_of_image>=256000 real) and <image_soft_token> last (262144 real).
+_GEMMA3_HEAD = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+_GEMMA3_TAIL = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+_GEMMA3_TEMPLATE = (  # google/gemma-3-4b-it's chat template (system text prefixed to the first user turn)
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- else -%}{{ raise_exception(\"Invalid content type\") }}"
+    "{%- endif -%}{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}"
+    "{%- endif -%}"
+)
+# Sliding window of the tiny Gemma 3: far shorter than a prompt (~100 tokens with the 64 image tokens), so the
+# window cuts text and image tokens alike (real: 1024 of a 32k context, the image 256 tokens).
+GEMMA3_TINY_WINDOW = 12
+
+
+def _gemma3_tokenizer():
+    """GemmaTokenizer (SentencePiece-style BPE with byte fallback) with Gemma 3's image markers as special tokens."""
+    from tokenizers import AddedToken
+    from transformers import GemmaTokenizer
+
+    alphabet = ["▁", "\n"] + list(string.ascii_letters + string.digits + string.punctuation)
+    words = _WORDS + ["model"]  # the chat template's role name (`<start_of_turn>model`)
+    merges = _learn_bpe(["▁" + w for w in words] + words, alphabet)
+    head = list(_GEMMA3_HEAD) + [f"<0x{i:02X}>" for i in range(256)]
+    vocab = _vocab(alphabet, merges, head, list(_GEMMA3_TAIL))
+    tok = GemmaTokenizer(
+        vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False, padding_side="left",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"},
+    )  # fmt: skip
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _GEMMA3_HEAD + _GEMMA3_TAIL],
+                   special_tokens=True)  # fmt: skip
+    return tok
+
+
+def _build_gemma3():
+    """google/gemma-3-4b-it layout (`Gemma3ForConditionalGeneration`): SigLIP tower (no head), 2x2 (real: 4x4)
+    average pooling of its patches to `mm_tokens_per_image` tokens (real: 64x64 patches -> 16x16 = 256; here
+    16x16 -> 8x8 = 64), an RMS-normed projection, and a Gemma 3 decoder: GQA with q/k RMSNorm, (1 + w) RMSNorms
+    before and after attention and MLP, embeddings scaled by sqrt(hidden), `query_pre_attn_scalar` (24 here, not
+    the head_dim, so the scaling matters), sliding-window layers (window `GEMMA3_TINY_WINDOW`, RoPE base 1e4)
+    interleaved with a global layer (RoPE base 1e6, linear scaling x8 as the real 4B), image tokens attending to
+    each other bidirectionally (`token_type_ids`). Every image is resized to 224x224 (pan-and-scan off, as
+    VLMEvalKit's default). The RMSNorm weights and the projection are random (stock init sets them to 0)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    tok = _gemma3_tokenizer()
+    size = 2 * _TILE  # 224 px, 16x16 patches
+    per_image = ((size // _PATCH) // 2) ** 2  # 64
+    text_config = dict(
+        model_type="gemma3_text", vocab_size=len(tok), num_key_value_heads=_KV_HEADS_GQA, max_position_embeddings=8192,
+        rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", initializer_range=_INIT_RANGE,
+        query_pre_attn_scalar=24, sliding_window=GEMMA3_TINY_WINDOW,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
+        bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+        pad_token_id=tok.pad_token_id, attn_logit_softcapping=None, final_logit_softcapping=None, **_TEXT,
+    )  # fmt: skip
+    vision_config = dict(
+        model_type="siglip_vision_model", image_size=size, patch_size=_PATCH, num_hidden_layers=_VISION_LAYERS,
+        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False, **_VISION,
+    )  # fmt: skip
+    config = Gemma3Config(
+        vision_config=vision_config, text_config=text_config, mm_tokens_per_image=per_image,
+        boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"), tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # stock init zeroes these: random values make the (1 + w) norms and the image matter
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1 and "language_model" in name:
+                p.normal_(0.0, 0.3)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.3)
+    image_processor = Gemma3ImageProcessor(
+        size={"height": size, "width": size}, do_pan_and_scan=False, image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5], resample=2,
+    )  # fmt: skip
+    processor = Gemma3Processor(image_processor, tok, chat_template=_GEMMA3_TEMPLATE, image_seq_length=per_image)
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    return model, processor, dict(bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, eot],
+                                  pad_token_id=tok.pad_token_id)  # fmt: skip
+
+
 def _check_family(family: str) -> None:
     if family not in ALL_TINY_FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; valid families: {', '.join(ALL_TINY_FAMILIES)}")
@@ -698,6 +795,8 @@ def _build(family: str):
             model, processor, gen = _build_smolvlm()
         elif family == "qwen3vl":
             model, processor, gen = _build_qwen3vl()
+        elif family == "gemma3":
+            model, processor, gen = _build_gemma3()
         elif family == "videollava":
             model, processor, gen = _build_videollava()
         else:
@@ -815,6 +914,7 @@ _MODEL_CLASSES = {
     "llavaov": "LlavaOnevisionForConditionalGeneration",
     "smolvlm": "Idefics3ForConditionalGeneration",
     "qwen3vl": "Qwen3VLForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
     "videollava": "VideoLlavaForConditionalGeneration",
 }
 
@@ -924,9 +1024,12 @@ def tiny_inputs(
         )
         for q in questions
     ]
-    # Video-LLaVA's processor still names images `pixel_values_images` unless told otherwise (deprecated name)
-    legacy = {"return_legacy_image_output": False} if family in TINY_VIDEO_FAMILIES else {}
-    return processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt", **legacy)
+    extra = {}
+    if family == "gemma3":  # Gemma3Processor takes the images nested per sample; the template writes <bos>
+        images, extra = [[image] for image in images], {"add_special_tokens": False}
+    if family in TINY_VIDEO_FAMILIES:  # Video-LLaVA's processor names images `pixel_values_images` unless told
+        extra["return_legacy_image_output"] = False
+    return processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt", **extra)
 
 
 __all__ = ["ALL_TINY_FAMILIES", "TINY_FAMILIES", "TINY_NEW_FAMILIES", "TINY_VERSION", "TINY_VIDEO_FAMILIES",

@@ -1,27 +1,26 @@
-"""Decoder-side token-pruning baselines behind one registry: name -> factory.
+"""Decoder-side token-pruning baselines, registered with `@vlmeval_dop.methods.register_method`.
 
 Each is one module implementing `vlmeval_dop.executor.DecoderTokenPruner`, used through
-`apply_dop(model, DOPPolicy.full(L), token_pruner=...)`. Adding one: a module + one line here.
+`apply_dop(model, DOPPolicy.full(L), token_pruner=...)`. Adding one: a module whose class carries
+`@register_method(name, kind="decoder", budget_knob=...)` (docs/adding_a_baseline.md); a built-in one is also
+imported below, a user's own is loaded by `--plugins`. `DECODER_PRUNERS` / `BASELINES` are live views of the
+decoder-side registrations.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from ..executor.token_pruner import DecoderTokenPruner
+from ..methods import MethodView
 from ..policy import DOPPolicy
-from .dart import DART
-from .fastv import FastV
-from .fitprune import FitPrune
-from .pdrop import PDrop
-from .sparsevlm import SparseVLM
+from .dart import DART  # noqa: F401  (importing registers it)
+from .fastv import FastV  # noqa: F401  (importing registers it)
+from .fitprune import FitPrune  # noqa: F401  (importing registers it)
+from .pdrop import PDrop  # noqa: F401  (importing registers it)
+from .sparsevlm import SparseVLM  # noqa: F401  (importing registers it)
 
-DECODER_PRUNERS: dict[str, Callable[..., DecoderTokenPruner]] = {
-    "fastv": FastV,
-    "pdrop": PDrop,
-    "dart": DART,
-    "fitprune": FitPrune,
-    "sparsevlm": SparseVLM,
-}
+# every decoder-side method, built-in (the imports above register them) or a plugin's: name -> class
+DECODER_PRUNERS = MethodView("decoder")
 
 
 def get_decoder_pruner(name: str, **kwargs) -> DecoderTokenPruner:
@@ -46,4 +45,4 @@ def _as_baseline(name: str) -> Callable[..., object]:
 
 
 # eval_configs/entries.yaml names these in `baseline:`; the arguments come from `baseline_args:`
-BASELINES: dict[str, Callable[..., object]] = {name: _as_baseline(name) for name in DECODER_PRUNERS}
+BASELINES = MethodView("decoder", lambda info: _as_baseline(info.name))

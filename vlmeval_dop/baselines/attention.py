@@ -3,13 +3,55 @@
 Decoder-side baselines rank tokens by attention scores (FastV: the last token's attention). Asking the
 model for attention weights would force eager attention on every layer; recomputing the rows a method
 needs from `self_attn.q_proj/k_proj` and the layer's RoPE is exact and costs one extra (1 x N) product.
+
+Exact for every family of the executor, as the stock layer computes it: per-head q/k norms (Qwen3 decoders,
+Gemma 3), the family's own RoPE function and scaling (Gemma's `query_pre_attn_scalar`), logit soft-capping where
+a config sets it, sliding windows (Gemma 3's local layers). Image blocks that attend bidirectionally (Gemma 3)
+only change rows whose query is an image token: such queries are refused rather than approximated.
 """
 from __future__ import annotations
 
-import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+import sys
 
+import torch
+from transformers.models.llama.modeling_llama import repeat_kv
+
+from ..executor.families import FamilyAdapter, adapter_for
 from ..executor.token_pruner import DecoderPruneContext
+
+
+def _heads(proj: torch.Tensor, norm, head_dim: int) -> torch.Tensor:
+    """(B, n, heads*hd) projection -> (B, heads, n, hd), through the layer's per-head norm if it has one."""
+    x = proj.view(*proj.shape[:2], -1, head_dim)
+    if norm is not None:
+        x = norm(x)
+    return x.transpose(1, 2)
+
+
+def project_queries(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE queries (B, heads, n, hd) of normed inputs `x` (B, n, H), as the stock attention computes them
+    (with its per-head `q_norm` where the family has one: Qwen3 decoders, Gemma 3)."""
+    return _heads(attn.q_proj(x), getattr(attn, "q_norm", None), attn.head_dim)
+
+
+def project_keys(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE keys (B, kv_heads, n, hd) of normed inputs `x` (B, n, H), with the family's `k_norm` if any."""
+    return _heads(attn.k_proj(x), getattr(attn, "k_norm", None), attn.head_dim)
+
+
+def rope_function(attn: torch.nn.Module):
+    """The RoPE function of the attention's own modeling module, `(q, k, cos, sin) -> (q, k)`."""
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+
+def refuse_bidirectional_or_windowed(ctx: DecoderPruneContext, method: str) -> None:
+    """Raise for families whose image tokens attend bidirectionally or whose layers use sliding windows
+    (Gemma 3), for methods whose recomputed attention rows model neither."""
+    adapter = adapter_for(ctx.model)
+    windowed = adapter.sliding_window(ctx.model, ctx.layer_idx) is not None
+    if windowed or type(adapter).attention_groups is not FamilyAdapter.attention_groups:
+        raise ValueError(f"{method} does not support family {adapter.family!r} (bidirectional image attention / "
+                         "sliding windows are not modelled by its attention rows)")
 
 
 def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> torch.Tensor:
@@ -25,7 +67,6 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> 
     """
     layer, attn = ctx.layer, ctx.layer.self_attn
     B, N, _ = ctx.hidden_in.shape
-    hd = attn.head_dim
     dev = ctx.hidden_in.device
     # keys: only the tokens that took part in the layer (the layer never computed the others)
     usable = ctx.alive & ctx.pad_valid
@@ -34,21 +75,36 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> 
     key_ok = torch.gather(usable, 1, key_idx)
     x_keys = layer.input_layernorm(torch.gather(ctx.hidden_in, 1, key_idx[..., None].expand(-1, -1, ctx.hidden_in.shape[-1])))
     x_q = layer.input_layernorm(ctx.hidden_in[:, query_positions])
-    q = attn.q_proj(x_q).view(B, x_q.shape[1], -1, hd).transpose(1, 2)
-    k = attn.k_proj(x_keys).view(B, K, -1, hd).transpose(1, 2)
+    adapter = adapter_for(ctx.model)
+    qp = query_positions.to(dev)
+    if type(adapter).attention_groups is not FamilyAdapter.attention_groups and bool(ctx.visual[:, qp].any()):
+        raise ValueError(
+            f"family {adapter.family!r}: image tokens attend to each other bidirectionally; attention rows of "
+            "image-token queries are not recomputed (only text queries are supported)"
+        )
+    q, k = project_queries(attn, x_q), project_keys(attn, x_keys)
+    rope = rope_function(attn)
     cos, sin = (t.expand(B, -1, -1) for t in ctx.position_embeddings)
-    q, _ = apply_rotary_pos_emb(q, q, cos[:, query_positions], sin[:, query_positions])
+    q, _ = rope(q, q, cos[:, qp], sin[:, qp])
     k_cos = torch.gather(cos, 1, key_idx[..., None].expand(-1, -1, cos.shape[-1]))
     k_sin = torch.gather(sin, 1, key_idx[..., None].expand(-1, -1, sin.shape[-1]))
-    _, k = apply_rotary_pos_emb(k, k, k_cos, k_sin)
+    _, k = rope(k, k, k_cos, k_sin)
     k = repeat_kv(k, q.shape[1] // k.shape[1])
     scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # (B, heads, Q, K)
-    qp = query_positions.to(dev)
+    softcap = getattr(attn, "attn_logit_softcapping", None)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     causal = key_idx[:, None, :] <= qp[None, :, None]  # (B, Q, K)
     if ctx.order is not None:  # a pruner reordered the sequence: causality follows its keys (ties: index)
         k_ord = torch.gather(ctx.order, 1, key_idx)[:, None, :]
         q_ord = ctx.order[:, qp][:, :, None]
         causal = (k_ord < q_ord) | ((k_ord == q_ord) & causal)
+    window = adapter.sliding_window(ctx.model, ctx.layer_idx)
+    if window is not None:  # local layer: keys within the window of the query's RoPE position
+        if ctx.position_ids is None:
+            raise ValueError(f"family {adapter.family!r}: a sliding window needs 1D positions")
+        k_pos = torch.gather(ctx.position_ids, 1, key_idx)[:, None, :]
+        causal = causal & (k_pos > ctx.position_ids[:, qp][:, :, None] - window)
     scores = scores.masked_fill(~(key_ok[:, None, :] & causal)[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).mean(dim=1)  # (B, Q, K)
     out = torch.zeros(B, probs.shape[1], N, dtype=probs.dtype, device=dev)

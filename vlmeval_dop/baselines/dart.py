@@ -39,10 +39,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..executor.families import adapter_for
 from ..executor.token_pruner import DecoderPruneContext
+from .attention import project_keys, rope_function
+from ..methods import register_method
 
 
 def dart_quota(keep: int, n_visual: int, pivot_image: int = 4, pivot_text: int = 4) -> int:
@@ -113,13 +114,19 @@ def _keys(ctx: DecoderPruneContext, b: int, positions: torch.Tensor) -> torch.Te
     """(S, kv_heads * head_dim) post-RoPE key states of layer `ctx.layer_idx` at `positions` of sample b."""
     layer, attn = ctx.layer, ctx.layer.self_attn
     x = layer.input_layernorm(ctx.hidden_in[b : b + 1, positions])
-    k = attn.k_proj(x).view(1, positions.numel(), -1, attn.head_dim).transpose(1, 2)
+    k = project_keys(attn, x)
     cos, sin = ctx.position_embeddings
     cos, sin = cos[min(b, cos.shape[0] - 1)][None, positions], sin[min(b, sin.shape[0] - 1)][None, positions]
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    _, k = rope_function(attn)(k, k, cos, sin)
     return k.transpose(1, 2).reshape(positions.numel(), -1)
 
 
+def _dart_cost(spec, args: dict, counts, n_visual: int, text_tokens: int) -> float:
+    """Selection FLOPs of one sample (registration's cost model): `dart_selection_flops`."""
+    return dart_selection_flops(spec, n_visual, text_tokens)
+
+
+@register_method("dart", kind="decoder", budget_knob="keep", knob_range=(0, "n_visual"), selection_cost=_dart_cost)
 class DART:
     """DART for `apply_dop(model, DOPPolicy.full(L), token_pruner=DART(k=2, keep=128))`.
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from ..executor.token_pruner import DecoderPruneContext
+from ..methods import register_method
 from .attention import query_attention
 
 
@@ -65,6 +66,12 @@ class AttentionRankPruner:
         return drop
 
 
+def _fastv_cost(spec, args: dict, counts, n_visual: int, text_tokens: int) -> float:
+    """Selection FLOPs of one sample: the last token's attention row in layer k-1 (registration's cost model)."""
+    return fastv_selection_flops(spec, counts[args.get("k", 2) - 1][0])
+
+
+@register_method("fastv", kind="decoder", budget_knob="keep", knob_range=(0, "n_visual"), selection_cost=_fastv_cost)
 class FastV(AttentionRankPruner):
     """FastV for `apply_dop(..., token_pruner=FastV(k=2, keep=288))`.
 

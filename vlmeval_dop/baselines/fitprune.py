@@ -51,9 +51,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv
 
 from ..executor.token_pruner import DecoderPruneContext
+from .attention import project_keys, project_queries, refuse_bidirectional_or_windowed, rope_function
+from ..methods import register_method
 
 # ---------------------------------------------------------------------------------------- attention
 
@@ -84,7 +86,9 @@ def visual_attention(ctx: DecoderPruneContext) -> list[VisualAttention | None]:
     keys that took part in the layer (causal, no padding), then the maximum over heads. None for a sample
     without live visual tokens.
     """
+    refuse_bidirectional_or_windowed(ctx, "FitPrune")  # its visual queries would need both
     layer, attn = ctx.layer, ctx.layer.self_attn
+    rope = rope_function(attn)
     usable = ctx.alive & ctx.pad_valid
     cos_all, sin_all = ctx.position_embeddings
     out: list[VisualAttention | None] = []
@@ -99,10 +103,9 @@ def visual_attention(ctx: DecoderPruneContext) -> list[VisualAttention | None]:
         queries = torch.cat([vis, txt])
         cb, sb = cos_all[min(b, cos_all.shape[0] - 1)], sin_all[min(b, sin_all.shape[0] - 1)]
         x = layer.input_layernorm(ctx.hidden_in[b])
-        q = attn.q_proj(x[queries]).view(1, queries.numel(), -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x[keys]).view(1, keys.numel(), -1, attn.head_dim).transpose(1, 2)
-        q, _ = apply_rotary_pos_emb(q, q, cb[None, queries], sb[None, queries])
-        _, k = apply_rotary_pos_emb(k, k, cb[None, keys], sb[None, keys])
+        q, k = project_queries(attn, x[None, queries]), project_keys(attn, x[None, keys])
+        q, _ = rope(q, q, cb[None, queries], sb[None, queries])
+        _, k = rope(k, k, cb[None, keys], sb[None, keys])
         k = repeat_kv(k, q.shape[1] // k.shape[1])
         scores = (q @ k.transpose(-1, -2)).float()[0] * attn.scaling  # (heads, Q, K)
         scores = scores.masked_fill(~(keys[None, :] <= queries[:, None])[None], float("-inf"))
@@ -278,6 +281,14 @@ def as_schedule(schedule) -> FitPruneSchedule:
 # ---------------------------------------------------------------------------------------- inference
 
 
+def _fitprune_cost(spec, args: dict, counts, n_visual: int, text_tokens: int) -> float:
+    """Selection FLOPs of one sample (registration's cost model): the visual attention rows of every layer
+    after which the fitted schedule drops tokens."""
+    return sum(fitprune_selection_flops(spec, counts[i][0], counts[i][0])
+               for i in range(len(counts) - 1) if counts[i + 1][0] < counts[i][0])  # fmt: skip
+
+
+@register_method("fitprune", kind="decoder", budget_arg="budget", selection_cost=_fitprune_cost)
 class FitPrune:
     """FitPrune at inference: `apply_dop(model, DOPPolicy.full(L), token_pruner=FitPrune(schedule))`.
 

@@ -32,9 +32,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv
 
 from ..executor.token_pruner import DecoderPruneContext, PruneDecision
+from .attention import project_keys, project_queries, rope_function
+from ..methods import register_method
 
 
 def pdrop_ratio_list(boundaries: Sequence[int], ratio: float = 0.5, ratios: Sequence[float] | None = None) -> list[float]:
@@ -81,15 +83,16 @@ def pdrop_scores(ctx: DecoderPruneContext) -> torch.Tensor:
     x_seq = layer.input_layernorm(torch.gather(x, 1, key_idx[..., None].expand(-1, -1, H)))
     # q over the whole current sequence, then the query's row: the official computation, so that GPU
     # half-precision runs round like the official GEMM does (a 1-row product may round differently)
-    q = attn.q_proj(x_seq).view(B, K, -1, hd).transpose(1, 2)[:, :, -1:]
-    k = attn.k_proj(x_seq).view(B, K, -1, hd).transpose(1, 2)
+    q = project_queries(attn, x_seq)[:, :, -1:]
+    k = project_keys(attn, x_seq)
+    rope = rope_function(attn)
     cos, sin = (t.expand(B, -1, -1) for t in ctx.position_embeddings)
 
     def at(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return torch.gather(t, 1, idx[..., None].expand(-1, -1, t.shape[-1]))
 
-    q, _ = apply_rotary_pos_emb(q, q, at(cos, q_idx), at(sin, q_idx))
-    _, k = apply_rotary_pos_emb(k, k, at(cos, key_idx), at(sin, key_idx))
+    q, _ = rope(q, q, at(cos, q_idx), at(sin, q_idx))
+    _, k = rope(k, k, at(cos, key_idx), at(sin, key_idx))
     k = repeat_kv(k, q.shape[1] // k.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)  # (B, heads, 1, K), model dtype as official
     scores = scores.masked_fill(~key_ok[:, None, None, :], float("-inf"))
@@ -105,6 +108,13 @@ def pdrop_selection_flops(spec, n_tokens: int) -> float:
     return 2.0 * n_tokens * spec.hidden_size * (spec.q_dim + spec.kv_dim) + 2.0 * n_tokens * spec.q_dim
 
 
+def _pdrop_cost(spec, args: dict, counts, n_visual: int, text_tokens: int) -> float:
+    """Selection FLOPs of one sample: the next layer's q/k of the whole current sequence, one score row,
+    per stage boundary (registration's cost model)."""
+    return sum(pdrop_selection_flops(spec, counts[b - 1][0]) for b in args.get("boundaries", (8, 16, 24)))
+
+
+@register_method("pdrop", kind="decoder", budget_knob="ratio", knob_range=(0.0001, 0.9999), selection_cost=_pdrop_cost)
 class PDrop:
     """PyramidDrop for `apply_dop(..., token_pruner=PDrop(boundaries=[8, 16, 24], ratio=0.5))`.
 

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 import torch
 
 from ..executor.token_pruner import DecoderPruneContext, PruneDecision
+from ..methods import register_method
 from .attention import query_attention
 
 # official score.py (version 1_0), LLaVA-1.5 with 576 visual tokens: RETAIN_TOKN -> kept per stage
@@ -272,6 +273,17 @@ def sparsevlm_selection_flops(spec, stats: Sequence[dict]) -> float:
     return total
 
 
+def _sparsevlm_cost(spec, args: dict, counts, n_visual: int, text_tokens: int) -> float:
+    """Selection FLOPs of one sample (registration's cost model); every instruction token counted as a rater
+    (the raters are data-dependent: an upper bound)."""
+    stats = [{"layer": None, "visual": n_visual, "text": text_tokens}]
+    for layer in args.get("layers", OFFICIAL_LAYERS):
+        stats.append({"layer": layer, "queries": text_tokens, "keys": counts[layer][0]})
+    return sparsevlm_selection_flops(spec, stats)
+
+
+@register_method("sparsevlm", kind="decoder", budget_knob="retain", knob_range=(1, "n_visual"),
+                 selection_cost=_sparsevlm_cost)
 class SparseVLM:
     """SparseVLM for `apply_dop(model, DOPPolicy.full(L), token_pruner=SparseVLM(retain=192))`.
 

@@ -4,11 +4,16 @@ Under DOP a layer caches only the tokens it attended to, so layer lengths differ
 equals the number of tokens the model has seen. transformers sizes masks and infers positions from
 `get_seq_length()` / `get_mask_sizes()`; this cache answers them in the original sequence coordinates
 (what an unpruned cache would say), and records, per layer, which original positions its entries are.
+
+Sliding-window layers (Gemma 3's local layers) are cached in full here: transformers' sliding layers evict keys by
+count (the last `window - 1` entries), which would desynchronise the per-layer bookkeeping below when a layer holds
+a subset of the tokens. The window is applied by masks instead (the executor's, and transformers' own, which size
+these layers as global ones through `get_mask_sizes`): the same keys are visible, more are stored.
 """
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
 class DOPCache(DynamicCache):
@@ -22,10 +27,15 @@ class DOPCache(DynamicCache):
             tokens' RoPE positions are shifted down by it (contiguous positions, 1D-RoPE families).
         dop_layer_pos_shift: per layer renumbered by a decoder-side pruner (`PruneDecision.renumber`), the
             (B,) shift of that layer's positions for later tokens; it replaces `dop_pos_shift` there.
+        dop_positions: (B, dop_seen) 1D RoPE positions of every token seen (after the reducer's renumbering;
+            None for M-RoPE families): the coordinates of sliding windows.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # full layers only (module docstring): a sliding layer would evict entries the bookkeeping still lists
+        self.layers = [DynamicLayer() if getattr(layer, "is_sliding", False) else layer for layer in self.layers]
+        self.dop_positions: torch.Tensor | None = None
         self.dop_seen: int = 0
         self.dop_key_index: dict[int, torch.Tensor] = {}
         self.dop_key_valid: dict[int, torch.Tensor] = {}

@@ -7,9 +7,11 @@ How it works (no vendored model code, nothing global):
   in a `DOPCache` so per-layer KV caches may hold different token subsets;
 - each decoder layer's `forward` is overridden on the instance: layers that process every token call
   the original forward unchanged (bit-identical to stock); the others gather the kept tokens, run the
-  layer's own submodules (`input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`) on them
-  with an explicit mask in original coordinates, and scatter the results back. Tokens a layer skips
-  pass through unchanged (the residual), which is the paper's definition of a pruned operation.
+  layer's own submodules (`input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`; the family
+  adapter's `attention_branch` / `mlp_branch` say how they combine) on them with an explicit mask in original
+  coordinates (with the family's sliding windows and bidirectional groups, see `_attention_mask`), and scatter
+  the results back. Tokens a layer skips pass through unchanged (the residual), which is the paper's definition
+  of a pruned operation.
 Leaving the context (or `handle.remove()`) deletes the instance overrides and hooks: the model is
 restored exactly.
 """
@@ -144,7 +146,8 @@ class _CallPlan:
     # per layer: MLP subset as indices into the attn set (None = same), or `_MLPBeyondAttn` when the MLP
     # also runs tokens that skip this layer's attention (single-layer MHA pruning, OperationMask)
     mlp_in_attn: list["_TokenSet | _MLPBeyondAttn | None"]
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # overrides the model's (remapped RoPE)
+    # overrides the model's (remapped RoPE): per layer, (cos, sin) (`FamilyAdapter.rotary_tables`)
+    position_embeddings: list[tuple[torch.Tensor, torch.Tensor]] | None
     position_ids: torch.Tensor | None
     cache: DOPCache | None
     replay: dict[int, torch.Tensor] | None = None  # layer -> output to reuse instead of computing
@@ -168,6 +171,8 @@ class _CallPlan:
     check_replay: bool = True
     last_only: bool = False
     work: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
+    # (B, N) group ids of tokens attending to each other in both directions (-1: none; Gemma 3's images)
+    groups_bidir: torch.Tensor | None = None
 
     def custom_positions(self, i: int) -> bool:
         """Layer i cannot use the stock layer call: its positions or its sequence order are not the model's."""
@@ -323,6 +328,7 @@ class DOPHandle:
         check_replay: bool = True,
         frozen: FrozenTokens | None = None,
         last_position_only: bool = False,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run only the decoder stack under this policy and return last-position logits (no cache).
 
@@ -343,6 +349,8 @@ class DOPHandle:
             frozen: `FrozenTokens` taking part as keys/values only, with the keys/values given (no token pruner).
             last_position_only: the last layer runs queries and MLP for each sample's last position only (the
                 other tokens are keys/values only): exactly the returned logits, for less work.
+            padding_mask: (B, N) 2D padding mask, needed when `decoder_kwargs["attention_mask"]` holds masks the
+                multimodal model prepared per layer type (Gemma 3) rather than the 2D mask.
         """
         kwargs = {k: v for k, v in decoder_kwargs.items() if k not in ("cache", "use_cache")}
         if frozen is not None and self.token_pruner is not None:
@@ -356,6 +364,8 @@ class DOPHandle:
             "frozen": frozen,
             "last_only": last_position_only,
         }
+        if padding_mask is not None or not isinstance(decoder_kwargs.get("attention_mask"), dict):
+            self._pending["padding_mask"] = padding_mask
         out = self._lm(**kwargs, use_cache=False)
         return self.adapter.lm_head(self.model)(out.last_hidden_state[:, -1])
 
@@ -373,7 +383,8 @@ class DOPHandle:
             for rec in self._vision.values():
                 rec.clear()  # a new forward: whatever was recorded belongs to an earlier one
             self._encoder_inputs, self._encoder_round = {}, False
-        self._pending = {"input_ids": input_ids, "model_inputs": model_inputs}
+        self._pending = {"input_ids": input_ids, "model_inputs": model_inputs,
+                         "padding_mask": kwargs.get("attention_mask")}
         return None
 
     def _decoder_pre_hook(self, module, args, kwargs):
@@ -419,6 +430,13 @@ class DOPHandle:
                 raise ValueError("apply_dop needs input_ids to locate visual tokens (got inputs_embeds only)")
 
         mask2d = kwargs.get("attention_mask")
+        if isinstance(mask2d, dict):
+            # per-layer-type masks the multimodal model prepared (Gemma 3): the executor needs the 2D padding mask
+            # that model got (or run_decoder's `padding_mask`), and builds its own masks where layers are pruned
+            if "padding_mask" not in pending:
+                raise ValueError("the decoder got prepared per-layer masks; pass the 2D padding mask "
+                                 "(run_decoder(padding_mask=...)) so that the executor can build its own")
+            mask2d = pending["padding_mask"]
         if isinstance(mask2d, torch.Tensor) and mask2d.ndim == 2:
             pad_valid = mask2d.to(device=device, dtype=torch.bool)
             if pad_valid.shape[1] != past + N:
@@ -494,7 +512,7 @@ class DOPHandle:
                 base = prior.to(device)[:, None] if prior is not None else torch.zeros(B, 1, dtype=torch.long, device=device)
                 shift_before = base + torch.cumsum(dropped.long(), dim=1) - dropped.long()
                 positions = orig_positions - shift_before
-                position_embeddings = module.rotary_emb(embeds, positions)
+                position_embeddings = self.adapter.rotary_tables(module, embeds, positions)
                 if cache is not None:
                     cache.dop_pos_shift = base[:, 0] + dropped.long().sum(1)
             if cache is not None and cache.dop_layer_pos_shift and past > 0:
@@ -502,8 +520,9 @@ class DOPHandle:
                 by_shift: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
                 for layer_idx, shift in cache.dop_layer_pos_shift.items():
                     if id(shift) not in by_shift:
-                        by_shift[id(shift)] = module.rotary_emb(embeds, orig_positions - shift.to(device)[:, None])
-                    layer_position_embeddings[layer_idx] = by_shift[id(shift)]
+                        by_shift[id(shift)] = self.adapter.rotary_tables(
+                            module, embeds, orig_positions - shift.to(device)[:, None])
+                    layer_position_embeddings[layer_idx] = by_shift[id(shift)][layer_idx]
 
         # --- per-layer token sets
         sys_mask = self._system_mask(visual, pad_valid[:, past:]) if self.policy.has_system_depths and past == 0 else None
@@ -520,6 +539,8 @@ class DOPHandle:
             alive, frozen_counts = alive & ~fmask, frozen.counts
         last_only = bool(pending.get("last_only"))
         attn_sets, kv_sets, mlp_sets = self._layer_sets(alive, groups, 0, last_only)
+        # bidirectional groups (stock: prefill only, from the multimodal model's own inputs)
+        bidir = self.adapter.attention_groups(self.model, pending.get("model_inputs", {}), (B, N)) if past == 0 else None
         self._plan = _CallPlan(
             past=past,
             length=N,
@@ -541,6 +562,7 @@ class DOPHandle:
             frozen_counts=frozen_counts,
             check_replay=pending.get("check_replay", True),
             last_only=last_only,
+            groups_bidir=None if bidir is None else bidir.to(device),
         )
         return args, kwargs
 
@@ -600,6 +622,9 @@ class DOPHandle:
             return None
         if plan.cache is not None:
             plan.cache.dop_seen = plan.past + plan.length
+            if plan.positions is not None:  # the window positions of later calls' keys
+                prev = plan.cache.dop_positions
+                plan.cache.dop_positions = plan.positions if prev is None else torch.cat([prev, plan.positions], 1)
             if plan.past == 0:
                 plan.cache.dop_layer_pos_shift = dict(plan.layer_pos_shift)
         if plan.past == 0:
@@ -655,7 +680,8 @@ class DOPHandle:
             visual=plan.groups.visual,
             alive=took_part,
             pad_valid=plan.pad_valid[:, plan.past :],
-            position_embeddings=plan.position_embeddings or kwargs.get("position_embeddings"),
+            position_embeddings=plan.position_embeddings[i] if plan.position_embeddings is not None
+            else kwargs.get("position_embeddings"),
             model=self.model,
             position_ids=plan.positions,
             order=order,
@@ -716,6 +742,12 @@ class DOPHandle:
                 f"token pruner {self.token_pruner.name!r} renumbers positions, which needs 1D RoPE; family "
                 f"{self.adapter.family!r} uses M-RoPE"
             )
+        if any(self.adapter.sliding_window(self.model, j) is not None for j in range(self.spec.num_layers)):
+            # windows are measured in one position numbering per call and cache; a per-layer renumbering has its own
+            raise ValueError(
+                f"token pruner {self.token_pruner.name!r} renumbers positions per layer, which family "
+                f"{self.adapter.family!r} (sliding-window layers) does not support; valid: pruners without renumber"
+            )
         B, N = plan.alive.shape
         dev = plan.alive.device
         # padding occupies positions as in the model's own numbering; dropped tokens do not
@@ -727,7 +759,7 @@ class DOPHandle:
         first = plan.positions.masked_fill(~counted, torch.iinfo(torch.long).max).min(1, keepdim=True).values
         new_pos = first + rank
         plan.positions = new_pos
-        plan.position_embeddings = self._lm.rotary_emb(hidden_out, new_pos)
+        plan.position_embeddings = self.adapter.rotary_tables(self._lm, hidden_out, new_pos)
         # decoding: the next token follows the last token of this layer's (rebuilt) sequence
         last = torch.gather(perm, 1, (counted.sum(1, keepdim=True) - 1).clamp(min=0))
         shift = (torch.gather(plan.orig_positions, 1, last) - torch.gather(new_pos, 1, last))[:, 0]
@@ -766,7 +798,8 @@ class DOPHandle:
             raise TypeError("DOP layer forward expects keyword arguments after hidden_states")
         kwargs = dict(kwargs)
         kwargs.pop("attention_mask", None)
-        pos_emb = plan.layer_position_embeddings.get(i) or plan.position_embeddings or kwargs.pop("position_embeddings")
+        pos_emb = plan.layer_position_embeddings.get(i) or (
+            plan.position_embeddings[i] if plan.position_embeddings is not None else kwargs.pop("position_embeddings"))
         kwargs.pop("position_embeddings", None)
         position_ids = kwargs.pop("position_ids", None)
         use_cache = kwargs.pop("use_cache", False)
@@ -806,9 +839,9 @@ class DOPHandle:
         mask = self._attention_mask(i, plan, attn, x.dtype, prefix=prefix, prefix_all_valid=prefix_all_valid)
 
         residual = x
-        h = layer.input_layernorm(x)
-        h, _ = layer.self_attn(
-            hidden_states=h,
+        h = self.adapter.attention_branch(
+            layer,
+            x,
             attention_mask=mask,
             position_ids=position_ids,
             cache=attn_cache,
@@ -823,13 +856,13 @@ class DOPHandle:
         if isinstance(mlp_sub, _MLPBeyondAttn):  # attention on its set, then the MLP on a larger one
             full = _scatter(hidden, attn, x)
             y = _gather(full, mlp_sub.tokens.index)
-            y = y + layer.mlp(layer.post_attention_layernorm(y))
+            y = y + self.adapter.mlp_branch(layer, y)
             return _scatter(full, mlp_sub.tokens, y)
         if mlp_sub is None:
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self.adapter.mlp_branch(layer, x)
         else:
             y = _gather(x, mlp_sub.index)
-            y = y + layer.mlp(layer.post_attention_layernorm(y))
+            y = y + self.adapter.mlp_branch(layer, y)
             x = _scatter(x, mlp_sub, y)
         return _scatter(hidden, attn, x)
 
@@ -847,7 +880,13 @@ class DOPHandle:
     ) -> torch.Tensor | None:
         """Mask over (this call's kept queries) x (cached or `prefix` keys + current kept keys), in original
         coordinates. `prefix`: (positions, valid) of keys-only tokens handed to attention without a cache
-        (`prefix_all_valid`: host flag, no filler slot among them)."""
+        (`prefix_all_valid`: host flag, no filler slot among them).
+
+        Family rules (`FamilyAdapter`), composed as transformers composes them for Gemma 3: a key is visible if it
+        is valid (real, not a filler) and `(causal OR same bidirectional group) AND inside the layer's window`. The
+        window compares RoPE positions (`key > query - window`): the positions of the sequence the layer sees,
+        i.e. renumbered after a reducer's drop as in a rebuilt sequence, equal to transformers' index distance
+        for an unreduced sequence (left padding shifts both alike)."""
         cache = plan.cache
         q_pos = attn.index + plan.past
         q_valid = attn.valid
@@ -860,8 +899,10 @@ class DOPHandle:
         else:
             k_pos, k_slot = q_pos, q_valid
         past_ok = cache is None or cache.dop_layer_all_valid.get(i, True)
+        window = self.adapter.sliding_window(self.model, i)
+        groups = plan.groups_bidir
         if self.attn_impl == "sdpa" and plan.no_padding and attn.all_valid and past_ok and plan.order is None \
-                and prefix_all_valid:
+                and prefix_all_valid and window is None and groups is None:
             # causal order survives gathering, so sdpa's own causal path (and fast kernels) apply
             if k_pos.shape[1] == q_pos.shape[1] or q_pos.shape[1] == 1:
                 return None
@@ -875,6 +916,19 @@ class DOPHandle:
             allowed = k_valid[:, None, :] & before
         else:
             allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+        if groups is not None:  # prefill (past = 0): positions index this call's tokens
+            q_grp, k_grp = torch.gather(groups, 1, q_pos), torch.gather(groups, 1, k_pos)
+            same = (q_grp[:, :, None] == k_grp[:, None, :]) & (q_grp[:, :, None] >= 0)
+            allowed = allowed | (k_valid[:, None, :] & same)
+        if window is not None:
+            if plan.positions is None:
+                raise ValueError(f"family {self.adapter.family!r}: sliding windows need 1D positions")
+            prior = cache.dop_positions if cache is not None and cache.dop_positions is not None else None
+            pos = plan.positions if prior is None else torch.cat([prior.to(plan.positions.device), plan.positions], 1)
+            if pos.shape[1] != plan.past + plan.length:
+                raise ValueError("sliding windows need the positions of every cached token (cache built without DOP?)")
+            q_rope, k_rope = torch.gather(pos, 1, q_pos), torch.gather(pos, 1, k_pos)
+            allowed = allowed & (k_rope[:, None, :] > q_rope[:, :, None] - window)
         # a row with no visible key (left padding, filler) would give NaNs that leak through V; let it see all
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         allowed = allowed[:, None]
@@ -947,8 +1001,8 @@ def apply_dop(
     or as a plain call returning a handle whose `remove()` restores the model.
 
     Args:
-        model: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-            Qwen2_5_VLForConditionalGeneration or InternVLForConditionalGeneration.
+        model: a stock transformers MLLM of a class in `vlmeval_dop.arch.SUPPORTED_CLASSES` (LLaVA(-NeXT,
+            -OneVision), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL, SmolVLM / Idefics3, Gemma 3).
         policy: `DOPPolicy(d_A, d_P, n_v)`; depths are validated against the decoder depth now, `n_v`
             against each image's visual token count at the first forward.
         reducer: name in `vlmeval_dop.reducers.REDUCERS` or a `VisualTokenReducer`; required when

@@ -20,6 +20,7 @@ WRAPPERS: dict[str, str] = {
     "smolvlm": "vlmeval_dop.models.smolvlm:SmolVLMDOP",
     "qwen3_vl": "vlmeval_dop.models.qwen3_vl:Qwen3VLDOP",
     "video_llava": "vlmeval_dop.models.video_llava:VideoLLaVADOP",  # issue 14: videos and images
+    "gemma3": "vlmeval_dop.models.gemma3:Gemma3DOP",
 }
 
 

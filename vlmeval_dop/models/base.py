@@ -63,6 +63,7 @@ class DOPWrapper(BaseModel):
         entry: the registry entry name (used in messages and logs).
         policy: DOP policy; None = the unpruned model.
         reducer: visual token reducer for `policy.n_v` (a `vlmeval_dop.reducers` name or `resize`).
+        reducer_args: the reducer's constructor arguments (an entry's seed: `{entry}.s3`).
         baseline, baseline_args: a decoder-side baseline (`vlmeval_dop.baselines.BASELINES`) instead of DOP.
         op_mask: visual MHA/MLP operations pruned at single layers on top of `policy` (`OperationMask`).
         max_new_tokens: generation length (default: that of VLMEvalKit's wrapper of this model).
@@ -87,6 +88,7 @@ class DOPWrapper(BaseModel):
         entry: str | None = None,
         policy: DOPPolicy | None = None,
         reducer: str | None = None,
+        reducer_args: dict[str, Any] | None = None,
         baseline: str | None = None,
         baseline_args: dict[str, Any] | None = None,
         op_mask: OperationMask | None = None,
@@ -107,6 +109,7 @@ class DOPWrapper(BaseModel):
         self.entry = entry or tiny or model_path
         self.policy = policy
         self.reducer = reducer
+        self.reducer_args = dict(reducer_args or {})
         self.baseline = baseline
         self.baseline_args = dict(baseline_args or {})
         self.op_mask = op_mask
@@ -233,9 +236,8 @@ class DOPWrapper(BaseModel):
     def _pruning(self):
         """The context that wraps generate: the baseline, apply_dop, or nothing for the unpruned model."""
         if self.baseline is not None:
-            from ..registry import _baselines
+            from ..baselines import BASELINES as available
 
-            available = _baselines()
             if self.baseline not in available:
                 raise KeyError(
                     f"baseline {self.baseline!r} is not registered; available: {', '.join(sorted(available)) or 'none'}"
@@ -248,7 +250,22 @@ class DOPWrapper(BaseModel):
             policy, reducer = replace(policy, n_v=None), None
         if policy.is_full(self._num_layers) and not self.op_mask:
             return nullcontext(None)
+        if reducer is not None and self.reducer_args:  # constructed with the entry's arguments (a seed)
+            from ..reducers import get_reducer
+
+            reducer = get_reducer(reducer, **self.reducer_args)
         return apply_dop(self.model, policy, reducer=reducer, op_mask=self.op_mask)
+
+    def pruning_description(self) -> str:
+        """What runs, for the log: `DOP (2,1,8) with uniform`, `fastv k=2 keep=16 (decoder-side)`, `unpruned`."""
+        if self.baseline is not None:
+            args = " ".join(f"{k}={v}" for k, v in self.baseline_args.items() if k != "n_visual")
+            return f"{self.baseline} {args} (decoder-side)".replace("  ", " ")
+        if self.policy is None and not self.op_mask:
+            return "unpruned"
+        args = "".join(f" {k}={v}" for k, v in self.reducer_args.items())
+        how = f" with {self.reducer}{args}" if self.reducer else ""
+        return f"DOP {self.policy or 'full'}{how}" + (f" + {self.op_mask}" if self.op_mask else "")
 
     def model_inputs(self, message, dataset=None):
         """`build_inputs` on the model's device, images in the model's dtype: what `generate` is called with."""
@@ -311,8 +328,8 @@ class DOPWrapper(BaseModel):
         if self.layer_tokens_sum is None:
             self.layer_tokens_sum = [[0, 0] for _ in counts]
             logger.info(
-                "[%s] DOP %s (%s): visual tokens in the prompt %d; tokens per layer (MHA, MLP) of the first "
-                "sample: %s", self.entry, self.policy, self.reducer or self.baseline, self.last_visual_tokens,
+                "[%s] %s: visual tokens in the prompt %d; tokens per layer (MHA, MLP) of the first "
+                "sample: %s", self.entry, self.pruning_description(), self.last_visual_tokens,
                 self.last_layer_tokens,
             )
         for acc, (a, m) in zip(self.layer_tokens_sum, counts):

@@ -16,9 +16,22 @@ Resolution:
   agree on the crop layout: a square image gives 5 x 576 = 2880 features (+ 48 row newlines, see
   vlmeval_dop/arch.py); other aspect ratios are padded into the canvas and unpadded by the model, as in
   LLaVA's anyres, and give fewer.
+
+Precision: the paper's LLaVA numbers come from VisPruner's / CDPruner's official code, i.e. LLaVA's
+`load_pretrained_model`, which loads the language model in float16 but the CLIP tower with
+`CLIPVisionModel.from_pretrained(..., device_map="auto")` and, because `device_map == "auto"`, never casts it:
+the tower runs in float32 on float16-rounded pixels, and its features are cast back to float16 before the
+projector (`CLIPVisionTower.forward`: `.to(images.dtype)`). The wrappers do the same by default
+(`vision_dtype="float32"`); `vision_dtype="model"` runs the tower in the model's dtype, as VLMEvalKit's own
+LLaVA wrapper does (it loads with `device_map="cpu"`, which takes LLaVA's float16 cast). The scores of the
+vision-side reducers (VisPruner's and VisionZip's [CLS] attention, PruMerge+'s keys) come from the tower, so this
+choice reaches their kept sets. On CPU (float32 everywhere) both settings are the same. One difference is left:
+llava-hf checkpoints store the tower in float16, so its float32 weights are the float16-rounded values of the
+openai CLIP weights the official loader reads.
 """
 from __future__ import annotations
 
+import torch
 from PIL import Image
 from vlmeval.vlm.llava.llava import LLaVA_Next
 
@@ -30,9 +43,40 @@ VICUNA_SYSTEM = (
 )
 
 
+VISION_DTYPES = ("float32", "model")
+
+
+def _cast_to_projector(module: torch.nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of the projector: features of a float32 tower enter it in its own dtype (LLaVA's
+    `.to(images.dtype)` after the tower)."""
+    dtype = next(module.parameters()).dtype
+    return (args[0].to(dtype), *args[1:])
+
+
 class _LLaVABase(DOPWrapper):
+    """Common part of the LLaVA wrappers.
+
+    Args:
+        vision_dtype: `float32` (default): the CLIP tower runs in float32 when the model is loaded in a lower
+            precision, as the official LLaVA loader behind the paper's LLaVA numbers does (see the module
+            docstring); `model`: the tower runs in the model's dtype (VLMEvalKit's LLaVA wrapper). Not measured
+            on real checkpoints here (needs a GPU); on CPU runs, which are float32, the two are identical.
+    """
+
     CUDA_DTYPE = DOPWrapper.CUDA_DTYPE  # float16, as VLMEvalKit's LLaVA wrappers
     DEFAULT_MAX_NEW_TOKENS = 2048
+
+    def __init__(self, *args, vision_dtype: str = "float32", **kwargs):
+        if vision_dtype not in VISION_DTYPES:
+            raise ValueError(f"vision_dtype {vision_dtype!r} unknown; valid: {', '.join(VISION_DTYPES)}")
+        super().__init__(*args, **kwargs)
+        self.vision_dtype = vision_dtype
+
+    def _configure(self, model, processor) -> None:
+        if self.vision_dtype == "float32" and self.dtype != torch.float32:
+            model.model.vision_tower.to(torch.float32)
+            # instance-level, lives as long as this loaded model (LLaVA's own tower -> projector cast)
+            model.model.multi_modal_projector.register_forward_pre_hook(_cast_to_projector)
 
     # VLMEvalKit's LLaVA prompt logic, reused (LLaVA and LLaVA_Next define it identically)
     use_custom_prompt = LLaVA_Next.use_custom_prompt
@@ -94,6 +138,7 @@ class LLaVANextDOP(_LLaVABase):
         self.image_size = image_size
 
     def _configure(self, model, processor) -> None:
+        super()._configure(model, processor)
         tile = int(model.config.vision_config.image_size)
         side = int(self.image_size or 2 * tile)
         if side % tile:

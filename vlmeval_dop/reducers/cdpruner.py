@@ -45,6 +45,16 @@ Family specifics:
 - InternVL3 (paper Table 13 reports CDPruner there, copied from the CDPruner paper, whose code for it is not
   released): the same port as Qwen2.5-VL on the pixel-shuffled, projected tile tokens; the `<img>` / `</img>`
   markers are not instruction tokens. Tiles are not treated separately (the span is one DPP), as for DivPrune.
+  InternVL3.5 is the same class and port.
+- Qwen2-VL and Qwen3-VL (models beyond the paper): the Qwen2.5-VL port as is. Both write the image as
+  `<|vision_start|><|image_pad|>...<|vision_end|>` with the merger outputs as the placeholders' decoder inputs and
+  end the user turn with `<|im_end|>` (the generation config's eos), so features, instruction tokens and markers are
+  found the same way. Qwen3-VL's DeepStack features are added inside the decoder, after the selection: they play
+  no part in it (the port scores the decoder-input embeddings, as for Qwen2.5-VL).
+- Not ported: SmolVLM, LLaVA-OneVision and Gemma 3 (refused by name). Their decoder-input image embeddings would
+  allow the same port, but each needs its own instruction-token rules (SmolVLM's tile markers, Gemma 3's
+  `<start_of_image>` / `<end_of_image>` and `<end_of_turn>`), and no result for them exists to check the port
+  against; `uniform` and `divprune` run there.
 
 The CLIP text (LLaVA families) is the bare question the official evaluation passes as `texts`, *not* the
 whole prompt: the eval scripts remove the answer-format instruction ("\\nAnswer the question using a single
@@ -69,6 +79,7 @@ import torch
 
 from .base import ImageSpan, ReducerError, ReductionContext, Selection, check_n_keep
 from .instruction import InstructionText, instruction_ids
+from ..methods import register_method
 
 _CLIP_FAMILIES = ("llava", "llava_next")
 NEXT_PACKINGS = ("official", "stock")
@@ -197,6 +208,7 @@ def crop_quotas(available: list[int], n_keep: int) -> list[int]:
     return quota
 
 
+@register_method("cdpruner", kind="vision")
 class CDPruner:
     """Reducer: conditional-DPP visual token selection (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, InternVL3); see module doc.
 
@@ -213,7 +225,7 @@ class CDPruner:
     """
 
     name = "cdpruner"
-    families = ("llava", "llava_next", "qwen2_5_vl", "internvl")
+    families = ("llava", "llava_next", "qwen2_5_vl", "internvl", "qwen2_vl", "qwen3_vl")
 
     def __init__(
         self,
@@ -242,8 +254,8 @@ class CDPruner:
         return self._text(ctx, span)
 
     def qwen_instruction_ids(self, ctx: ReductionContext, span: ImageSpan) -> torch.Tensor:
-        """Qwen2.5-VL / InternVL3 instruction tokens: after the image (image markers skipped) up to the end
-        of the user turn."""
+        """Qwen2-VL / Qwen2.5-VL / Qwen3-VL / InternVL3(.5) instruction tokens: after the image (image markers
+        skipped) up to the end of the user turn."""
         ids = self.instruction_ids(ctx, span)
         cfg = ctx.model.config
         stop = set()
@@ -285,7 +297,7 @@ class CDPruner:
         if ctx.family not in self.families:
             raise ReducerError(f"reducer 'cdpruner' does not support model family {ctx.family!r}; supported: {', '.join(self.families)}")
         check_n_keep("CDPruner", ctx, n_keep)
-        if ctx.family in ("qwen2_5_vl", "internvl"):  # no CLIP: LLM-space port (module docstring)
+        if ctx.family in ("qwen2_5_vl", "internvl", "qwen2_vl", "qwen3_vl"):  # no CLIP: LLM-space port (docstring)
             return [self._select_qwen(ctx, span, n_keep) for span in ctx.images]
         rel = self.clip_relevance(ctx)
         if ctx.family == "llava":

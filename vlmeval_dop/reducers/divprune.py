@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 
 from .base import ReducerError, ReductionContext, ReplacedSpan, Selection
+from ..methods import register_method
 
 
 def cosine_distances(features: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -104,6 +105,7 @@ def divprune_select(
     return torch.sort(divprune_order(features, n_keep, compute_dtype, distinct=distinct)).values
 
 
+@register_method("divprune", kind="vision")
 class DivPrune:
     """Reducer: official DivPrune over each image's decoder-input visual features.
 

@@ -63,6 +63,7 @@ import torch
 from .base import ReducerError, ReductionContext, ReplacedSpan, check_family
 from .vision import CLIP_FAMILIES, VisionCapture, encoder_layers, feature_layer_index, vision_capture
 from .visionzip import split_budget
+from ..methods import register_method
 
 #: official `torch.topk(cos_sim_matrix, k=int(32))`
 NEIGHBOURS = 32
@@ -220,6 +221,7 @@ def _crop_sources(ctx: ReductionContext, image: int, num_crops: int, P: int) -> 
     return out
 
 
+@register_method("prumergeplus", kind="vision")
 class PruMergePlus:
     """Reducer: official PruMerge+ per crop (top-attention patches + spatial samples, kNN attention-weighted
     merging, one extra row), replacing the image span by its rows; see the module doc.

@@ -45,6 +45,7 @@ from .base import ImageSpan, KeptTokens, ReducerError, ReductionContext, Replace
 from .cdpruner import crop_quotas
 from .instruction import InstructionText
 from .vision import CLIP_FAMILIES, vision_capture, vision_tower
+from ..methods import register_method
 
 
 def trim_scores(image_embeds: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
@@ -74,6 +75,7 @@ def trim_select(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     return torch.tensor(sorted(order[: n_keep - 1]), dtype=torch.long)
 
 
+@register_method("trim", kind="vision")
 class TRIM:
     """Reducer: CLIP text-similarity selection plus one mean token per image/crop (see module doc).
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from .base import ReductionContext
+from ..methods import register_method
 
 
+@register_method("uniform", kind="vision")
 class UniformReducer:
     """Keep `n_keep` evenly spaced visual tokens per image."""
 

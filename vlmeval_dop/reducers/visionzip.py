@@ -25,10 +25,12 @@ Budget: the official settings are `(dominant, contextual)` = (54, 10) for 64 tok
 official code cannot run `contextual = 0` (division by zero); here that keeps [CLS] + dominant patches.
 
 Computation follows the official dtypes: keys averaged over heads, similarities and the merge in the
-features' own dtype (fp16 on GPU, as official). The [CLS] attention comes from `VisionCapture` (softmax
-in float32; official: the eager attention in the model dtype, summed over heads): in float32 both rank
-the patches alike (golden test); in fp16 near-ties may rank differently (not measured against an fp16
-run of the official code).
+features' own dtype, i.e. the CLIP tower's. The official code runs on LLaVA's loader, whose tower stays in
+float32 under a float16 model; the LLaVA wrappers do the same by default (`vision_dtype="float32"`,
+vlmeval_dop/models/llava.py), so features, [CLS] attention (`VisionCapture`, softmax in float32) and merge are
+float32 as official. With `vision_dtype="model"` (a float16 tower) the features are float16 while the [CLS]
+attention is still float32, where the official eager layer would be float16: near-ties may rank differently
+(not measured against an fp16 run of the official code).
 
 LLaVA-NeXT (official `prepare_inputs_labels_for_multimodal_visionzip` + `restore_image_features_sorted`,
 for `mm_patch_merge_type` containing `unpad`, as the LLaVA-NeXT checkpoints): every crop (base + grid
@@ -50,6 +52,7 @@ import torch
 
 from .base import ReducerError, ReductionContext, ReplacedSpan, check_family, check_n_keep
 from .vision import CLIP_FAMILIES, VisionCapture, vision_capture
+from ..methods import register_method
 
 #: official (dominant, contextual) = (54, 10) for 64 tokens: the contextual share of the budget
 CONTEXTUAL_FRACTION = 10 / 64
@@ -199,6 +202,7 @@ def split_budget(n_keep: int, sizes: list[int]) -> list[int]:
     return out
 
 
+@register_method("visionzip", kind="vision")
 class VisionZip:
     """Reducer: official VisionZip, `[CLS, dominant, contextual]` per crop (LLaVA-1.5; LLaVA-NeXT with the
     official packing); see module doc. Returns `ReplacedSpan`s."""

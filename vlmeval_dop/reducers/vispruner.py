@@ -70,6 +70,7 @@ from .llava_next_layout import llava_next_layout
 from .llava_next_packing import crop_budgets, official_span
 from .uniform import uniform_indices
 from .vision import VisionCapture, encoder_layers, feature_layer_index, vision_capture
+from ..methods import register_method
 
 IMPORTANT_RATIO = 0.5  # official default: `--important_ratio 0.5` (llava/eval/model_vqa*.py)
 REMOVE_PER_STEP = 8  # official: at most 8 duplicates removed per iteration (`r = min(8, R - T_div)`)
@@ -209,6 +210,7 @@ def select_crops(attn: torch.Tensor, feats: torch.Tensor, budgets: list[int], **
     return kept
 
 
+@register_method("vispruner", kind="vision")
 class VisPruner:
     """Reducer: VisPruner per vision-tower crop (LLaVA-1.5, LLaVA-NeXT) or video frame (Video-LLaVA); see the
     module docstring.

@@ -88,7 +88,7 @@ def joint_batch(
                 logits = handle.run_decoder(
                     full.decoder_kwargs, inputs["input_ids"], replay={i: source[i] for i in range(prefix)},
                     model_inputs=model_inputs, reducer_cache=reducer_cache, check_replay=False,
-                    frozen=full.frozen, last_position_only=True,
+                    frozen=full.frozen, last_position_only=True, padding_mask=inputs.get("attention_mask"),
                 )
         if counter is not None:
             counter.add_work(spec, handle.last_sample_layer_work, n_tok)

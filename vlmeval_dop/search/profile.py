@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..arch import ArchSpec
 from ..executor import apply_dop
+from ..executor.cache import DOPCache
 from ..executor.families import adapter_for
 from ..flops import layer_flops
 from ..policy import DOPPolicy
@@ -132,10 +133,12 @@ def capture_full_run(model, inputs: dict[str, Any], mid_layers: Iterable[int] = 
 
     hooks = [lm.register_forward_pre_hook(grab_inputs, with_kwargs=True)]
     hooks += [layer.register_forward_hook(grab_output) for layer in layers]
-    hooks += [layers[i].post_attention_layernorm.register_forward_pre_hook(grab_mid(i)) for i in set(mid_layers)]
+    hooks += [adapter.mlp_input_norm(layers[i]).register_forward_pre_hook(grab_mid(i)) for i in set(mid_layers)]
+    # a cache of full layers: sliding-window layers (Gemma 3) would keep only their window's keys
+    cache = DOPCache(config=lm.config) if frozen else None
     try:
         with torch.no_grad():
-            out = model(**inputs, use_cache=frozen, logits_to_keep=1)
+            out = model(**inputs, use_cache=frozen, logits_to_keep=1, **({"cache": cache} if frozen else {}))
     finally:
         for h in hooks:
             h.remove()
@@ -300,6 +303,7 @@ def profile_batch(
             check_replay=check,
             frozen=None if policy.has_system_depths else full.frozen,
             last_position_only=True,
+            padding_mask=inputs.get("attention_mask"),
         )
 
     return _profile_curves(model, inputs, policies, reducer, counter, full.logits, variant, resized)

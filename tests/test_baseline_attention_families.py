@@ -1,0 +1,103 @@
+"""Attention rows and keys that decoder-side baselines recompute equal the stock layers' own, on every family.
+
+FastV/SparseVLM (`attention.query_attention`), PDrop (`pdrop_scores`: the next layer's attention), FitPrune
+(`visual_attention`) and DART (`_keys`) recompute q/k from a layer's modules instead of asking for eager attention.
+The reference is the stock model run with eager attention (`output_attentions`, the KV cache): it includes each
+family's per-head q/k norms (Qwen3 decoders, Gemma 3), RoPE function and scaling, sliding windows (the tiny
+Gemma 3's window is smaller than the prompt) and bidirectional image blocks. Methods whose rows cannot model
+bidirectional image queries or windows refuse such families by name instead.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmeval_dop import DOPPolicy, apply_dop
+from vlmeval_dop.baselines.attention import query_attention
+from vlmeval_dop.baselines.dart import _keys
+from vlmeval_dop.baselines.fitprune import visual_attention
+from vlmeval_dop.baselines.pdrop import PDrop, pdrop_scores
+from vlmeval_dop.tiny import TINY_FAMILIES, TINY_NEW_FAMILIES, load_tiny, tiny_image, tiny_inputs
+
+FAMILY_KEY = {"qwen25vl": "qwen2_5_vl", "qwen2vl": "qwen2_vl", "qwen3vl": "qwen3_vl"}
+LAYER = 1  # a local (sliding-window) layer on the tiny Gemma 3
+
+
+class _Probe:
+    """A pruner that drops nothing and records `fn(ctx)` after one layer."""
+
+    name = "probe"
+
+    def __init__(self, fn, layer: int = LAYER):
+        self.fn, self.layers, self.seen, self.error = fn, (layer,), None, None
+
+    def select(self, ctx):
+        self.seen = self.fn(ctx)
+        return None
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES + TINY_NEW_FAMILIES)
+def run(request):
+    family = request.param
+    model, processor = load_tiny(family, attn_implementation="eager")
+    inputs = tiny_inputs(family, processor, ["What is shown in the picture?", "Color?"], [tiny_image(0), tiny_image(1)])
+    L = model.config.get_text_config(decoder=True).num_hidden_layers
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True, use_cache=True)
+
+    def probe(fn, layer=LAYER):
+        p = _Probe(fn, layer)
+        with apply_dop(model, DOPPolicy.full(L), token_pruner=p), torch.no_grad():
+            model(**inputs)
+        return p.seen
+
+    return family, model, inputs, out, probe
+
+
+def _stock_row(out, layer):  # (B, N): the last token's attention, mean over heads
+    return out.attentions[layer][:, :, -1, :].mean(1).float()
+
+
+def test_query_attention_equals_eager(run):
+    family, model, inputs, out, probe = run
+    seen = probe(lambda ctx: query_attention(ctx, torch.tensor([ctx.hidden_in.shape[1] - 1]))[:, 0])
+    torch.testing.assert_close(seen, _stock_row(out, LAYER), atol=1e-5, rtol=1e-4)
+
+
+def test_pdrop_scores_equal_next_layer_eager(run):
+    family, model, inputs, out, probe = run
+    L = model.config.get_text_config(decoder=True).num_hidden_layers
+    try:  # PDrop itself (it renumbers positions) is refused on M-RoPE and sliding-window families
+        with apply_dop(model, DOPPolicy.full(L), token_pruner=PDrop(boundaries=[LAYER + 1], ratio=0.5)), torch.no_grad():
+            model(**inputs)
+    except ValueError as exc:
+        assert family in ("qwen25vl", "qwen2vl", "qwen3vl", "gemma3") and repr(FAMILY_KEY.get(family, family)) in str(exc)
+        return
+    seen = probe(pdrop_scores)
+    torch.testing.assert_close(seen.float(), _stock_row(out, LAYER + 1), atol=1e-5, rtol=1e-4)
+
+
+def test_dart_keys_equal_stock_cache(run):
+    family, model, inputs, out, probe = run
+    N = inputs["input_ids"].shape[1]
+    seen = probe(lambda ctx: _keys(ctx, 0, torch.arange(N)))
+    stock = out.past_key_values.layers[LAYER].keys[0]  # (kv_heads, n, hd); a sliding layer keeps the last n only
+    n = stock.shape[1]
+    torch.testing.assert_close(seen[N - n :], stock.transpose(0, 1).reshape(n, -1), atol=1e-5, rtol=1e-4)
+
+
+def test_fitprune_maps_equal_eager_or_refuse(run):
+    family, model, inputs, out, probe = run
+    if family == "gemma3":
+        with pytest.raises(ValueError, match="FitPrune does not support family 'gemma3'"):
+            probe(visual_attention)
+        return
+    seen = probe(visual_attention)
+    amax = out.attentions[LAYER].amax(1).float()  # (B, N, N) head-wise max, the official "mix attention map"
+    mask = inputs["attention_mask"].bool()
+    for b, got in enumerate(seen):
+        vis, n_text = got.positions, got.n_text
+        txt = torch.nonzero(mask[b] & (torch.arange(mask.shape[1]) > vis[0]) & ~torch.isin(torch.arange(mask.shape[1]), vis)).flatten()
+        assert n_text == txt.numel()
+        torch.testing.assert_close(got.cross, amax[b][txt][:, vis].sum(0) / n_text, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.self_, amax[b][vis][:, vis].sum(0) / vis.numel(), atol=1e-5, rtol=1e-4)
