@@ -17,7 +17,7 @@ from vlmeval_dop.baselines.attention import query_attention
 from vlmeval_dop.baselines.dart import _keys
 from vlmeval_dop.baselines.fitprune import visual_attention
 from vlmeval_dop.baselines.pdrop import PDrop, pdrop_scores
-from vlmeval_dop.tiny import TINY_FAMILIES, TINY_NEW_FAMILIES, load_tiny, tiny_image, tiny_inputs
+from vlmeval_dop.tiny import TINY_FAMILIES, TINY_NEW_FAMILIES, TINY_VIDEO_FAMILIES, load_tiny, tiny_image, tiny_inputs
 
 FAMILY_KEY = {"qwen25vl": "qwen2_5_vl", "qwen2vl": "qwen2_vl", "qwen3vl": "qwen3_vl"}
 LAYER = 1  # a local (sliding-window) layer on the tiny Gemma 3
@@ -36,7 +36,7 @@ class _Probe:
         return None
 
 
-@pytest.fixture(scope="module", params=TINY_FAMILIES + TINY_NEW_FAMILIES)
+@pytest.fixture(scope="module", params=TINY_FAMILIES + TINY_NEW_FAMILIES + TINY_VIDEO_FAMILIES)
 def run(request):
     family = request.param
     model, processor = load_tiny(family, attn_implementation="eager")
