@@ -18,6 +18,13 @@ before `USER:` and samples frames at `np.linspace(0, total - 1, 8)` (LanguageBin
 wrapper does neither. We keep VLMEvalKit's inputs (this is a VLMEvalKit plugin) and the official float16
 (VLMEvalKit's wrapper loads float32; `dtype: float32` gives that). Greedy decoding, 1024 new tokens.
 
+The checkpoint itself: transformers' port (`LanguageBind/Video-LLaVA-7B-hf`) runs the video tower as a per-frame
+`CLIPVisionModel`; the original LanguageBind video tower has a temporal attention in every encoder layer, which
+the conversion (`load_state_dict(strict=False)`) drops, and the converted video and image towers differ in 3
+tensors only (PKU-YuanGroup/Video-LLaVA issue #223, open). Unpruned and pruned scores of this port can therefore
+differ from the paper's (original-code) Table 18 rows; DOP vs VisPruner comparisons within the port are unaffected
+in kind.
+
 Only token reducers apply (`uniform`, `vispruner`, `divprune`): the image-side `resize` (DOP_R) is refused, the
 video processor fixes every frame at 224 px.
 """
