@@ -450,15 +450,22 @@ class DOPDemoDataset(ImageBaseDataset):
         return msgs
 
     def evaluate(self, eval_file, **judge_kwargs):
-        data = load(eval_file)
-        data["hit"] = [int(normalize_exact(p) == normalize_exact(a)) for p, a in zip(data["prediction"], data["answer"])]
-        dump(data, get_intermediate_file_path(eval_file, "_results"))
-        ret = {"Overall": 100 * float(data["hit"].mean())}
-        for c in sorted(set(data["category"])):
-            ret[c] = 100 * float(data.loc[data["category"] == c, "hit"].mean())
-        ret = d2df(ret)
-        dump(ret, get_intermediate_file_path(eval_file, "_acc"))
-        return ret
+        return evaluate_exact_match(eval_file)
+
+
+def evaluate_exact_match(eval_file: str) -> pd.DataFrame:
+    """The demo datasets' metric: exact match (`normalize_exact`) of prediction and answer; writes `_results`
+    (per-sample `hit`) and `_acc` (Overall and per category, in percent) beside `eval_file`."""
+    data = load(eval_file)
+    preds = ["" if isinstance(p, float) and np.isnan(p) else p for p in data["prediction"]]
+    data["hit"] = [int(normalize_exact(p) == normalize_exact(a)) for p, a in zip(preds, data["answer"])]
+    dump(data, get_intermediate_file_path(eval_file, "_results"))
+    ret = {"Overall": 100 * float(data["hit"].mean())}
+    for c in sorted(set(data["category"])):
+        ret[c] = 100 * float(data.loc[data["category"] == c, "hit"].mean())
+    ret = d2df(ret)
+    dump(ret, get_intermediate_file_path(eval_file, "_acc"))
+    return ret
 
 
 from .captioning import CaptioningDataset, prepare_captions  # noqa: E402  (NoCaps_VAL / TextCaps_VAL, Table 17)

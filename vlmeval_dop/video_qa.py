@@ -612,17 +612,6 @@ class DOPVideoDemoDataset(VideoQADataset):
     def evaluate(self, eval_file, **judge_kwargs):
         """Exact match (case, surrounding blanks and a final full stop ignored): `_acc` with Overall and per
         category, in percent; no judge is called."""
-        from vlmeval.smp import d2df
+        from .datasets import evaluate_exact_match
 
-        from .datasets import normalize_exact
-
-        data = load(eval_file)
-        data["hit"] = [int(normalize_exact(_text(p)) == normalize_exact(a))
-                       for p, a in zip(data["prediction"], data["answer"])]
-        dump(data, get_intermediate_file_path(eval_file, "_results"))
-        ret = {"Overall": 100 * float(data["hit"].mean())}
-        for c in sorted(set(data["category"])):
-            ret[c] = 100 * float(data.loc[data["category"] == c, "hit"].mean())
-        ret = d2df(ret)
-        dump(ret, get_intermediate_file_path(eval_file, "_acc"))
-        return ret
+        return evaluate_exact_match(eval_file)
