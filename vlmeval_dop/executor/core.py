@@ -30,7 +30,7 @@ from ..arch import ArchSpec
 from ..policy import DOPPolicy, OperationMask, PolicyError
 from ..reducers import ReductionContext, VisualTokenReducer, check_family, check_selection, get_reducer
 from ..reducers.base import ReducerError, ReplacedSpan, reported_indices, selection_embeds, selection_indices
-from ..reducers.vision import CLIP_FAMILIES, VISION_CAPTURE_KEY, VisionRecorder
+from ..reducers.vision import RECORDED_TOWERS, VisionRecorder
 from .cache import DOPCache
 from .families import FamilyAdapter, adapter_for
 from .token_pruner import DecoderPruneContext, DecoderTokenPruner, PruneDecision
@@ -237,7 +237,7 @@ class DOPHandle:
         self._pending: dict[str, Any] | None = None
         self._plan: _CallPlan | None = None
         self._removers: list[Callable[[], None]] = []
-        self._vision: VisionRecorder | None = None
+        self._vision: dict[str, VisionRecorder] = {}  # reducer-cache key -> recorder of one tower
         self._encoder_inputs: dict[str, Any] = {}  # what the last image-encoder call got (see _install)
         self._encoder_round = False  # True between generate()'s encoder calls and the forward that uses them
         self._install()
@@ -262,11 +262,12 @@ class DOPHandle:
             self.reducer is not None
             and self.policy.n_v is not None
             and getattr(self.reducer, "needs_vision_capture", False)
-            and self.adapter.family in CLIP_FAMILIES  # the recorder reads CLIP towers; others compute their own
+            and self.adapter.family in RECORDED_TOWERS  # the recorder reads CLIP towers; others compute their own
         ):
-            # record the vision tower's feature layer during the model's own forward (no second tower run)
-            self._vision = VisionRecorder().attach(self.model)
-            self._removers.append(self._vision.detach)
+            # record the vision towers' feature layer during the model's own forward (no second tower run)
+            for key, tower in RECORDED_TOWERS[self.adapter.family]:
+                self._vision[key] = VisionRecorder(tower).attach(self.model)
+                self._removers.append(self._vision[key].detach)
         if self.reducer is not None and self.policy.n_v is not None:
             self._record_encoder_inputs(mm)
 
@@ -369,8 +370,8 @@ class DOPHandle:
             model_inputs = {**self._encoder_inputs, **{k: v for k, v in kwargs.items() if v is not None}}
             self._encoder_round = False
         else:
-            if self._vision is not None:
-                self._vision.clear()  # a new forward: whatever was recorded belongs to an earlier one
+            for rec in self._vision.values():
+                rec.clear()  # a new forward: whatever was recorded belongs to an earlier one
             self._encoder_inputs, self._encoder_round = {}, False
         self._pending = {"input_ids": input_ids, "model_inputs": model_inputs}
         return None
@@ -438,8 +439,9 @@ class DOPHandle:
                         f"{span.image_index} in sample {span.batch_index}; valid: 1..{span.num_tokens}"
                     )
             reducer_cache = pending.get("reducer_cache") if pending.get("reducer_cache") is not None else {}
-            if self._vision is not None and self._vision.recorded:
-                reducer_cache[VISION_CAPTURE_KEY] = self._vision.take(self.model, pending.get("model_inputs", {}))
+            for key, rec in self._vision.items():
+                if rec.recorded:
+                    reducer_cache[key] = rec.take(self.model, pending.get("model_inputs", {}))
             ctx = ReductionContext(
                 family=self.adapter.family,
                 model=self.model,

@@ -19,6 +19,10 @@ executor, or policy search replaying the decoder from cached inputs) and caches 
 
 Crops are in the order the model feeds them to the tower: LLaVA-1.5 one crop per image, LLaVA-NeXT the
 base (resized) image first and then the grid crops row-major, `crops_per_image[i]` of them for image i.
+
+Video-LLaVA has two CLIP towers, `image_tower` for images and `video_tower` for the frames of videos (each frame
+on its own): the executor records both (`VISION_CAPTURE_KEY` / `VIDEO_CAPTURE_KEY`); a video's "crops" are its
+frames, in order.
 """
 from __future__ import annotations
 
@@ -31,7 +35,14 @@ from torch import nn
 from .base import ReducerError, ReductionContext
 
 VISION_CAPTURE_KEY = "vision_capture"
+VIDEO_CAPTURE_KEY = "video_capture"  # Video-LLaVA's video tower (frames)
 CLIP_FAMILIES = ("llava", "llava_next")
+# family -> (cache key, tower attribute of model.model) of every CLIP tower the executor records
+RECORDED_TOWERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "llava": ((VISION_CAPTURE_KEY, "vision_tower"),),
+    "llava_next": ((VISION_CAPTURE_KEY, "vision_tower"),),
+    "video_llava": ((VISION_CAPTURE_KEY, "image_tower"), (VIDEO_CAPTURE_KEY, "video_tower")),
+}
 
 
 @dataclass
@@ -46,6 +57,7 @@ class VisionCapture:
         crops_per_image: crops of each image in order (sums to C).
         attn_input: (C, 1+P, D) the layer's attention input (after `layer_norm1`), for reducers that
             recompute the attention as their official code's eager layer did (VisPruner).
+        tower: the tower's attribute name (`vision_tower`; Video-LLaVA `image_tower` or `video_tower`).
     """
 
     features: torch.Tensor
@@ -53,6 +65,7 @@ class VisionCapture:
     keys: torch.Tensor
     crops_per_image: list[int]
     attn_input: torch.Tensor | None = None
+    tower: str = "vision_tower"  # the tower it was recorded from (Video-LLaVA: image_tower / video_tower)
 
     def image_crops(self, image: int) -> slice:
         """Rows of `features` / `cls_attention` / `keys` that belong to image number `image`."""
@@ -60,9 +73,10 @@ class VisionCapture:
         return slice(start, start + self.crops_per_image[image])
 
 
-def vision_tower(model: nn.Module) -> nn.Module:
-    """The CLIP vision tower of a LLaVA-1.5 / LLaVA-NeXT model (`model.model.vision_tower`)."""
-    tower = getattr(getattr(model, "model", model), "vision_tower", None)
+def vision_tower(model: nn.Module, name: str = "vision_tower") -> nn.Module:
+    """The CLIP vision tower of a LLaVA-1.5 / LLaVA-NeXT model (`model.model.vision_tower`); `name`: another
+    tower (Video-LLaVA's `image_tower` / `video_tower`)."""
+    tower = getattr(getattr(model, "model", model), name, None)
     if tower is None or not hasattr(getattr(tower, "vision_model", tower), "encoder"):
         raise ReducerError(
             f"{type(model).__name__} has no CLIP vision tower; vision-attention reducers support the "
@@ -71,13 +85,13 @@ def vision_tower(model: nn.Module) -> nn.Module:
     return tower
 
 
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
+def encoder_layers(model: nn.Module, name: str = "vision_tower") -> nn.ModuleList:
     """The CLIP encoder layers of the vision tower (older transformers nest them under `vision_model`)."""
-    tower = vision_tower(model)
+    tower = vision_tower(model, name)
     return getattr(tower, "vision_model", tower).encoder.layers
 
 
-def feature_layer_index(model: nn.Module) -> int:
+def feature_layer_index(model: nn.Module, name: str = "vision_tower") -> int:
     """0-based index of the encoder layer whose output is LLaVA's image feature.
 
     `hidden_states[h]` of the tower is the output of layer `h - 1` (`hidden_states[0]` = embeddings),
@@ -87,16 +101,20 @@ def feature_layer_index(model: nn.Module) -> int:
     h = model.config.vision_feature_layer
     if not isinstance(h, int):
         raise ReducerError(f"vision_feature_layer={h!r}: vision-attention reducers need a single feature layer")
-    n = len(encoder_layers(model))
+    n = len(encoder_layers(model, name))
     idx = n + h if h < 0 else h - 1
     if not 0 <= idx < n:
         raise ReducerError(f"vision_feature_layer={h} does not name an encoder layer of the {n}-layer tower")
     return idx
 
 
-def crops_per_image(model: nn.Module, model_inputs: dict[str, Any], num_crops: int) -> list[int]:
-    """How many tower crops each image has (LLaVA-NeXT: from `image_sizes`, as the model computes it)."""
-    if "image_sizes" in model_inputs and model_inputs["image_sizes"] is not None and hasattr(model.config, "image_grid_pinpoints"):
+def crops_per_image(model: nn.Module, model_inputs: dict[str, Any], num_crops: int, video: bool = False) -> list[int]:
+    """How many tower crops each image has (LLaVA-NeXT: from `image_sizes`, as the model computes it); with
+    `video`, how many frames each video has (`pixel_values_videos` (videos, frames, 3, H, W))."""
+    if video:
+        pv = model_inputs.get("pixel_values_videos")
+        counts = [int(pv.shape[1])] * int(pv.shape[0]) if pv is not None else []
+    elif "image_sizes" in model_inputs and model_inputs["image_sizes"] is not None and hasattr(model.config, "image_grid_pinpoints"):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         counts = [
@@ -120,13 +138,14 @@ class VisionRecorder:
     recorded into a `VisionCapture` and clears the recording.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tower: str = "vision_tower") -> None:
+        self.tower = tower
         self._attn_in: list[torch.Tensor] = []
         self._out: list[torch.Tensor] = []
         self._handles: list[Any] = []
 
     def attach(self, model: nn.Module) -> "VisionRecorder":
-        layer = encoder_layers(model)[feature_layer_index(model)]
+        layer = encoder_layers(model, self.tower)[feature_layer_index(model, self.tower)]
         self._layer = layer
 
         def grab_attn_in(module, args, kwargs):
@@ -160,7 +179,8 @@ class VisionRecorder:
         normed, out = torch.cat(self._attn_in), torch.cat(self._out)
         self.clear()
         cls_attn, keys = cls_attention_and_keys(self._layer.self_attn, normed)
-        return VisionCapture(out, cls_attn, keys, crops_per_image(model, model_inputs, out.shape[0]), normed)
+        crops = crops_per_image(model, model_inputs, out.shape[0], video=self.tower == "video_tower")
+        return VisionCapture(out, cls_attn, keys, crops, normed, tower=self.tower)
 
     def __enter__(self) -> "VisionRecorder":
         return self
@@ -186,27 +206,33 @@ def cls_attention_and_keys(attn: nn.Module, normed: torch.Tensor) -> tuple[torch
     return probs[:, :, 0, 1:].mean(dim=1), k
 
 
-def vision_capture(ctx: ReductionContext) -> VisionCapture:
-    """The feature layer of this forward's images: recorded by the executor, cached, or computed now.
+def vision_capture(ctx: ReductionContext, video: bool = False) -> VisionCapture:
+    """The feature layer of this forward's images (`video`: Video-LLaVA's videos, frames as crops): recorded by
+    the executor, cached, or computed now.
 
-    Computing runs the model's own `get_image_features` on `ctx.model_inputs` (pixel_values, image_sizes)
-    under a `VisionRecorder`; the result is kept in `ctx.cache` (shared by all `n_v` points of a sample
-    during policy search).
+    Computing runs the model's own `get_image_features` on `ctx.model_inputs` (pixel_values, image_sizes;
+    `get_video_features` on pixel_values_videos) under a `VisionRecorder`; the result is kept in `ctx.cache`
+    (shared by all `n_v` points of a sample during policy search).
     """
-    if ctx.family not in CLIP_FAMILIES:
-        raise ReducerError(f"vision-attention reducers support {', '.join(CLIP_FAMILIES)}, not {ctx.family!r}")
-    cached = ctx.cache.get(VISION_CAPTURE_KEY)
+    if ctx.family not in RECORDED_TOWERS:
+        raise ReducerError(f"vision-attention reducers support {', '.join(RECORDED_TOWERS)}, not {ctx.family!r}")
+    key, tower = RECORDED_TOWERS[ctx.family][1 if video else 0]
+    cached = ctx.cache.get(key)
     if cached is not None:
         return cached
-    pixel_values = ctx.model_inputs.get("pixel_values")
+    name = "pixel_values_videos" if video else "pixel_values"
+    pixel_values = ctx.model_inputs.get(name)
     if pixel_values is None:
-        raise ReducerError("this reducer needs the image (pixel_values) but the forward had none")
+        raise ReducerError(f"this reducer needs the {'video' if video else 'image'} ({name}) but the forward had none")
     mm = ctx.model.model
     kwargs: dict[str, Any] = {}
     if ctx.family == "llava_next":
         kwargs["image_sizes"] = ctx.model_inputs["image_sizes"]
-    with VisionRecorder().attach(ctx.model) as rec, torch.no_grad():
-        mm.get_image_features(pixel_values=pixel_values, **kwargs)
+    with VisionRecorder(tower).attach(ctx.model) as rec, torch.no_grad():
+        if video:
+            mm.get_video_features(pixel_values_videos=pixel_values)
+        else:
+            mm.get_image_features(pixel_values=pixel_values, **kwargs)
         capture = rec.take(ctx.model, ctx.model_inputs)
-    ctx.cache[VISION_CAPTURE_KEY] = capture
+    ctx.cache[key] = capture
     return capture

@@ -43,6 +43,15 @@ the image becomes the official packing (`llava_next_packing`): T x 5 rows, no un
 base crop first, then the grid in stitched row-major order, returned as a `ReplacedSpan`. n_keep equal to the
 whole span keeps the image as stock llava-hf packs it.
 
+Video-LLaVA (`video_llava`; DOP App. E.7 / Table 18): the official VisPruner repository has no Video-LLaVA
+path; the same authors' Video-LLaVA code (FasterVLM, branch `video`: `encode_videos`) prunes every frame on its
+own with the same per-frame budget, the [CLS] attention of the video tower's feature layer, [CLS] rows dropped,
+patches in patch order. We apply VisPruner's selection within each frame that way: a video's 8 frames are its
+crops (`crop_budgets`: n_keep / 8 per frame, 32 of 256 for 256 of 2048, the first frames one more when uneven),
+batched as the official code batches crops; HF's video span holds each frame's [CLS] row, which is never kept
+(n_keep >= the whole span keeps everything, the stock sequence). Images: one crop of 256 patches, as LLaVA-1.5.
+Both pieces match their official code on golden fixtures (tests/golden/vispruner_video).
+
 `next_packing="stock"` (named deviation, not the paper's): keep llava-hf's packing (unpadded grid plus row
 newlines) and select, per crop, among the patches present in the span (`split_budget` over the crops,
 newlines only beyond all vision tokens). Measured against the official packing on the golden fixtures
@@ -80,7 +89,7 @@ def official_cls_attention(model, cap: VisionCapture, rows: slice) -> torch.Tens
     [CLS] row when the attention input was not recorded."""
     if cap.attn_input is None:
         return cap.cls_attention[rows].float()
-    attn = encoder_layers(model)[feature_layer_index(model)].self_attn
+    attn = encoder_layers(model, cap.tower)[feature_layer_index(model, cap.tower)].self_attn
     x = cap.attn_input[rows].float()
     C, T, _ = x.shape
     h, hd = attn.num_heads, attn.head_dim
@@ -199,7 +208,8 @@ def select_crops(attn: torch.Tensor, feats: torch.Tensor, budgets: list[int], **
 
 
 class VisPruner:
-    """Reducer: VisPruner per vision-tower crop (LLaVA-1.5, LLaVA-NeXT); see the module docstring.
+    """Reducer: VisPruner per vision-tower crop (LLaVA-1.5, LLaVA-NeXT) or video frame (Video-LLaVA); see the
+    module docstring.
 
     Args:
         important_ratio: share of each crop's budget chosen by [CLS] attention (official default 0.5).
@@ -210,7 +220,7 @@ class VisPruner:
     """
 
     name = "vispruner"
-    families = ("llava", "llava_next")
+    families = ("llava", "llava_next", "video_llava")
     needs_vision_capture = True  # the executor records the tower's feature layer; no second tower run
 
     def __init__(self, important_ratio: float = IMPORTANT_RATIO, next_packing: str = "official",
@@ -231,6 +241,8 @@ class VisPruner:
     def select(self, ctx: ReductionContext, n_keep: int) -> list[Selection]:
         check_family(self, ctx.family)
         check_n_keep("VisPruner", ctx, n_keep)
+        if ctx.family == "video_llava":
+            return self._select_video_llava(ctx, n_keep)
         cap = vision_capture(ctx)
         if len(cap.crops_per_image) != len(ctx.images):
             raise ReducerError(
@@ -274,3 +286,42 @@ class VisPruner:
                 local = vispruner_select_batch(attn[c, patches][None], feats[c, patches][None], q, **kw)[0].cpu()
                 kept.append(pos[local])
         return torch.sort(torch.cat(kept)).values
+
+    def _select_video_llava(self, ctx: ReductionContext, n_keep: int) -> list[Selection]:
+        """Video-LLaVA: an image is one crop of 256 patches (as LLaVA-1.5); a video's frames are its crops, each
+        keeping `crop_budgets(n_keep, frames, patches)` of its own patches (32 per frame for 256 of 2048), the
+        frames batched as the official code batches an image's crops. The span holds every frame's [CLS] row
+        before its patches (HF keeps them); VisPruner keeps patches only (FasterVLM's Video-LLaVA tower drops
+        the [CLS] rows, `select_feature='patch'`), in frame order and patch order within a frame."""
+        video_id = int(ctx.model.config.video_token_id)
+        kw = self._kw(ctx)
+        images = videos = 0
+        out: list[Selection] = []
+        for span in ctx.images:  # sequence order, batch-major: the order the towers saw them
+            is_video = int(ctx.input_ids[span.batch_index, span.positions[0]]) == video_id
+            cap = vision_capture(ctx, video=is_video)
+            g = videos if is_video else images
+            if g >= len(cap.crops_per_image):
+                raise ReducerError(f"the {cap.tower} saw {len(cap.crops_per_image)} inputs but the prompt has more")
+            rows = cap.image_crops(g)
+            attn, feats = official_cls_attention(ctx.model, cap, rows), cap.features[rows, 1:]  # patches only
+            frames, patches = attn.shape
+            stride = patches + (1 if is_video else 0)  # a video frame's rows: [CLS], then its patches
+            if frames * stride != span.num_tokens:
+                raise ReducerError(
+                    f"Video-LLaVA span of {span.num_tokens} tokens does not match {frames} tower input(s) of "
+                    f"{patches} patches{' + [CLS]' if is_video else ''}; VisPruner needs vision_feature_select_strategy='default'"
+                )  # fmt: skip
+            if n_keep >= span.num_tokens:
+                out.append(torch.arange(span.num_tokens))  # everything: the stock sequence
+            elif n_keep > frames * patches:
+                raise ReducerError(
+                    f"VisPruner keeps patch tokens only: at most {frames * patches} of this video's {span.num_tokens} "
+                    f"tokens (or all {span.num_tokens}), not {n_keep}"
+                )  # fmt: skip
+            else:
+                kept = select_crops(attn, feats, crop_budgets(n_keep, frames, patches), **kw)  # (frames, patches)
+                f_idx, p_idx = torch.nonzero(kept, as_tuple=True)  # row-major: frame order, then patch order
+                out.append((f_idx * stride + p_idx + (1 if is_video else 0)).cpu())
+            images, videos = images + (not is_video), videos + is_video
+        return out
