@@ -88,15 +88,20 @@ def test_all_important_equals_official_video_path(case):
 
 def test_uneven_budgets_and_limits():
     """n_v not a multiple of the frames: the first frames keep one more (as LLaVA-NeXT's crop budgets); all
-    tokens = the stock span ([CLS] rows included); between all patches and all tokens: refused with the range."""
+    tokens = the stock span ([CLS] rows included); between all patches and all tokens: every patch and [CLS]
+    rows spread over the frames; more than the span: refused with the range."""
     reducer = _forward(0, False, "float32")
     (sel,) = reducer.select(reducer.ctx, 8 * 16 + 3)
     per_frame = torch.bincount(sel // STRIDE, minlength=GV.FRAMES).tolist()
     assert per_frame == [17, 17, 17] + [16] * 5
     (everything,) = reducer.select(reducer.ctx, GV.FRAMES * STRIDE)
     assert torch.equal(everything, torch.arange(GV.FRAMES * STRIDE))
-    with pytest.raises(ReducerError, match="at most 2048"):
-        reducer.select(reducer.ctx, 2048 + 1)
+    (sel,) = reducer.select(reducer.ctx, 2048 + 2)
+    check_selection(reducer, reducer.ctx, 2050, [sel])
+    cls_kept = sel[sel % STRIDE == 0] // STRIDE
+    assert cls_kept.tolist() == [2, 6] and int((sel % STRIDE != 0).sum()) == 2048  # bin centres of 8 frames
+    with pytest.raises(ReducerError, match="valid: 0..2056"):
+        reducer.select(reducer.ctx, GV.FRAMES * STRIDE + 1)
 
 
 def test_kept_tokens_reach_the_decoder():

@@ -48,8 +48,10 @@ path; the same authors' Video-LLaVA code (FasterVLM, branch `video`: `encode_vid
 own with the same per-frame budget, the [CLS] attention of the video tower's feature layer, [CLS] rows dropped,
 patches in patch order. We apply VisPruner's selection within each frame that way: a video's 8 frames are its
 crops (`crop_budgets`: n_keep / 8 per frame, 32 of 256 for 256 of 2048, the first frames one more when uneven),
-batched as the official code batches crops; HF's video span holds each frame's [CLS] row, which is never kept
-(n_keep >= the whole span keeps everything, the stock sequence). Images: one crop of 256 patches, as LLaVA-1.5.
+batched as the official code batches crops; HF's video span holds each frame's [CLS] row, which the official
+path never keeps: beyond all 2048 patches (n_keep up to the span's 2056, reachable by the search only) [CLS]
+rows are added uniformly over the frames, the whole span being the stock sequence. Images: one crop of 256
+patches, as LLaVA-1.5.
 Both pieces match their official code on golden fixtures (tests/golden/vispruner_video).
 
 `next_packing="stock"` (named deviation, not the paper's): keep llava-hf's packing (unpadded grid plus row
@@ -312,13 +314,12 @@ class VisPruner:
                     f"Video-LLaVA span of {span.num_tokens} tokens does not match {frames} tower input(s) of "
                     f"{patches} patches{' + [CLS]' if is_video else ''}; VisPruner needs vision_feature_select_strategy='default'"
                 )  # fmt: skip
-            if n_keep >= span.num_tokens:
-                out.append(torch.arange(span.num_tokens))  # everything: the stock sequence
-            elif n_keep > frames * patches:
-                raise ReducerError(
-                    f"VisPruner keeps patch tokens only: at most {frames * patches} of this video's {span.num_tokens} "
-                    f"tokens (or all {span.num_tokens}), not {n_keep}"
-                )  # fmt: skip
+            if n_keep > frames * patches:  # all patches, and [CLS] rows (uniformly over the frames) beyond them
+                cls_rows = uniform_indices(frames, n_keep - frames * patches) * stride
+                keep = torch.ones(span.num_tokens, dtype=torch.bool)
+                keep[torch.arange(frames) * stride] = False
+                keep[cls_rows] = True
+                out.append(torch.nonzero(keep).flatten())
             else:
                 kept = select_crops(attn, feats, crop_budgets(n_keep, frames, patches), **kw)  # (frames, patches)
                 f_idx, p_idx = torch.nonzero(kept, as_tuple=True)  # row-major: frame order, then patch order

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os.path as osp
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
@@ -106,20 +107,89 @@ def validation_items(entry: str, data: str, samples: int, seed: int, device: str
     if e.policy is not None or e.baseline is not None:
         raise PolicyError(f"this runs on an unpruned model entry (e.g. {e.model.name!r}), not on {entry!r}")
     wrapper = load_entry(entry, **({"device": device} if device else {}))  # no weights yet
-    dataset = load_checked_dataset(data)
+    video = video_dataset(data)
+    if video and not getattr(wrapper, "VIDEO_LLM", False):
+        from ..checks import UsageError
+
+        raise UsageError(f"{data} is a video dataset; {entry!r} takes images only (video models: Video-LLaVA)")
+    dataset = load_video_dataset(data) if video else load_checked_dataset(data)
     rows = dataset.data.sample(n=min(samples, len(dataset.data)), random_state=seed)
-    wrapper.set_dump_image(dataset.dump_image)  # as VLMEvalKit's inference loop: custom prompts save images
+    if not video:  # as VLMEvalKit's image inference loop: custom prompts save images
+        wrapper.set_dump_image(dataset.dump_image)
 
     def message_of(row):
         if wrapper.use_custom_prompt(dataset.dataset_name):
             return wrapper.build_prompt(row, dataset.dataset_name)
+        if video:  # as VLMEvalKit's video inference loop: the video file for a video LLM
+            return dataset.build_prompt(row, video_llm=True)
         return dataset.build_prompt(row)
 
-    messages = checked_messages(dataset, rows, message_of, single_image=True)
+    if video:
+        messages = checked_video_messages(dataset, rows, message_of)
+    else:
+        messages = checked_messages(dataset, rows, message_of, single_image=True)
     wrapper.load()
     items = [([str(row["index"])], wrapper.model_inputs(m, dataset.dataset_name))
              for (_, row), m in zip(rows.iterrows(), messages)]
     return ValidationSet(e, wrapper.model, dataset, items, rows, _pad_token_id(wrapper), wrapper, messages)
+
+
+def video_dataset(name: str) -> bool:
+    """Whether `name` is a registered VLMEvalKit video dataset (MODALITY "VIDEO": Table 18's video QA sets)."""
+    import vlmeval.dataset as vd
+
+    from ..datasets import register_datasets, resolve_dataset_name
+
+    register_datasets()
+    try:
+        resolved = resolve_dataset_name(name)
+    except ValueError:
+        return False  # unknown: the image path reports it with the valid names
+    return any(resolved in cls.supported_datasets() for cls in getattr(vd, "VIDEO_DATASET", []))
+
+
+def load_video_dataset(name: str):
+    """A video dataset for the search, checked before any model work: it builds, has rows, unique indices.
+    Raises DatasetError naming the dataset and the problem."""
+    from vlmeval.dataset import build_dataset
+
+    from ..datasets import DatasetError, resolve_dataset_name
+
+    resolved = resolve_dataset_name(name)
+    try:
+        dataset = build_dataset(resolved)
+    except Exception as exc:  # a missing TSV names the command that builds it
+        raise DatasetError(f"video dataset {resolved!r} could not be loaded: {exc}") from None
+    data = dataset.data
+    if len(data) == 0:
+        raise DatasetError(f"video dataset {resolved!r} has no rows")
+    dup = data["index"].astype(str).duplicated()
+    if dup.any():
+        raise DatasetError(f"video dataset {resolved!r}: index {data['index'].astype(str)[dup].iloc[0]} appears more "
+                           "than once; every row needs its own index")  # fmt: skip
+    return dataset
+
+
+def checked_video_messages(dataset, rows, message_of) -> list:
+    """The VLMEvalKit message of each row, checked: a non-empty question and exactly one video file that
+    exists (the search profiles one video per prompt: n_v counts that video's tokens). DatasetError names the
+    row and the problem."""
+    from ..datasets import DatasetError, row_label
+
+    out = []
+    for _, row in rows.iterrows():
+        label = row_label(dataset, row)
+        message = message_of(row)
+        videos = [m["value"] for m in message if m["type"] == "video"]
+        texts = [m["value"] for m in message if m["type"] == "text"]
+        if not any(str(t).strip() for t in texts):
+            raise DatasetError(f"{label}: empty question")
+        if len(videos) != 1 or any(m["type"] == "image" for m in message):
+            raise DatasetError(f"{label}: the prompt has {len(videos)} videos; the search profiles one video per prompt")
+        if not osp.isfile(str(videos[0])):
+            raise DatasetError(f"{label}: video file {videos[0]} not found")
+        out.append(message)
+    return out
 
 
 def weights_id(wrapper) -> str:
@@ -599,11 +669,13 @@ def _grid_results(mode: str, profile, setup: SearchSetup, additive: dict, joint)
 
 def _check_visual_points(val: ValidationSet, visual: Sequence[int]) -> None:
     """Every sample has at least max(visual) visual tokens (before anything is written)."""
+    import torch
+
     from ..checks import UsageError
 
-    image_id = val.model.config.image_token_id
+    visual_ids = _visual_ids(val.model)
     for ids, inputs in val.items:
-        n = int((inputs["input_ids"][0] == image_id).sum())
+        n = int(torch.isin(inputs["input_ids"][0], visual_ids.to(inputs["input_ids"].device)).sum())
         if max(visual) > n:
             raise UsageError(f"sampling point n_v={max(visual)} exceeds the {n} visual tokens of sample index {ids[0]} "
                              "of the validation set; give smaller --visual values")
@@ -724,9 +796,11 @@ def _install(tag, reducer: str, model_key: str, policies: dict, results: dict, o
 
 
 def _setup(model_key, model, first_inputs, alpha, text_tokens, depths, visual, budgets) -> SearchSetup:
+    import torch
+
     papers = load_models()
-    image_id = model.config.image_token_id
-    n_vis = int((first_inputs["input_ids"][0] == image_id).sum())
+    visual_ids = _visual_ids(model)
+    n_vis = int(torch.isin(first_inputs["input_ids"][0], visual_ids.to(first_inputs["input_ids"].device)).sum())
     if model_key in papers:
         p = papers[model_key]
         spec = p.arch
@@ -742,3 +816,12 @@ def _setup(model_key, model, first_inputs, alpha, text_tokens, depths, visual, b
         model_key, spec, text_tokens if text_tokens is not None else n_text, alpha if alpha is not None else 1.5,
         depths or d_def, visual or v_def, budgets or [0.5], _scaled_grid(spec.num_layers, n_vis),
     )
+
+
+def _visual_ids(model):
+    """The model's visual placeholder ids as a tensor (Video-LLaVA: `<image>` and `<video>`)."""
+    import torch
+
+    from ..executor.families import adapter_for
+
+    return torch.tensor(adapter_for(model).image_token_ids(model))
