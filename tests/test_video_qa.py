@@ -504,20 +504,3 @@ def test_video_demo_end_to_end_through_run_py(lmu_root, run_py, tmp_path):
     hits = [normalize_exact(p) == normalize_exact(a) for p, a in zip(preds["prediction"].astype(str), preds["answer"])]
     assert float(acc["Overall"][0]) == pytest.approx(100 * sum(hits) / 6)
 
-
-def test_video_validation_set_is_checked_for_the_search(lmu_root, msvd_files, tmp_path):
-    """The search's data checks (datasets.load_checked_dataset / checked_messages) take video datasets: one
-    video per prompt, decodable; a video that went missing is named with its row."""
-    from vlmeval_dop.datasets import DatasetError, checked_messages, load_checked_dataset
-
-    assert _prepare("MSVD_QA_VAL", msvd_files / "test_q.json", msvd_files / "videos") == 0
-    ds = load_checked_dataset("MSVD_QA_VAL")
-    msgs = checked_messages(ds, ds.data.iloc[:2], ds.build_prompt, single_image=True)
-    assert [m[0]["type"] for m in msgs] == ["video", "video"] and ds.dump_image(ds.data.iloc[0])[0].endswith(".jpg")
-    with pytest.raises(DatasetError, match=r"row 3 \(index 2\): the prompt has 8 images and 0 videos"):
-        checked_messages(ds, ds.data.iloc[2:3], lambda r: ds.build_prompt(r, video_llm=False), single_image=True)
-    data = ds.data.copy()
-    data.loc[1, "video_path"] = str(tmp_path / "gone.avi")
-    ds.data = data
-    with pytest.raises(DatasetError, match=r"MSVD_QA_VAL.tsv row 2 \(index 1\): the video .*gone.avi does not decode"):
-        checked_messages(ds, ds.data.iloc[:2], ds.build_prompt, single_image=True)

@@ -103,7 +103,7 @@ def dataset_source(name: str, dataset=None) -> str:
     return str(path) if osp.exists(str(path)) else name
 
 
-def _check_tsv_file(path: str, video: bool = False) -> None:
+def _check_tsv_file(path: str) -> None:
     """A custom TSV read before VLMEvalKit does, so that its problems are named (cheap: header + 1 row)."""
     if osp.getsize(path) == 0:
         raise DatasetError(f"{path} is empty; a dataset TSV needs a header (index, question, image or image_path) "
@@ -112,18 +112,15 @@ def _check_tsv_file(path: str, video: bool = False) -> None:
         head = pd.read_csv(path, sep="\t", nrows=1)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path} is not a readable TSV ({exc})") from None
-    _check_columns(path, head.columns, video)
+    _check_columns(path, head.columns)
     if len(head) == 0:
         raise DatasetError(f"{path} has a header but no rows")
 
 
-def _check_columns(where: str, columns, video: bool = False) -> None:
-    """index, question and the visual column(s): image or image_path; for our video datasets video_path."""
+def _check_columns(where: str, columns) -> None:
     cols = {str(c) for c in columns}
     missing = [c for c in ("index", "question") if c not in cols]
-    if video and "video_path" not in cols:
-        missing.append("video_path")
-    elif not video and not cols & {"image", "image_path"}:
+    if not cols & {"image", "image_path"}:
         missing.append("image or image_path")
     if missing:
         raise DatasetError(f"{where}: missing column(s) {', '.join(missing)} (has: {', '.join(sorted(cols))})")
@@ -138,9 +135,8 @@ def load_checked_dataset(name: str):
     register_datasets()
     resolved = resolve_dataset_name(name)
     path = osp.join(LMUDataRoot(), f"{resolved}.tsv")
-    video = resolved in VIDEO_QA_DATASETS or resolved == "DOP_VideoDemo"
     if osp.isfile(path) and resolved != "DOP_Demo":  # DOP_Demo is built in memory, not read from a file
-        _check_tsv_file(path, video)
+        _check_tsv_file(path)
     try:
         dataset = build_dataset(resolved)
     except DatasetError:
@@ -155,7 +151,7 @@ def load_checked_dataset(name: str):
     data = dataset.data
     if len(data) == 0:
         raise DatasetError(f"{where}: no rows with an image")
-    _check_columns(where, data.columns, video)
+    _check_columns(where, data.columns)
     counts = data["index"].astype(str).value_counts()
     dup = counts[counts > 1]
     if len(dup):
@@ -183,8 +179,7 @@ def row_label(dataset, row) -> str:
 
 def checked_messages(dataset, rows: pd.DataFrame, message_of, single_image: bool = False) -> list:
     """The VLMEvalKit message of each row (`message_of(row)`), checked: a non-empty question, images that
-    decode (size rule of vlmeval_dop/images.py), videos that decode (at least one frame), and with
-    `single_image` exactly one image or one video per prompt.
+    decode (size rule of vlmeval_dop/images.py), and with `single_image` exactly one image per prompt.
     Raises DatasetError naming the file, the row and the problem."""
     import binascii
 
@@ -204,24 +199,15 @@ def checked_messages(dataset, rows: pd.DataFrame, message_of, single_image: bool
         except AssertionError as exc:  # VLMEvalKit's dump_image: an image_path that does not exist
             raise DatasetError(f"{label}: the image cannot be found ({exc})") from None
         images = [m["value"] for m in message if m["type"] == "image"]
-        videos = [m["value"] for m in message if m["type"] == "video"]
-        if single_image and len(images) + len(videos) != 1:
+        if single_image and len(images) != 1:
             raise DatasetError(
-                f"{label}: the prompt has {len(images)} images and {len(videos)} videos; the search profiles prompts "
-                "with one image or one video (n_v counts its visual tokens): use single-image or single-video rows")
+                f"{label}: the prompt has {len(images)} images; the search profiles single-image prompts (n_v "
+                "counts one image's visual tokens): use single-image rows")
         for path in images:
             try:
                 open_image(path)
             except ImageError as exc:
                 raise DatasetError(f"{label}: {exc}") from None
-        for path in videos:
-            from .video_qa import _frame_count
-
-            try:
-                if _frame_count(str(path)) < 1:
-                    raise ValueError("no frames")
-            except Exception as exc:  # decord's own error types: missing, truncated or not a video
-                raise DatasetError(f"{label}: the video {path} does not decode ({type(exc).__name__}: {exc})") from None
         out.append(message)
     return out
 

@@ -266,10 +266,6 @@ class VideoQADataset(VideoBaseDataset):
                     Image.fromarray(arr).save(p)
         return paths
 
-    def dump_image(self, line) -> list[str]:
-        """The row's frames as image files (what an image dataset's `dump_image` gives a custom-prompt wrapper)."""
-        return self.frame_files(line)
-
     def build_prompt(self, line, video_llm=True):
         """[video, question] for video LLMs, [8 frames..., question] otherwise (VLMEvalKit's convention)."""
         line = self._line(line)
