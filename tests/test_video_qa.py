@@ -457,14 +457,12 @@ def test_table18_aggregate_beside_the_paper(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def _run(run_py, *argv):
+def _run(run_py, monkeypatch, *argv):
+    """`python run.py ARGV` in this process (run.py rewrites sys.argv for VLMEvalKit's parser: restored after)."""
     import sys
 
-    argv0 = list(sys.argv)
-    try:
-        run_py.main(list(argv))
-    finally:
-        sys.argv[:] = argv0
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    run_py.main(list(argv))
 
 
 def test_msvd_end_to_end_through_vlmevalkit_and_the_judge(lmu_root, msvd_files, run_py, judge_server, tmp_path,
@@ -474,7 +472,7 @@ def test_msvd_end_to_end_through_vlmevalkit_and_the_judge(lmu_root, msvd_files, 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     assert _prepare("MSVD_QA", msvd_files / "test_q.json", msvd_files / "videos") == 0
     entry = "tiny_videollava"
-    _run(run_py, "--model", entry, "--data", "MSVD-QA", "--work-dir", str(tmp_path),
+    _run(run_py, monkeypatch, "--model", entry, "--data", "MSVD-QA", "--work-dir", str(tmp_path),
          "--judge-base-url", judge_server.url, "--judge-key", "sk-local")
     d = tmp_path / entry
     preds = pd.read_excel(d / f"{entry}_MSVD_QA.xlsx")
@@ -490,11 +488,11 @@ def test_msvd_end_to_end_through_vlmevalkit_and_the_judge(lmu_root, msvd_files, 
     assert len(judge_server.requests) == 5
 
 
-def test_video_demo_end_to_end_through_run_py(lmu_root, run_py, tmp_path):
+def test_video_demo_end_to_end_through_run_py(lmu_root, run_py, tmp_path, monkeypatch):
     """`python run.py --model tiny_videollava_dopv --data DOP_VideoDemo`: generated videos, VLMEvalKit's video
     inference loop on the DOP_V-pruned tiny Video-LLaVA, exact-match score file; no download, no judge."""
     entry = "tiny_videollava_dopv"
-    _run(run_py, "--model", entry, "--data", "DOP_VideoDemo", "--work-dir", str(tmp_path))
+    _run(run_py, monkeypatch, "--model", entry, "--data", "DOP_VideoDemo", "--work-dir", str(tmp_path))
     d = tmp_path / entry
     preds = pd.read_excel(d / f"{entry}_DOP_VideoDemo.xlsx")
     assert len(preds) == 6 and preds["prediction"].notna().all()
