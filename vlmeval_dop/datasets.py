@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Build a video QA dataset (Table 18) from the official files. --annotations: Video-LLaVA's "
                     "GPT_Zero_Shot_QA/<X>_Zero_Shot_QA/test_q.json (test_a.json beside it), MSVD-QA / MSRVTT-QA "
                     "{train,val,test}_qa.json (Xu et al. 2017; MSVD also --video-map youtube_mapping.txt), or "
-                    "TGIF-QA {Train,Test}_frameqa_question.csv. Videos: <videos>/<name>.{mp4,avi,mov,mkv,gif}.")
+                    "TGIF-QA {Train,Test}_frameqa_question.csv. Videos: <videos>/<name>.{mp4,avi,mov,mkv} (TGIF: Video-LLaVA's mp4 conversions).")
     p.add_argument("--name", required=True, choices=list(VIDEO_QA_DATASETS),
                    help="TGIF_QA / MSVD_QA / MSRVTT_QA: evaluation sets; *_VAL: DOP search validation sets")
     p.add_argument("--annotations", required=True, help="test_q.json, *_qa.json or *_frameqa_question.csv")
