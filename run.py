@@ -3,11 +3,14 @@
     python run.py --model llava15_7b_dop28 --data TextVQA [any VLMEvalKit flag]
     torchrun --nproc-per-node=8 run.py --model qwen25vl_7b_dop26 --data ChartQA MME
     python run.py --model tiny_llava15_dop --data DOP_Demo          # offline demo, tiny random model
+    python run.py --model tiny_videollava_dopv --data DOP_VideoDemo # offline video demo (generated mp4s)
+    python run.py --model videollava_7b --data TGIF-QA MSVD-QA MSRVTT-QA --judge-key KEY   # Table 18 (GPT judge)
 
 What it adds before handing the (unchanged) flags to `vlmeval.run.main()`:
 - every runnable entry of `vlmeval-dop list` becomes a model name in `vlmeval.config.supported_VLM`
   (weights load when VLMEvalKit first needs the model, i.e. only if predictions are missing);
-- the plugin datasets (VQAv2_VAL, VQAv2_TestDev, DOP_Demo) join VLMEvalKit's dataset registry;
+- the plugin datasets (VQAv2_VAL, VQAv2_TestDev, DOP_Demo, NoCaps_VAL, TextCaps_VAL, the video datasets
+  TGIF_QA, MSVD_QA, MSRVTT_QA and DOP_VideoDemo) join VLMEvalKit's dataset registry;
 - the paper's short benchmark names in `--data` (TextVQA, GQA, MMB, ...) are rewritten to VLMEvalKit's
   names, so result files and VLMEvalKit's name-based evaluation logic are those of the real dataset;
 - `--model` must be a listed, runnable entry (or one made on demand from it: `llava15_7b__mha4-6` prunes

@@ -18,6 +18,12 @@ one of the benchmarks gets no Rel. Avg. (it would not be comparable) and a note 
 printed Rel. Avg. of the rows that table N has, and our value minus the paper's ("Δ"; only where our row
 has exactly the table's benchmarks).
 
+    python reproduce/aggregate.py --work-dir outputs --paper-table 18 [--out PREFIX]
+
+Table 18 (video QA) has no Rel. Avg.: its layout is acc / score per benchmark (TGIF-QA, MSVD-QA, MSRVTT-QA,
+read from the video datasets' `_score.json`) and their averages, each row followed by the paper's printed row
+(`video_table`); no --base.
+
 Bad input (missing columns, non-numeric or duplicate scores, a missing work dir or entry folder, a requested
 benchmark without any score file, a benchmark without a base score, an unknown base row or table, a missing
 output folder) prints one error line and exits with code 2, before anything is written. Scores and base must

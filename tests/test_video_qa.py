@@ -454,3 +454,51 @@ def test_table18_aggregate_beside_the_paper(tmp_path, capsys):
     assert pd.read_csv(tmp_path / "t18.csv")["avg_acc"][0] == pytest.approx(49.0)
     assert aggregate.main(["--work-dir", str(tmp_path), "--paper-table", "18", "--base", "videollava_7b"]) == 2
     assert "drop --base" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def _run(run_py, monkeypatch, *argv):
+    """`python run.py ARGV` in this process (run.py rewrites sys.argv for VLMEvalKit's parser: restored after)."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    run_py.main(list(argv))
+
+
+def test_msvd_end_to_end_through_vlmevalkit_and_the_judge(lmu_root, msvd_files, run_py, judge_server, tmp_path,
+                                                          monkeypatch):
+    """run.py (VLMEvalKit's video inference loop) on the tiny Video-LLaVA, then its evaluation step asks the local
+    judge over HTTP; the score file equals the server's rule applied to the written predictions."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert _prepare("MSVD_QA", msvd_files / "test_q.json", msvd_files / "videos") == 0
+    entry = "tiny_videollava"
+    _run(run_py, monkeypatch, "--model", entry, "--data", "MSVD-QA", "--work-dir", str(tmp_path),
+         "--judge-base-url", judge_server.url, "--judge-key", "sk-local")
+    d = tmp_path / entry
+    preds = pd.read_excel(d / f"{entry}_MSVD_QA.xlsx")
+    assert len(preds) == 5 and preds["prediction"].notna().all()
+    from vlmeval_dop.video_qa import judge_prompt
+
+    verdicts = [ast.literal_eval(judge_server.reply({"messages": [{"role": "user", "content": judge_prompt(q, a, p)}]}))
+                for q, a, p in zip(preds["question"], preds["answer"], preds["prediction"].astype(str))]
+    got = json.loads((d / f"{entry}_MSVD_QA_score.json").read_text())
+    assert got["n"] == 5 and got["judge_failed"] == 0 and got["judge"] == "gpt-3.5-turbo"
+    assert got["acc"] == pytest.approx(100 * sum(v["pred"] == "yes" for v in verdicts) / 5)
+    assert got["score"] == pytest.approx(sum(int(v["score"]) for v in verdicts) / 5)
+    assert len(judge_server.requests) == 5
+
+
+def test_video_demo_end_to_end_through_run_py(lmu_root, run_py, tmp_path, monkeypatch):
+    """`python run.py --model tiny_videollava_dopv --data DOP_VideoDemo`: generated videos, VLMEvalKit's video
+    inference loop on the DOP_V-pruned tiny Video-LLaVA, exact-match score file; no download, no judge."""
+    entry = "tiny_videollava_dopv"
+    _run(run_py, monkeypatch, "--model", entry, "--data", "DOP_VideoDemo", "--work-dir", str(tmp_path))
+    d = tmp_path / entry
+    preds = pd.read_excel(d / f"{entry}_DOP_VideoDemo.xlsx")
+    assert len(preds) == 6 and preds["prediction"].notna().all()
+    acc = pd.read_csv(d / f"{entry}_DOP_VideoDemo_acc.csv")
+    from vlmeval_dop.datasets import normalize_exact
+
+    hits = [normalize_exact(p) == normalize_exact(a) for p, a in zip(preds["prediction"].astype(str), preds["answer"])]
+    assert float(acc["Overall"][0]) == pytest.approx(100 * sum(hits) / 6)
+

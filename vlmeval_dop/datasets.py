@@ -450,15 +450,22 @@ class DOPDemoDataset(ImageBaseDataset):
         return msgs
 
     def evaluate(self, eval_file, **judge_kwargs):
-        data = load(eval_file)
-        data["hit"] = [int(normalize_exact(p) == normalize_exact(a)) for p, a in zip(data["prediction"], data["answer"])]
-        dump(data, get_intermediate_file_path(eval_file, "_results"))
-        ret = {"Overall": 100 * float(data["hit"].mean())}
-        for c in sorted(set(data["category"])):
-            ret[c] = 100 * float(data.loc[data["category"] == c, "hit"].mean())
-        ret = d2df(ret)
-        dump(ret, get_intermediate_file_path(eval_file, "_acc"))
-        return ret
+        return evaluate_exact_match(eval_file)
+
+
+def evaluate_exact_match(eval_file: str) -> pd.DataFrame:
+    """The demo datasets' metric: exact match (`normalize_exact`) of prediction and answer; writes `_results`
+    (per-sample `hit`) and `_acc` (Overall and per category, in percent) beside `eval_file`."""
+    data = load(eval_file)
+    preds = ["" if isinstance(p, float) and np.isnan(p) else p for p in data["prediction"]]
+    data["hit"] = [int(normalize_exact(p) == normalize_exact(a)) for p, a in zip(preds, data["answer"])]
+    dump(data, get_intermediate_file_path(eval_file, "_results"))
+    ret = {"Overall": 100 * float(data["hit"].mean())}
+    for c in sorted(set(data["category"])):
+        ret[c] = 100 * float(data.loc[data["category"] == c, "hit"].mean())
+    ret = d2df(ret)
+    dump(ret, get_intermediate_file_path(eval_file, "_acc"))
+    return ret
 
 
 from .captioning import CaptioningDataset, prepare_captions  # noqa: E402  (NoCaps_VAL / TextCaps_VAL, Table 17)
@@ -510,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Build a video QA dataset (Table 18) from the official files. --annotations: Video-LLaVA's "
                     "GPT_Zero_Shot_QA/<X>_Zero_Shot_QA/test_q.json (test_a.json beside it), MSVD-QA / MSRVTT-QA "
                     "{train,val,test}_qa.json (Xu et al. 2017; MSVD also --video-map youtube_mapping.txt), or "
-                    "TGIF-QA {Train,Test}_frameqa_question.csv. Videos: <videos>/<name>.{mp4,avi,mov,mkv,gif}.")
+                    "TGIF-QA {Train,Test}_frameqa_question.csv. Videos: <videos>/<name>.{mp4,avi,mov,mkv} (TGIF: Video-LLaVA's mp4 conversions).")
     p.add_argument("--name", required=True, choices=list(VIDEO_QA_DATASETS),
                    help="TGIF_QA / MSVD_QA / MSRVTT_QA: evaluation sets; *_VAL: DOP search validation sets")
     p.add_argument("--annotations", required=True, help="test_q.json, *_qa.json or *_frameqa_question.csv")

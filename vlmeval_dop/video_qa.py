@@ -183,8 +183,9 @@ VIDEO_QA_DATASETS = {
 }
 DEFAULT_LIMIT = 1000  # "the first 1K samples from each benchmark" (App. E.7)
 NFRAMES = 8  # Video-LLaVA: 8 frames of 224 px
-# Video-LLaVA's run_inference_video_qa.py tries these, in this order; .gif: the raw TGIF release
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".gif")
+# Video-LLaVA's run_inference_video_qa.py tries these, in this order. TGIF's raw GIFs are not among them (decord
+# cannot measure them): Video-LLaVA evaluates its mp4 conversions (GPT_Zero_Shot_QA/TGIF_Zero_Shot_QA/mp4)
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 
 
 class VideoQAError(ValueError):
@@ -511,8 +512,9 @@ def prepare_video_qa(name: str, annotations: str, videos: str, answers: str | No
         for i, video in missing:
             first.setdefault(video, i)
         shown = "; ".join(f"{v} (item {i})" for v, i in list(first.items())[:3])
+        gif = " (TGIF GIFs: use Video-LLaVA's mp4 conversions, TGIF_Zero_Shot_QA/mp4)" if fmt == "tgif_frameqa" else ""
         raise VideoQAError(f"{len(missing)} of {len(rows)} questions have no video in {vdir} ({len(first)} videos "
-                           f"missing, tried {', '.join(VIDEO_EXTENSIONS)}), e.g. {shown}")
+                           f"missing, tried {', '.join(VIDEO_EXTENSIONS)}), e.g. {shown}{gif}")
     if not out_rows:
         raise VideoQAError(f"{annotations} holds no questions")
     target = Path(out or osp.join(LMUDataRoot(), f"{name}.tsv"))
@@ -612,17 +614,6 @@ class DOPVideoDemoDataset(VideoQADataset):
     def evaluate(self, eval_file, **judge_kwargs):
         """Exact match (case, surrounding blanks and a final full stop ignored): `_acc` with Overall and per
         category, in percent; no judge is called."""
-        from vlmeval.smp import d2df
+        from .datasets import evaluate_exact_match
 
-        from .datasets import normalize_exact
-
-        data = load(eval_file)
-        data["hit"] = [int(normalize_exact(_text(p)) == normalize_exact(a))
-                       for p, a in zip(data["prediction"], data["answer"])]
-        dump(data, get_intermediate_file_path(eval_file, "_results"))
-        ret = {"Overall": 100 * float(data["hit"].mean())}
-        for c in sorted(set(data["category"])):
-            ret[c] = 100 * float(data.loc[data["category"] == c, "hit"].mean())
-        ret = d2df(ret)
-        dump(ret, get_intermediate_file_path(eval_file, "_acc"))
-        return ret
+        return evaluate_exact_match(eval_file)
