@@ -1,8 +1,10 @@
 """The Video-LLaVA VLMEvalKit wrapper (vlmeval_dop/models/video_llava.py) and its tiny checkpoint.
 
-Video messages are VLMEvalKit's (`[video file, question]`, what a video dataset gives a `VIDEO_LLM` model); the
-inputs must be those of VLMEvalKit's `VideoLLaVA_HF`: checked against a hand-written reference of its recipe
-(PyAV frames at `np.arange(0, total, total / 8)`, `USER: <video>\\n<q> ASSISTANT:`, the processor)."""
+Video messages are VLMEvalKit's (`[video file, question]`, what a video dataset gives a `VIDEO_LLM` model). The
+inputs are checked against hand-written references of both protocols: `official` (default) = Video-LLaVA's own
+video-QA evaluation (llava_v1 conversation with its system prompt, decord frames at `np.linspace(0, total - 1, 8)`),
+`vlmevalkit` = VLMEvalKit's `VideoLLaVA_HF` (PyAV frames at `np.arange(0, total, total / 8)`,
+`USER: <video>\\n<q> ASSISTANT:`)."""
 from __future__ import annotations
 
 import av
@@ -41,9 +43,41 @@ def _reference_video_inputs(processor, path, question):
     return processor(text=f"USER: <video>\n{question} ASSISTANT:", videos=np.stack(frames), return_tensors="pt")
 
 
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+def test_video_message_inputs_follow_the_official_evaluation(files):
+    import decord
+
+    videos, image = files
+    w = _wrapper()
+    assert w.protocol == "official"
+    for path in videos:
+        msg = [{"type": "video", "value": path}, {"type": "text", "value": "What is the man doing?"}]
+        got = w.build_inputs(msg, "MSVD_QA")
+        reader = decord.VideoReader(path)
+        frames = reader.get_batch(np.linspace(0, len(reader) - 1, 8, dtype=int)).asnumpy()
+        ref = w.processor(text=f"{SYSTEM} USER: <video>\nWhat is the man doing? ASSISTANT:", videos=frames,
+                          return_tensors="pt")  # fmt: skip
+        assert torch.equal(got["input_ids"], ref["input_ids"]) and torch.equal(got["pixel_values_videos"], ref["pixel_values_videos"])
+        # the two protocols pick other frames here (24 and 13 frames)
+        other = _wrapper(protocol="vlmevalkit").build_inputs(msg, "MSVD_QA")
+        assert not torch.equal(got["pixel_values_videos"], other["pixel_values_videos"])
+    got = w.build_inputs([{"type": "image", "value": image}, {"type": "text", "value": "What color?"}])
+    text = w.processor.tokenizer.decode([t for t in got["input_ids"][0].tolist() if t != w.model.config.image_token_id])
+    assert text == f"<s> {SYSTEM} USER: \nWhat color? ASSISTANT:"
+    w.nframe = 16
+    with pytest.raises(ValueError, match="takes 8 frames per video"):
+        w.build_inputs([{"type": "video", "value": videos[0]}, {"type": "text", "value": "q"}])
+    w.nframe = 8
+    with pytest.raises(ValueError, match="valid: official, vlmevalkit"):
+        _wrapper(protocol="paper")
+
+
 def test_video_message_inputs_are_vlmevalkits(files):
     videos, _ = files
-    w = _wrapper()
+    w = _wrapper(protocol="vlmevalkit")
     assert w.VIDEO_LLM and not w.INTERLEAVE and w.nframe == 8 and not w.use_custom_prompt("MSVD_QA")
     for path in videos:
         msg = [{"type": "video", "value": path}, {"type": "text", "value": "What is the man doing?"}]
@@ -58,7 +92,7 @@ def test_video_message_inputs_are_vlmevalkits(files):
 
 def test_image_message_and_refusals(files):
     videos, image = files
-    w = _wrapper()
+    w = _wrapper(protocol="vlmevalkit")
     got = w.build_inputs([{"type": "image", "value": image}, {"type": "text", "value": "What color?"}])
     assert int((got["input_ids"] == w.model.config.image_token_id).sum()) == 64 and "pixel_values" in got
     ids = got["input_ids"][0]

@@ -12,11 +12,15 @@ as VLMEvalKit's wrapper requires.
 Images (VLMEvalKit's wrapper has no image path): `USER: <image>\\n<question> ASSISTANT:`, the same format with
 the image placeholder (the HF model card's image prompt), 256 `<image>` placeholders at 224 px.
 
-Differences to the official Video-LLaVA video-QA evaluation (Video-LLaVA's / VisPruner's
-`run_inference_video_qa.py`, which the paper's Table 18 follows): that script puts the llava_v1 system prompt
-before `USER:` and samples frames at `np.linspace(0, total - 1, 8)` (LanguageBind's processor); VLMEvalKit's
-wrapper does neither. We keep VLMEvalKit's inputs (this is a VLMEvalKit plugin) and the official float16
-(VLMEvalKit's wrapper loads float32; `dtype: float32` gives that). Greedy decoding, 1024 new tokens.
+Protocol (`protocol` argument). `official` (default): the official Video-LLaVA video-QA evaluation
+(`videollava/eval/video/run_inference_video_qa.py`, which VisPruner's video settings and the paper's Table 18
+follow): the llava_v1 conversation (`<system> USER: <video>\n<question> ASSISTANT:`, the system prompt of
+LLaVA's vicuna_v1) and 8 frames at `np.linspace(0, total - 1, 8, dtype=int)` decoded with decord (LanguageBind's
+default video backend); images get the same conversation. `vlmevalkit`: the inputs of VLMEvalKit's
+`VideoLLaVA_HF` described above (no system prompt, PyAV frames at `np.arange(0, total, total / 8)`); the frame
+choice differs for most frame counts (e.g. 24 frames: 0, 3, 6, ..., 21 vs 0, 3, 6, 9, 13, 16, 19, 23). Not
+measured on real videos here. Both load in the official float16 (VLMEvalKit's wrapper loads float32; `dtype:
+float32` gives that). Greedy decoding, 1024 new tokens.
 
 The checkpoint itself: transformers' port (`LanguageBind/Video-LLaVA-7B-hf`) runs the video tower as a per-frame
 `CLIPVisionModel`; the original LanguageBind video tower has a temporal attention in every encoder layer, which
@@ -30,13 +34,25 @@ video processor fixes every frame at 224 px.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from vlmeval.vlm.video_llm.video_llava import VideoLLaVA_HF
 
 from .base import DOPWrapper
+from .llava import VICUNA_SYSTEM
 from .reuse import refuse_resize, vlmeval_inputs
 
 FRAMES = 8  # VideoLLaVA_HF.nframe: the only frame count VLMEvalKit's wrapper accepts
+PROTOCOLS = ("official", "vlmevalkit")
+
+
+def official_frames(path: str, frames: int = FRAMES) -> np.ndarray:
+    """(frames, H, W, 3) uint8: LanguageBind's decord sampling, `np.linspace(0, total - 1, frames, dtype=int)`."""
+    import decord
+
+    reader = decord.VideoReader(str(path), num_threads=1)
+    index = np.linspace(0, len(reader) - 1, frames, dtype=int)
+    return reader.get_batch(index).asnumpy()
 
 
 class VideoLLaVADOP(DOPWrapper):
@@ -49,9 +65,12 @@ class VideoLLaVADOP(DOPWrapper):
     VIDEO_LLM = True  # VLMEvalKit hands over the video file, not frames as images
     INTERLEAVE = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, protocol: str = "official", **kwargs):
         refuse_resize(kwargs, "Video-LLaVA", "its processors fix images and frames at 224 px")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r} unknown; valid: {', '.join(PROTOCOLS)}")
         super().__init__(*args, **kwargs)
+        self.protocol = protocol
         self.nframe = FRAMES  # VLMEvalKit's video inference sets it to the dataset's nframe
 
     def use_custom_prompt(self, dataset):
@@ -77,6 +96,13 @@ class VideoLLaVADOP(DOPWrapper):
         if videos:
             if len(videos) > 1:
                 raise ValueError(f"a Video-LLaVA message holds one video, got {len(videos)}")
+            if self.protocol == "official":
+                if self.nframe != FRAMES:  # as VLMEvalKit's wrapper: the checkpoint is trained on 8 frames
+                    raise ValueError(f"Video-LLaVA takes {FRAMES} frames per video; the dataset asks for {self.nframe}")
+                question = "\n".join(item["value"] for item in message if item["type"] == "text")
+                prompt = f"{VICUNA_SYSTEM} USER: <video>\n{question} ASSISTANT:"
+                return self.processor(text=prompt, videos=official_frames(videos[0]["value"], self.nframe),
+                                      return_tensors="pt")  # fmt: skip
             stub = VideoLLaVA_HF.__new__(VideoLLaVA_HF)
             stub.processor, stub.kwargs, stub.nframe = self.processor, {}, self.nframe
             inputs = vlmeval_inputs(VideoLLaVA_HF.generate_inner, stub, message, dataset)
@@ -86,6 +112,7 @@ class VideoLLaVADOP(DOPWrapper):
         question = "\n".join(v for t, v in parts if t == "text")
         pictures = [v for t, v in parts if t == "image"]
         # one `<image>\n` line per image (none for a text-only message), then the question
-        prompt = "USER: " + "<image>\n" * len(pictures) + question + " ASSISTANT:"
+        system = f"{VICUNA_SYSTEM} " if self.protocol == "official" else ""
+        prompt = system + "USER: " + "<image>\n" * len(pictures) + question + " ASSISTANT:"
         return self.processor(images=pictures or None, text=prompt, return_tensors="pt",
                               return_legacy_image_output=False)  # fmt: skip
