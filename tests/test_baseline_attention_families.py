@@ -101,3 +101,16 @@ def test_fitprune_maps_equal_eager_or_refuse(run):
         assert n_text == txt.numel()
         torch.testing.assert_close(got.cross, amax[b][txt][:, vis].sum(0) / n_text, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(got.self_, amax[b][vis][:, vis].sum(0) / vis.numel(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("entry,method,family", [
+    ("tiny_qwen25vl_pdrop90", "pdrop", "qwen2_5_vl"),
+    ("tiny_gemma3_sparsevlm90", "sparsevlm", "gemma3"),
+    ("tiny_gemma3_fitprune90", "fitprune", "gemma3"),
+])
+def test_unsupported_families_are_refused_when_the_entry_is_made(entry, method, family):
+    from vlmeval_dop.registry import EntryError, get_entry
+
+    with pytest.raises(EntryError, match=f"baseline '{method}' does not support model family '{family}'"):
+        get_entry(entry)
+    assert get_entry("tiny_gemma3_fastv90").baseline == "fastv"  # FastV's rows are exact on every family

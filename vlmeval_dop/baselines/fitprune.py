@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from ..executor.families import causal_families
 from ..executor.token_pruner import DecoderPruneContext
 from .attention import project_keys, project_queries, refuse_bidirectional_or_windowed, rope_function
 from ..methods import register_method
@@ -298,6 +299,8 @@ class FitPrune:
         budget: optional; if given it must match the budget the schedule was fitted for (a guard for
             entries that name a budget). Without a schedule, a ValueError explains how to fit one.
     """
+
+    families = causal_families()  # its visual queries' rows model plain causal attention only
 
     name = "fitprune"
 

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from ..executor.families import renumbering_families
 from ..executor.token_pruner import DecoderPruneContext, PruneDecision
 from .attention import project_keys, project_queries, rope_function
 from ..methods import register_method
@@ -126,6 +127,8 @@ class PDrop:
         ratios: the official `image_token_ratio_list` given explicitly (one per boundary, without the
             leading 1.0); overrides `ratio`.
     """
+
+    families = renumbering_families()  # it renumbers positions: 1D RoPE, no sliding windows
 
     name = "pdrop"
 

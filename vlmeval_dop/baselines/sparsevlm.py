@@ -64,6 +64,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..executor.families import renumbering_families
 from ..executor.token_pruner import DecoderPruneContext, PruneDecision
 from ..methods import register_method
 from .attention import query_attention
@@ -305,6 +306,8 @@ class SparseVLM:
     s (last prefill): `visual` (in sequence order), `kept`, `recycled` (official order), `merged_slots`
     (ascending; row j of `merged` lives in slot j) and `merged` (official order).
     """
+
+    families = renumbering_families()  # it renumbers positions: 1D RoPE, no sliding windows
 
     name = "sparsevlm"
     # the density noise is one stream drawn sample after sample (torch's default generator, or one private

@@ -158,6 +158,10 @@ def method_entry(model: ModelSpec, method: str, budget: float, bcfg: BaselinesCo
                                   source=source))
     baseline = recipe["baseline"] if recipe else method
     info = registered("decoder").get(baseline)
+    families = getattr(info.cls, "families", None) if info else None
+    if families is not None and shape.arch.family not in families:  # refused now, not at the first sample
+        raise EntryError(f"{name!r}: baseline {baseline!r} does not support model family {shape.arch.family!r} "
+                         f"(supported: {', '.join(families)})")
     args = {**(dict(info.args) if info else {}), **dict((recipe or {}).get("args") or {})}
     if info is not None:
         if info.budget_arg:

@@ -39,6 +39,10 @@ class FamilyAdapter:
 
     family: str
     contiguous_positions: bool = True
+    # the family has sliding-window layers / image blocks attending bidirectionally (Gemma 3): declared here so
+    # that methods can be refused by family before a model is loaded (`renumbering_families`, `causal_families`)
+    sliding_windows: bool = False
+    bidirectional_images: bool = False
 
     def multimodal_model(self, model: nn.Module) -> nn.Module:
         """The module whose forward sees `input_ids` and `pixel_values` (e.g. LlavaModel)."""
@@ -219,8 +223,19 @@ FAMILIES: dict[str, FamilyAdapter] = {
     # additions, tokens it has left (or a reducer dropped) get them too but are never read again
     "qwen3_vl": FamilyAdapter("qwen3_vl", contiguous_positions=False),
     "video_llava": VideoLlavaAdapter("video_llava"),
-    "gemma3": Gemma3Adapter("gemma3"),
+    "gemma3": Gemma3Adapter("gemma3", sliding_windows=True, bidirectional_images=True),
 }
+
+
+def renumbering_families() -> tuple[str, ...]:
+    """Families where a decoder-side pruner may renumber positions (`PruneDecision.renumber`): 1D RoPE and no
+    sliding windows (windows are measured in one position numbering per call)."""
+    return tuple(f for f, a in FAMILIES.items() if a.contiguous_positions and not a.sliding_windows)
+
+
+def causal_families() -> tuple[str, ...]:
+    """Families whose decoder attention is plain causal (no windows, no bidirectional image blocks)."""
+    return tuple(f for f, a in FAMILIES.items() if not (a.sliding_windows or a.bidirectional_images))
 
 
 def adapter_for(model: nn.Module) -> FamilyAdapter:
