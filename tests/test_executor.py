@@ -425,3 +425,26 @@ def test_single_operation_pruning_equals_masking(tiny, mask):
             extend_token_types(extra, nxt)
     with pytest.raises(Exception, match="valid: 0.."):
         apply_dop(model, policy, op_mask=OperationMask(attn={L}))
+
+
+# The family battery: the tests above that take the `tiny` fixture. Other family test modules run them with their
+# own `tiny` fixture by `export_battery(globals())` (pytest collects them there).
+BATTERY = (
+    "test_full_policy_bit_identical",
+    "test_policy_grid_matches_masked_reference",
+    "test_system_token_depths_match_reference",
+    "test_reducer_at_all_tokens_is_identity",
+    "test_cached_decoding_equals_recompute",
+    "test_left_padded_batch_equals_single",
+    "test_sdpa_equals_eager",
+    "test_measured_flops_equal_analytic",
+    "test_bad_input_messages",
+    "test_decoder_token_pruner_matches_reference_and_decodes",
+    "test_single_operation_pruning_equals_masking",
+)
+
+
+def export_battery(namespace: dict) -> None:
+    """Put the battery's test functions into a test module's namespace."""
+    for name in BATTERY:
+        namespace[name] = globals()[name]

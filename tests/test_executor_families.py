@@ -29,17 +29,7 @@ def tiny(request):
 
 
 # the battery, unchanged (pytest collects these here, with the fixture above)
-test_full_policy_bit_identical = te.test_full_policy_bit_identical
-test_policy_grid_matches_masked_reference = te.test_policy_grid_matches_masked_reference
-test_system_token_depths_match_reference = te.test_system_token_depths_match_reference
-test_reducer_at_all_tokens_is_identity = te.test_reducer_at_all_tokens_is_identity
-test_cached_decoding_equals_recompute = te.test_cached_decoding_equals_recompute
-test_left_padded_batch_equals_single = te.test_left_padded_batch_equals_single
-test_sdpa_equals_eager = te.test_sdpa_equals_eager
-test_measured_flops_equal_analytic = te.test_measured_flops_equal_analytic
-test_bad_input_messages = te.test_bad_input_messages
-test_decoder_token_pruner_matches_reference_and_decodes = te.test_decoder_token_pruner_matches_reference_and_decodes
-test_single_operation_pruning_equals_masking = te.test_single_operation_pruning_equals_masking
+te.export_battery(globals())
 
 
 def test_arch_spec_and_family_facts(tiny):
