@@ -210,6 +210,16 @@ def test_scores_over_http_hand_computed(lmu_root, msvd_files, judge_server, tmp_
     assert len(judge_server.requests) == 1 + PARSE_RETRIES
     assert ret2["acc"] == pytest.approx(60.0) and ret2["judge_failed"] == 1
 
+    # a changed prediction (the predictions were made again) is judged again; the others stay cached
+    changed = [s[3] for s in SAMPLES]
+    changed[0] = SAMPLES[2][3]
+    pred = _predictions(tmp_path, ds, changed)
+    judge_server.requests.clear()
+    ds.evaluate(str(pred), **kw)
+    asked = {r["messages"][1]["content"] for r in judge_server.requests}
+    assert judge_prompt(SAMPLES[0][1], SAMPLES[0][2], changed[0]) in asked
+    assert judge_prompt(SAMPLES[1][1], SAMPLES[1][2], SAMPLES[1][3]) not in asked
+
 
 def test_judge_from_vlmevalkit_env_and_named_model(lmu_root, msvd_files, judge_server, tmp_path, monkeypatch):
     """OPENAI_API_KEY / OPENAI_API_BASE (VLMEvalKit's .env keys) and --judge pick the endpoint and model."""

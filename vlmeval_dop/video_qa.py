@@ -28,6 +28,7 @@ makes the judge deterministic.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import math
 import os
@@ -293,12 +294,15 @@ class VideoQADataset(VideoBaseDataset):
         judge = build_judge(model=judge_name, **kw)
         tag = judge_name.replace("/", "_")
         tmp_file = get_intermediate_file_path(eval_file, f"_{tag}_tmp", "pkl")
+        rows = {}
+        for _, r in data.iterrows():  # cache keys carry everything the judgement depends on
+            rows[_judge_key(judge_name, kw, r["index"], r["question"], r["answer"], _text(r["prediction"]))] = r
+        keys = list(rows)
         cache = load(tmp_file) if osp.exists(tmp_file) else {}
-        cache = {k: v for k, v in cache.items() if isinstance(v, dict) and v.get("verdict") in ("yes", "no")}
-        dump(cache, tmp_file)  # failed judgements are asked again
-        keys = [str(i) for i in data["index"]]
+        cache = {k: v for k, v in cache.items()
+                 if k in rows and isinstance(v, dict) and v.get("verdict") in ("yes", "no")}
+        dump(cache, tmp_file)  # failed judgements, and those of changed predictions, are asked again
         todo = [k for k in keys if k not in cache]
-        rows = {str(r["index"]): r for _, r in data.iterrows()}
         tasks = [dict(judge=judge, question=rows[k]["question"], answer=rows[k]["answer"],
                       prediction=_text(rows[k]["prediction"])) for k in todo]
         if tasks:
@@ -317,6 +321,14 @@ class VideoQADataset(VideoBaseDataset):
             print(f"{self.dataset_name}: the judge gave no usable reply for {metrics['judge_failed']} of "
                   f"{metrics['n']} samples (counted as 'no', score 0; evaluate again to retry them)")
         return metrics
+
+
+def _judge_key(judge_name: str, settings: dict, index, question, answer, prediction) -> str:
+    """Cache key of one judgement: the sample's index and a digest of the judge, its settings, the prompt and
+    the sample's question, answer and prediction (a changed prediction or judge is judged again)."""
+    blob = json.dumps([judge_name, {k: str(v) for k, v in sorted(settings.items()) if k not in ("key", "nproc")},
+                       judge_prompt(str(question), str(answer), prediction)], ensure_ascii=False)
+    return f"{index}:{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
 
 
 def _text(value) -> str:
