@@ -9,8 +9,10 @@ An entry name is `{model}_{method}{budget}[.s{seed}]`, e.g. `llava15_7b_fastv28`
   character must not be a digit (`l2norm28` = l2norm at 28 %, `norm2` at 28 % would read `norm228`); the
   underscore separates the model from the method and an installed search tag from the budget
   (`llava15_7b_dopcd28_acc_drop`). A method must not end in `<digits>p` either (`a2p5` would read as `a` at
-  2.5 %, the `p` being the label's decimal point). `full` is the unpruned model; names starting with `dop`
-  are DOP variants (`dop`, `dopcd`, and `dop<reducer>` for installed searches), not registrable methods.
+  2.5 %, the `p` being the label's decimal point). `full` is the unpruned model; `resize` is the image-side
+  reduction the wrappers do themselves (DOP_R; its entries never call a registered class); names starting
+  with `dop` are DOP variants (`dop`, `dopcd`, and `dop<reducer>` for installed searches): none of these is
+  a registrable method.
 - `budget`: the TFLOPs percent as the paper labels it, `28` = 28 %, `12p5` = 12.5 %.
 - `.s{seed}`: the seed of a method that declares a `seed` entry argument (`register_method(entry_args=
   {"seed": int})`), e.g. a random baseline; other methods refuse it.
@@ -24,9 +26,9 @@ import re
 METHOD_PATTERN = r"[a-z](?:[a-z0-9]*[a-z])?"
 BUDGET_PATTERN = r"\d+(?:p\d+)?"
 METHOD_RULE = ("lower-case letters and digits, starting and ending with a letter, no underscore, not ending in "
-               "<digits>p, not `full` and not starting with `dop` (entry names are {model}_{method}{budget}, "
+               "<digits>p, not `full` or `resize` and not starting with `dop` (entry names are {model}_{method}{budget}, "
                "see vlmeval_dop/entries/names.py)")
-RESERVED = ("full",)
+RESERVED = ("full", "resize")  # the unpruned model; the wrappers' image-side reduction (IMAGE_SIDE_REDUCERS)
 DOP_PREFIX = "dop"
 
 _METHOD_RE = re.compile(rf"^{METHOD_PATTERN}$")
