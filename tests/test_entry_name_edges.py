@@ -42,3 +42,27 @@ def test_resize_is_reserved():
     finally:
         methods._REGISTRY.clear()
         methods._REGISTRY.update(before)
+
+
+def test_one_seed_suffix(rnd):
+    assert get_entry("tiny_llava15_rnd90.s3").seed == 3
+    with pytest.raises(EntryError, match=r"one seed.*tiny_llava15_rnd90\.s4"):
+        get_entry("tiny_llava15_rnd90.s3.s4")  # was: seed 4 silently, under a third name
+    with pytest.raises(EntryError, match=r"write it 'tiny_llava15_rnd90\.s3'"):
+        get_entry("tiny_llava15_rnd90.s03")  # was: seed 3 under a second name (a second results folder)
+
+
+def test_on_demand_names_are_canonical(rnd):
+    """`fastv028` was FastV at 28 % named `..._fastv28` inside but run (and resumed) under `..._fastv028`."""
+    assert get_entry("llava15_7b_fastv28").name == "llava15_7b_fastv28"
+    for alias, name in [("llava15_7b_fastv028", "llava15_7b_fastv28"), ("tiny_llava15_rnd090", "tiny_llava15_rnd90"),
+                        ("tiny_llava15_rnd90p0", "tiny_llava15_rnd90")]:
+        with pytest.raises(EntryError, match=rf"write it '{name}'"):
+            get_entry(alias)
+    e = get_entry("tiny_llava15_rnd90p5")  # a canonical decimal label
+    assert (e.name, e.budget) == ("tiny_llava15_rnd90p5", pytest.approx(0.905))
+
+
+def test_operation_mask_on_a_seeded_entry(rnd):
+    e = get_entry("tiny_llava15_rnd90.s3__mha1")
+    assert (e.seed, e.reducer_args, sorted(e.op_mask.attn)) == (3, {"seed": 3}, [0])

@@ -64,7 +64,7 @@ from .entries.generate import (
     with_seed,
 )
 from .entries.generate import missing_cells as _missing_cells
-from .entries.names import budget_label, split_entry_name, split_seed
+from .entries.names import budget_label, entry_name, split_entry_name, split_seed
 from .fileio import FileFormatError, read_yaml
 from .models_config import CONFIG_DIR, load_models, load_paper_policies
 from .policy import DOPPolicy, OperationMask, PolicyError
@@ -189,6 +189,11 @@ def get_entry(name: str, config_dir: Path | None = None) -> Entry:
         return _masked_entry(name, entries, config_dir)
     base, seed = split_seed(name)
     if seed is not None:
+        if f"{base}.s{seed}" != name:  # `.s03`: seed 3 under a second name (a second results folder)
+            raise EntryError(f"{name!r}: write it '{base}.s{seed}' (one name per entry: its results live under it)")
+        inner, inner_seed = split_seed(base)
+        if inner_seed is not None:  # `.s3.s4` would run seed 4 under a third name
+            raise EntryError(f"{name!r}: an entry takes one seed suffix: '{inner}.s{seed}' or '{base}'")
         return with_seed(get_entry(base, config_dir), seed, name)
     if name in INFEASIBLE_BASELINES:
         raise EntryError(f"entry {name!r} does not exist: {INFEASIBLE_BASELINES[name]}")
@@ -214,6 +219,9 @@ def _on_demand(name: str, entries: dict[str, Entry], config_dir: Path | None) ->
         return None
     if budget is None:
         raise EntryError(f"{name!r}: method {method!r} needs a TFLOPs budget label: {name}<percent> (e.g. 28 for 28 %)")
+    canonical = entry_name(model, method, budget)
+    if canonical != name:  # `fastv028`, `rand90p0`: the same entry under a second name (a second results folder)
+        raise EntryError(f"{name!r}: write it '{canonical}' (one name per entry: its results live under it)")
     try:
         return method_entry(models[model], method, budget, bcfg, cfg_dir)
     except BudgetInfeasible as exc:
@@ -229,7 +237,8 @@ def _masked_entry(name: str, entries: dict[str, Entry], config_dir: Path | None 
     (the paper's redundancy analysis, Tables 26-28; layers 1-based as in the paper's columns), or
     `{entry}__swap{k}{mha|mlp}.s{seed}`: its DOP policy randomly perturbed (Tables 29-30)."""
     base_name, _, suffix = name.partition(OP_SEPARATOR)
-    if base_name not in entries and split_entry_name(base_name, {e.model.name for e in entries.values()}) is None:
+    models = {e.model.name for e in entries.values()}
+    if base_name not in entries and split_entry_name(split_seed(base_name)[0], models) is None:
         raise _unknown(base_name, list(entries))
     base = entries.get(base_name) or get_entry(base_name, config_dir)  # a listed entry, or one made on demand
     if base.baseline is not None:
