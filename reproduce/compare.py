@@ -278,8 +278,9 @@ def resolve_rows(spec: CompareSpec) -> list[Row]:
             continue
         try:
             e = get_entry(m)
-        except EntryError:
-            problems.append(f"{m!r}{_close(m, known)}")
+        except EntryError as exc:  # an entry-shaped name keeps the registry's reason (`write it ...`, infeasible)
+            why = "" if str(exc).startswith("unknown entry") else f" ({exc})"
+            problems.append(f"{m!r}{why or _close(m, known)}")
             continue
         if e.model.name not in spec.models:
             raise SpecError(f"{spec.path}: entry {m!r} runs model {e.model.name!r}, which is not in models: "
@@ -322,8 +323,9 @@ def resolve_rows(spec: CompareSpec) -> list[Row]:
                 continue
             if m in explicit:
                 e = explicit[m]
-                if e.model.name == model and m not in rows:
-                    rows[m] = Row(model, e.method, e.budget, m, runs(m, e.method))
+                if e.model.name == model and m not in rows:  # a seeded entry (`x.s3`) runs its own seed only
+                    rows[m] = Row(model, e.method, e.budget, m,
+                                  runs(m, e.method) if e.seed is None else (Run(m, e.seed, _blocked(m)),))
                 continue
             for b in spec.budgets:
                 name = f"{model}_{m}{budget_label(b)}"

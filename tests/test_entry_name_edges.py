@@ -66,3 +66,19 @@ def test_on_demand_names_are_canonical(rnd):
 def test_operation_mask_on_a_seeded_entry(rnd):
     e = get_entry("tiny_llava15_rnd90.s3__mha1")
     assert (e.seed, e.reducer_args, sorted(e.op_mask.attn)) == (3, {"seed": 3}, [0])
+
+
+def test_compare_keeps_an_explicit_entrys_seed(rnd, tmp_path):
+    """reproduce/compare.py: an explicit seeded entry in `methods:` runs with its own seed; the spec's
+    `seeds:` (for the method names) were appended to it (`rnd90.s3.s0`: seed 0 in a row labelled s3)."""
+    from reproduce import compare
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("models: [tiny_llava15]\nmethods: [rnd, tiny_llava15_rnd90.s3]\nbudgets: [0.9]\n"
+                    "benchmarks: [DOP_Demo]\nseeds: [0, 1]\n")
+    rows = {r.label: r for r in compare.resolve_rows(compare.load_spec(path))}
+    assert rows["tiny_llava15_rnd90.s3"].runs == (compare.Run("tiny_llava15_rnd90.s3", 3, ""),)
+    assert [r.entry for r in rows["tiny_llava15_rnd90"].runs] == ["tiny_llava15_rnd90.s0", "tiny_llava15_rnd90.s1"]
+    path.write_text("models: [tiny_llava15]\nmethods: [tiny_llava15_rnd090]\nbenchmarks: [DOP_Demo]\n")
+    with pytest.raises(compare.SpecError, match=r"'tiny_llava15_rnd090' \(.*write it 'tiny_llava15_rnd90'"):
+        compare.resolve_rows(compare.load_spec(path))
