@@ -225,13 +225,12 @@ def _main(argv: list[str] | None = None) -> int:
     from vlmeval_dop.registry import EntryError, runnable_entry
 
     load_env()  # as VLMEvalKit's run.py does (API keys for judges from its .env)
-    if plugins:  # users' methods register before the entries are read
-        from vlmeval_dop.plugins import PluginError, load_plugins
+    from vlmeval_dop.plugins import PluginError, load_plugins
 
-        try:
-            load_plugins(plugins)
-        except PluginError as exc:
-            raise _fail(str(exc)) from None
+    try:  # users' methods (--plugins, installed entry points) register before the entries are read
+        load_plugins(plugins)
+    except PluginError as exc:
+        raise _fail(str(exc)) from None
     register(supported_VLM)
 
     sys.argv = [prog] + argv

@@ -645,6 +645,7 @@ def default_out(spec: CompareSpec, work_dir: str | Path) -> Path:
 def main_aggregate(spec_path: str, work_dir: str, out: str | None, mme: str) -> int:
     """`aggregate.py --compare`: print the table, write its files; 2 with one error line for bad input."""
     from vlmeval_dop.fileio import check_writable_dir
+    from vlmeval_dop.plugins import PluginError
 
     try:
         spec = prepare(spec_path)
@@ -654,7 +655,7 @@ def main_aggregate(spec_path: str, work_dir: str, out: str | None, mme: str) -> 
         check_writable_dir(out_dir, "--out")
         table = compare_table(spec, work_dir, mme)
         files = outputs(table, out_dir)
-    except ValueError as exc:  # SpecError, InputError, FileFormatError, EntryError messages
+    except (ValueError, PluginError) as exc:  # SpecError, InputError, FileFormatError; a broken installed plugin
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(to_markdown(table))

@@ -82,3 +82,45 @@ def test_compare_keeps_an_explicit_entrys_seed(rnd, tmp_path):
     path.write_text("models: [tiny_llava15]\nmethods: [tiny_llava15_rnd090]\nbenchmarks: [DOP_Demo]\n")
     with pytest.raises(compare.SpecError, match=r"'tiny_llava15_rnd090' \(.*write it 'tiny_llava15_rnd90'"):
         compare.resolve_rows(compare.load_spec(path))
+
+
+def _broken_entry_point(folder):
+    """An installed package (a dist-info on sys.path) whose `vlmeval_dop.methods` entry point raises."""
+    info = folder / "brokenpkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenpkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[vlmeval_dop.methods]\nbroken = broken_ep_mod\n")
+    (folder / "broken_ep_mod.py").write_text("raise RuntimeError('boom in entry point')\n")
+
+
+def test_broken_entry_point_is_one_error_line(tmp_path):
+    """run.py and aggregate.py --compare said a traceback (PluginError raised outside their checks)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    _broken_entry_point(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(tmp_path)]), "OMP_NUM_THREADS": "1"}
+    for cmd in ([sys.executable, "run.py", "--model", "tiny_llava15", "--data", "DOP_Demo", "--work-dir",
+                 str(tmp_path / "w")],
+                [sys.executable, "reproduce/aggregate.py", "--compare", "reproduce/compare_example.yaml",
+                 "--work-dir", str(tmp_path)]):
+        p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr and "failed to import: RuntimeError: boom in entry point" in p.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "comparisons").exists()
+
+
+def test_failed_discovery_is_not_retried_silently(tmp_path, monkeypatch):
+    """After a failed entry point, the next registry call fails again (it used to go on with the methods
+    registered so far, as if the package had none)."""
+    from vlmeval_dop import plugins
+
+    _broken_entry_point(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(methods, "_DISCOVERED", False)
+    for _ in range(2):
+        with pytest.raises(plugins.PluginError, match="boom in entry point"):
+            methods.registered()

@@ -178,14 +178,18 @@ def discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
-    _DISCOVERED = True
+    _DISCOVERED = True  # set first: a plugin asking the registry while it is imported does not recurse
     import importlib
 
-    importlib.import_module("vlmeval_dop.reducers")
-    importlib.import_module("vlmeval_dop.baselines")
-    from .plugins import load_entry_points
+    try:
+        importlib.import_module("vlmeval_dop.reducers")
+        importlib.import_module("vlmeval_dop.baselines")
+        from .plugins import load_entry_points
 
-    load_entry_points()
+        load_entry_points()
+    except BaseException:  # a broken entry point fails every call, never a silently partial registry
+        _DISCOVERED = False
+        raise
 
 
 def registered(kind: str | None = None) -> dict[str, MethodInfo]:
