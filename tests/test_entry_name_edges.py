@@ -124,3 +124,14 @@ def test_failed_discovery_is_not_retried_silently(tmp_path, monkeypatch):
     for _ in range(2):
         with pytest.raises(plugins.PluginError, match="boom in entry point"):
             methods.registered()
+
+
+def test_list_all_says_when_a_model_has_no_grid(capsys):
+    """`list --all --model tiny_llava15` printed only "every (model, method, budget) cell has a runnable
+    entry" although tiny models have no budget labels, so no cell was checked."""
+    from vlmeval_dop.cli import main as cli_main
+
+    assert cli_main(["list", "--all", "--model", "tiny_llava15"]) == 0
+    assert "no cells checked (give --budget 0.9 ...): tiny_llava15" in capsys.readouterr().out
+    assert cli_main(["list", "--all", "--model", "tiny_llava15", "--budget", "0.9"]) == 0
+    assert "no cells checked" not in capsys.readouterr().out

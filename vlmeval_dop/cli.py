@@ -142,6 +142,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unlabelled_models(models: list[str] | None) -> list[str]:
+    """The models (of `models`, or all) without budget labels (tiny models): `list --all` has no grid for them."""
+    from .entries.budgets import model_shape
+    from .registry import EntryError, load_entries
+
+    specs = {e.model.name: e.model for e in load_entries().values()}
+    out = []
+    for name in models or specs:
+        try:
+            if not model_shape(specs[name]).budgets:
+                out.append(name)
+        except (EntryError, KeyError):
+            out.append(name)
+    return out
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from .registry import budget_label, entry_tflops, format_missing, format_table, load_entries, missing_cells
 
@@ -174,6 +190,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print(format_table(entries))
     if args.all:
         print("\n" + format_missing(missing))
+        unlabelled = [] if args.budget else _unlabelled_models(args.model)
+        if unlabelled:  # their grid is empty: "every cell has a runnable entry" says nothing about them
+            print(f"no budget labels of their own, so no cells checked (give --budget 0.9 ...): {', '.join(unlabelled)}")
     print(
         "\nTFLOPs %: decoder prefill, paper Eq. 11 (GQA variant for Qwen2-style LLMs) relative to the "
         "unpruned model, at the representative text tokens of eval_configs/models.yaml (paper models) or "
