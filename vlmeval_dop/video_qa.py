@@ -294,9 +294,13 @@ class VideoQADataset(VideoBaseDataset):
         judge = build_judge(model=judge_name, **kw)
         tag = judge_name.replace("/", "_")
         tmp_file = get_intermediate_file_path(eval_file, f"_{tag}_tmp", "pkl")
+        # cache keys carry everything the judgement depends on: the endpoint the judge really calls (also when
+        # OPENAI_API_BASE names it), not how requests are sent (a resumed run may change those)
+        settings = {k: v for k, v in kw.items() if k not in _TRANSPORT_SETTINGS}
+        settings["api_base"] = getattr(judge, "api_base", kw.get("api_base"))
         rows = {}
-        for _, r in data.iterrows():  # cache keys carry everything the judgement depends on
-            rows[_judge_key(judge_name, kw, r["index"], r["question"], r["answer"], _text(r["prediction"]))] = r
+        for _, r in data.iterrows():
+            rows[_judge_key(judge_name, settings, r["index"], r["question"], r["answer"], _text(r["prediction"]))] = r
         keys = list(rows)
         cache = load(tmp_file) if osp.exists(tmp_file) else {}
         cache = {k: v for k, v in cache.items()
@@ -323,10 +327,15 @@ class VideoQADataset(VideoBaseDataset):
         return metrics
 
 
+# judge kwargs that change how requests are sent, never a verdict (VLMEvalKit run.py's nproc / verbose / retry /
+# timeout, the API key): left out of the cache key, so that a rerun after a crash keeps the finished judgements
+_TRANSPORT_SETTINGS = ("key", "nproc", "verbose", "retry", "timeout", "wait")
+
+
 def _judge_key(judge_name: str, settings: dict, index, question, answer, prediction) -> str:
     """Cache key of one judgement: the sample's index and a digest of the judge, its settings, the prompt and
     the sample's question, answer and prediction (a changed prediction or judge is judged again)."""
-    blob = json.dumps([judge_name, {k: str(v) for k, v in sorted(settings.items()) if k not in ("key", "nproc")},
+    blob = json.dumps([judge_name, {k: str(v) for k, v in sorted(settings.items()) if k not in _TRANSPORT_SETTINGS},
                        judge_prompt(str(question), str(answer), prediction)], ensure_ascii=False)
     return f"{index}:{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
 
