@@ -221,6 +221,85 @@ def test_scores_over_http_hand_computed(lmu_root, msvd_files, judge_server, tmp_
     assert judge_prompt(SAMPLES[1][1], SAMPLES[1][2], SAMPLES[1][3]) not in asked
 
 
+def test_judge_resume_after_a_crash_keeps_finished_judgements(lmu_root, msvd_files, judge_server, tmp_path,
+                                                              monkeypatch):
+    """A judge run that crashes mid-way (nproc 2) keeps what it judged; the rerun asks only the rest, also when
+    it changes settings that do not change a verdict (--judge-timeout, --judge-retry, --verbose: how requests
+    are sent), or names the same endpoint through OPENAI_API_BASE instead of --judge-base-url."""
+    from vlmeval.dataset import build_dataset
+
+    import vlmeval_dop.video_qa as vq
+    from vlmeval_dop.datasets import register_datasets
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_BASE", raising=False)
+    assert _prepare("MSVD_QA", msvd_files / "test_q.json", msvd_files / "videos") == 0
+    register_datasets()
+    ds = build_dataset("MSVD_QA")
+    preds = [s[3] for s in SAMPLES[:3]] + ["two", "dog"]  # all five judged in one call each
+    pred = _predictions(tmp_path, ds, preds)
+    real = vq.judge_sample
+
+    def crashing(judge, question, answer, prediction, **kw):
+        if prediction == "dog":
+            raise KeyboardInterrupt  # the run dies while judging this sample
+        return real(judge, question, answer, prediction, **kw)
+
+    monkeypatch.setattr(vq, "judge_sample", crashing)
+    kw = _judge_kwargs("MSVD_QA", ds.TYPE, "--judge-base-url", judge_server.url, "--judge-key", "sk-local",
+                       "--judge-api-nproc", "2", "--judge-timeout", "60")
+    with pytest.raises(KeyboardInterrupt):
+        ds.evaluate(str(pred), **kw)
+    monkeypatch.setattr(vq, "judge_sample", real)
+    saved = pd.read_pickle(tmp_path / "m_MSVD_QA_gpt-3.5-turbo_tmp.pkl")
+    done = len(saved)
+    assert 1 <= done <= 4 and all(v["verdict"] in ("yes", "no") for v in saved.values())
+    judge_server.requests.clear()
+    monkeypatch.setenv("OPENAI_API_BASE", f"{judge_server.url}/chat/completions")
+    kw = _judge_kwargs("MSVD_QA", ds.TYPE, "--judge-key", "sk-local", "--judge-api-nproc", "1",
+                       "--judge-timeout", "120", "--judge-retry", "7", "--verbose")
+    ret = ds.evaluate(str(pred), **kw)
+    assert len(judge_server.requests) == 5 - done  # only the samples the crashed run had not saved
+    assert (ret["yes"], ret["no"], ret["judge_failed"]) == (4, 1, 0)
+
+
+def test_judge_crash_keeps_every_judgement_it_paid_for(lmu_root, msvd_files, judge_server, tmp_path, monkeypatch):
+    """A crash early in a judge run at nproc 2 (Ctrl-C, or an error escaping a worker) keeps every judgement the
+    endpoint returned (each reply is saved once it is back; VLMEvalKit's track_progress_rich kept running the
+    queued calls and dropped them all), so the rerun asks only the samples no reply was kept for."""
+    from vlmeval.dataset import build_dataset
+
+    import vlmeval_dop.video_qa as vq
+    from vlmeval_dop.datasets import register_datasets
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_BASE", raising=False)
+    assert _prepare("MSVD_QA", msvd_files / "test_q.json", msvd_files / "videos") == 0
+    register_datasets()
+    ds = build_dataset("MSVD_QA")
+    pred = _predictions(tmp_path, ds, ["dancing", "CRASH", "blue", "two", "dog"])  # judged in one call each
+    real = vq.judge_sample
+
+    def crashing(judge, question, answer, prediction, **kw):
+        if prediction == "CRASH":
+            raise KeyboardInterrupt
+        return real(judge, question, answer, prediction, **kw)
+
+    monkeypatch.setattr(vq, "judge_sample", crashing)
+    kw = _judge_kwargs("MSVD_QA", ds.TYPE, "--judge-base-url", judge_server.url, "--judge-key", "sk-local",
+                       "--judge-api-nproc", "2")
+    with pytest.raises(KeyboardInterrupt):
+        ds.evaluate(str(pred), **kw)
+    monkeypatch.setattr(vq, "judge_sample", real)
+    saved = pd.read_pickle(tmp_path / "m_MSVD_QA_gpt-3.5-turbo_tmp.pkl")
+    assert len(judge_server.requests) == len(saved)  # every reply that came back was kept
+    asked_before = len(saved)
+    judge_server.requests.clear()
+    ret = ds.evaluate(str(pred), **kw)
+    assert len(judge_server.requests) == 5 - asked_before
+    assert (ret["yes"], ret["no"], ret["judge_failed"]) == (3, 2, 0)
+
+
 def test_judge_from_vlmevalkit_env_and_named_model(lmu_root, msvd_files, judge_server, tmp_path, monkeypatch):
     """OPENAI_API_KEY / OPENAI_API_BASE (VLMEvalKit's .env keys) and --judge pick the endpoint and model."""
     from vlmeval.dataset import build_dataset

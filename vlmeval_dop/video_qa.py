@@ -33,6 +33,7 @@ import json
 import math
 import os
 import os.path as osp
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -283,7 +284,6 @@ class VideoQADataset(VideoBaseDataset):
         Raises JudgeNotConfiguredError (nothing written) when no API key is configured.
         """
         from vlmeval.dataset.utils import build_judge
-        from vlmeval.utils import track_progress_rich
 
         data = load(eval_file)
         missing = [c for c in ("index", "question", "answer", "prediction") if c not in data]
@@ -294,9 +294,13 @@ class VideoQADataset(VideoBaseDataset):
         judge = build_judge(model=judge_name, **kw)
         tag = judge_name.replace("/", "_")
         tmp_file = get_intermediate_file_path(eval_file, f"_{tag}_tmp", "pkl")
+        # cache keys carry everything the judgement depends on: the endpoint the judge really calls (also when
+        # OPENAI_API_BASE names it), not how requests are sent (a resumed run may change those)
+        settings = {k: v for k, v in kw.items() if k not in _TRANSPORT_SETTINGS}
+        settings["api_base"] = getattr(judge, "api_base", kw.get("api_base"))
         rows = {}
-        for _, r in data.iterrows():  # cache keys carry everything the judgement depends on
-            rows[_judge_key(judge_name, kw, r["index"], r["question"], r["answer"], _text(r["prediction"]))] = r
+        for _, r in data.iterrows():
+            rows[_judge_key(judge_name, settings, r["index"], r["question"], r["answer"], _text(r["prediction"]))] = r
         keys = list(rows)
         cache = load(tmp_file) if osp.exists(tmp_file) else {}
         cache = {k: v for k, v in cache.items()
@@ -306,7 +310,7 @@ class VideoQADataset(VideoBaseDataset):
         tasks = [dict(judge=judge, question=rows[k]["question"], answer=rows[k]["answer"],
                       prediction=_text(rows[k]["prediction"])) for k in todo]
         if tasks:
-            track_progress_rich(judge_sample, tasks, nproc=nproc, save=tmp_file, keys=todo)
+            _judge_all(tasks, todo, nproc, tmp_file, cache)
         results = load(tmp_file)
         out = data.copy()
         out["judge_verdict"] = [results[k]["verdict"] for k in keys]
@@ -323,10 +327,46 @@ class VideoQADataset(VideoBaseDataset):
         return metrics
 
 
+def _judge_all(tasks: list[dict], keys: list[str], nproc: int, save: str, done: dict) -> None:
+    """Run `judge_sample(**task)` on `nproc` threads, adding each result to `done` under its key and saving `done`
+    to `save` (pickle, replaced atomically) as soon as it is back.
+
+    Unlike VLMEvalKit's `track_progress_rich`, a crash (Ctrl-C, an error escaping a call) cancels the calls not yet
+    started and keeps the results of those under way once they return: no judgement that was paid for is lost,
+    and none is sent after the crash."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tqdm import tqdm
+
+    def save_now():
+        tmp = f"{save}.part"
+        with open(tmp, "wb") as fh:
+            pickle.dump(done, fh)
+        os.replace(tmp, save)  # never a truncated cache, whenever the run stops
+
+    pool = ThreadPoolExecutor(max_workers=max(1, nproc))
+    futures = {pool.submit(judge_sample, **task): key for task, key in zip(tasks, keys)}
+    try:
+        for future in tqdm(as_completed(futures), total=len(futures), desc="judge"):
+            done[futures[future]] = future.result()
+            save_now()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for future, key in futures.items():
+            if key not in done and not future.cancelled() and future.exception() is None:
+                done[key] = future.result()
+        save_now()
+
+
+# judge kwargs that change how requests are sent, never a verdict (VLMEvalKit run.py's nproc / verbose / retry /
+# timeout, the API key): left out of the cache key, so that a rerun after a crash keeps the finished judgements
+_TRANSPORT_SETTINGS = ("key", "nproc", "verbose", "retry", "timeout", "wait")
+
+
 def _judge_key(judge_name: str, settings: dict, index, question, answer, prediction) -> str:
     """Cache key of one judgement: the sample's index and a digest of the judge, its settings, the prompt and
     the sample's question, answer and prediction (a changed prediction or judge is judged again)."""
-    blob = json.dumps([judge_name, {k: str(v) for k, v in sorted(settings.items()) if k not in ("key", "nproc")},
+    blob = json.dumps([judge_name, {k: str(v) for k, v in sorted(settings.items()) if k not in _TRANSPORT_SETTINGS},
                        judge_prompt(str(question), str(answer), prediction)], ensure_ascii=False)
     return f"{index}:{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
 
