@@ -19,6 +19,9 @@ What it adds before handing the (unchanged) flags to `vlmeval.run.main()`:
   naming the closest valid names, before anything runs. An entry whose weights are neither cached nor
   downloadable stops with a message saying so (not a traceback from inside transformers).
 - `--model` and `--data` (or `--config`) are required and `--work-dir` must be writable: checked first.
+- `<work-dir>/<model>/dop_entry.json` records what the entry ran (settings, and the source digest of a
+  user's method); results of the same name made with other settings are refused, not resumed
+  (vlmeval_dop/entry_record.py).
 - At the end, a summary names every (model, benchmark) that failed and why (VLMEvalKit logs a failed
   benchmark and goes on to the next); the exit code is 1 when every requested benchmark failed, else
   VLMEvalKit's own (0 for partial success). Ctrl-C prints "interrupted; rerun the same command to resume"
@@ -236,11 +239,16 @@ def _main(argv: list[str] | None = None) -> int:
     sys.argv = [prog] + argv
     args = vrun.parse_args()  # VLMEvalKit's own parser: same flags, same help, same errors
     _check_args(args)
+    from vlmeval_dop.entry_record import record_mismatch, write_record
+
     for name in args.model or []:
         try:
             runnable_entry(name)
         except EntryError as exc:
             raise _fail(str(exc)) from None
+        stale = record_mismatch(args.work_dir, name)  # results of the same name made with other settings
+        if stale:
+            raise _fail(stale)
         # `{entry}__mha4-6` names (single operations pruned, Tables 26-28) are made on demand
         supported_VLM.setdefault(name, partial(_build_model, name))
 
@@ -251,6 +259,8 @@ def _main(argv: list[str] | None = None) -> int:
             raise _fail(str(exc)) from None
 
     sys.argv = [prog] + rewrite_data_aliases(argv, resolve)
+    for name in args.model or []:  # what made the results about to be written (vlmeval_dop/entry_record.py)
+        write_record(args.work_dir, name)
     outcomes = Outcomes(vrun.upsert_dataset_status)
     vrun.upsert_dataset_status = outcomes  # VLMEvalKit reports each benchmark's outcome through it
     try:

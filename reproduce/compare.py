@@ -435,6 +435,7 @@ def compare_table(spec: CompareSpec, work_dir: str | Path, mme: str = "auto") ->
     """Read every run's VLMEvalKit score files and build the table (nothing is written, nothing raises for
     missing or zero scores: those cells say why)."""
     from reproduce.aggregate import InputError, _mme_unit, find_score_file, read_score_file
+    from vlmeval_dop.entry_record import record_mismatch
 
     work_dir = Path(work_dir)
     datasets = resolve_benchmarks(spec)
@@ -447,8 +448,11 @@ def compare_table(spec: CompareSpec, work_dir: str | Path, mme: str = "auto") ->
         for run in row.runs:
             for b, d in datasets.items():
                 key, value, reason, path = (run.entry, b), None, "", None
+                stale = None if run.blocked else record_mismatch(work_dir, run.entry)
                 if run.blocked:
                     reason = f"blocked: {run.blocked}"
+                elif stale:
+                    reason = f"stale: {stale}"
                 else:
                     path = find_score_file(work_dir, run.entry, d)
                     if path is None:

@@ -290,6 +290,10 @@ def _cell(row: str, entry: str, column: str, dataset: str, blocked: str, work_di
     """One cell: blocked with the reason (the entry's) and/or `data` (a locally built dataset that is missing),
     else done / todo by VLMEvalKit's score file."""
     data = dataset if _unprepared(dataset) else ""
+    if not blocked:  # results of this name made with other settings are neither reused nor resumed
+        from vlmeval_dop.entry_record import record_mismatch
+
+        blocked = record_mismatch(work_dir, entry) or ""
     if blocked or data:
         return Cell(row, entry, column, dataset, "blocked", blocked, note, data)
     return Cell(row, entry, column, dataset, "done" if is_finished(work_dir, entry, dataset) else "todo", "", note)

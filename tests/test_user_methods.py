@@ -9,6 +9,7 @@ out here, FlopCounterMode on the tiny model (eager attention: sdpa counts 0 FLOP
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -280,6 +281,30 @@ def test_run_py_with_plugins_end_to_end(user_module, built, tmp_path, capsys):
     assert m.pruning_description() == f"l2norm k=2 keep={keep} (decoder-side)"
     t = m.last_layer_tokens[2][0] - keep  # the prompt's text tokens (the demo's prompts differ in length)
     assert m.last_layer_tokens == [(t + 64, t + 64)] * 2 + [(t + keep, t + keep)] * 2 and t <= text + 5
+
+    # what made the results is recorded next to them (vlmeval_dop/entry_record.py): the plugin file's digest too
+    record = json.loads((tmp_path / rand / "dop_entry.json").read_text())
+    assert record["reducer_args"] == {"seed": 3} and record["policy"][:3] == [4, 4, n_e]
+    assert record["method_sources"]["reducer"]["sha256"] == hashlib.sha256(user_module.read_bytes()).hexdigest()
+    # the user edits the method: its old results are neither resumed nor reported under the same name
+    source = user_module.read_text(encoding="utf-8")
+    try:
+        user_module.write_text(source + "\n# edited\n", encoding="utf-8")
+        with pytest.raises(SystemExit) as exc:
+            built("--plugins", str(user_module), "--model", rand, "--data", "DOP_Demo", "--work-dir", str(tmp_path))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"the results in {tmp_path / rand} were made by {rand!r} with other settings" in err
+        assert "method_sources.reducer.sha256" in err
+        from reproduce import run as rrun
+
+        cell = rrun._cell("row", rand, "DOP_Demo", "DOP_Demo", "", tmp_path)
+        assert cell.status == "blocked" and "other settings" in cell.reason
+        # the digest is of the whole file: l2norm, defined there too, is stale as well (conservative)
+        assert rrun._cell("row", l2, "DOP_Demo", "DOP_Demo", "", tmp_path).status == "blocked"
+    finally:
+        user_module.write_text(source, encoding="utf-8")
+    assert rrun._cell("row", l2, "DOP_Demo", "DOP_Demo", "", tmp_path).status == "done"  # the same file again
 
 
 def test_run_py_refuses_a_broken_plugin(run_py, tmp_path, capsys):
