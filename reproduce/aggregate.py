@@ -223,6 +223,10 @@ def read_video_score_file(path: str | Path) -> dict[str, float]:
         if len(values) != 1 or not math.isfinite(float(values.iloc[0])):
             raise InputError(f"{str(path)!r}: expected one finite {metric!r}, got {list(values)}")
         out[metric] = float(values.iloc[0])
+    failed = df["judge_failed"].iloc[0] if "judge_failed" in df else 0
+    if failed and float(failed) > 0:  # counted as "no", score 0 by the evaluation: say so where the table is made
+        print(f"aggregate: warning: {path}: the judge gave no usable reply for {int(failed)} sample(s), counted "
+              "as 'no' with score 0; evaluate again (run.py --reuse) to retry them", file=sys.stderr)
     return out
 
 

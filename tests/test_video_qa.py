@@ -523,9 +523,14 @@ def test_table18_aggregate_beside_the_paper(tmp_path, capsys):
     for entry, per in vals.items():
         (tmp_path / entry).mkdir()
         for d, (acc, score) in per.items():
+            failed = 3 if (entry, d) == ("videollava_7b", "MSVD_QA") else 0
             (tmp_path / entry / f"{entry}_{d}_score.json").write_text(json.dumps(
-                {"acc": acc, "score": score, "acc_judged": 0.0, "n": 1000, "judge": "gpt-3.5-turbo"}))
+                {"acc": acc, "score": score, "acc_judged": 0.0, "n": 1000, "judge": "gpt-3.5-turbo",
+                 "judge_failed": failed}))
     scores = aggregate.collect_scores(tmp_path, benchmarks=["TGIF-QA", "MSVD-QA", "MSRVTT-QA"])
+    err = capsys.readouterr().err  # judgements that failed are counted, and said so where the table is made
+    assert "videollava_7b_MSVD_QA_score.json: the judge gave no usable reply for 3 sample(s)" in err
+    assert err.count("no usable reply") == 1
     table, notes = aggregate.video_table(scores)
     assert list(table.index) == ["videollava_7b", "videollava_7b (paper)", "videollava_7b_vispruner11",
                                  "videollava_7b_vispruner11 (paper)", "videollava_7b_dopv11_val_msvd",
