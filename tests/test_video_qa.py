@@ -596,3 +596,30 @@ def test_video_demo_end_to_end_through_run_py(lmu_root, run_py, tmp_path, monkey
     hits = [normalize_exact(p) == normalize_exact(a) for p, a in zip(preds["prediction"].astype(str), preds["answer"])]
     assert float(acc["Overall"][0]) == pytest.approx(100 * sum(hits) / 6)
 
+
+
+def test_frames_for_image_models_follow_the_video_file(lmu_root, tmp_path):
+    """Frames saved for wrappers that take images are Video-LLaVA's linspace frames of *this* file: a dataset
+    rebuilt from another video of the same name gets new frames, not the cached ones."""
+    from PIL import Image
+
+    from vlmeval_dop.datasets import register_datasets
+    from vlmeval_dop.video_qa import VideoQADataset
+
+    d = tmp_path / "MSVD_Zero_Shot_QA"
+    (d / "videos").mkdir(parents=True)
+    write_video(d / "videos" / "clipZ.avi", [10 * t for t in range(12)], fourcc="MJPG")
+    (d / "test_q.json").write_text(json.dumps([{"video_name": "clipZ", "question": "q?", "question_id": 0}]))
+    (d / "test_a.json").write_text(json.dumps([{"answer": "a", "question_id": 0}]))
+    assert _prepare("MSVD_QA", d / "test_q.json", d / "videos") == 0
+    register_datasets()
+    ds = VideoQADataset("MSVD_QA")
+
+    def levels():
+        return [int(np.asarray(Image.open(p)).mean().round()) for p in ds.frame_files(ds.data.iloc[0])]
+
+    first = levels()  # frame t is grey 10 t: linspace(0, 11, 8) = 0, 1, 3, 4, 6, 7, 9, 11
+    assert all(abs(a - b) <= 2 for a, b in zip(first, [0, 10, 30, 40, 60, 70, 90, 110]))
+    write_video(d / "videos" / "clipZ.avi", [200 - 10 * t for t in range(12)], fourcc="MJPG")
+    second = levels()
+    assert all(abs(a - b) <= 2 for a, b in zip(second, [200, 190, 170, 160, 140, 130, 110, 90]))

@@ -41,6 +41,8 @@ import pandas as pd
 from vlmeval.dataset.video_base import VideoBaseDataset
 from vlmeval.smp import LMUDataRoot, dump, get_intermediate_file_path, load
 
+from .fileio import atomic_write_text
+
 # ------------------------------------------------------------------------------------------ the judge
 JUDGE_MODEL = "gpt-3.5-turbo"  # Video-LLaVA's eval_video_qa.py (model="gpt-3.5-turbo")
 JUDGE_TEMPERATURE = 1.0  # the scripts pass no temperature: the OpenAI API default, 1.0
@@ -259,14 +261,25 @@ class VideoQADataset(VideoBaseDataset):
 
         line = self._line(line)
         paths = self.frame_paths(str(line["video"]))
-        if all(osp.exists(p) for p in paths):
+        # the frames are keyed by the video file they come from (a dataset rebuilt from other files of the same
+        # names gets new frames): path, size and modification time, stamped next to them
+        src = Path(str(line["video_path"])).resolve()
+        st = src.stat()
+        source = f"{src}|{st.st_size}|{st.st_mtime_ns}|{self.nframe}"
+        stamp = Path(paths[0]).parent / "source.txt"
+
+        def fresh() -> bool:
+            return all(osp.exists(p) for p in paths) and stamp.exists() and stamp.read_text() == source
+
+        if fresh():
             return paths
         with portalocker.Lock(osp.join(self.frame_root, f"{line['video']}.lock"), "w", timeout=30):
-            if not all(osp.exists(p) for p in paths):
-                vr = decord.VideoReader(str(line["video_path"]), num_threads=1)
+            if not fresh():
+                vr = decord.VideoReader(str(src), num_threads=1)
                 frames = vr.get_batch(video_frame_indices(len(vr), self.nframe)).asnumpy()
                 for arr, p in zip(frames, paths):
                     Image.fromarray(arr).save(p)
+                atomic_write_text(stamp, source)
         return paths
 
     def build_prompt(self, line, video_llm=True):
