@@ -135,3 +135,12 @@ def test_list_all_says_when_a_model_has_no_grid(capsys):
     assert "no cells checked (give --budget 0.9 ...): tiny_llava15" in capsys.readouterr().out
     assert cli_main(["list", "--all", "--model", "tiny_llava15", "--budget", "0.9"]) == 0
     assert "no cells checked" not in capsys.readouterr().out
+
+
+def test_policy_perturbation_names_are_canonical():
+    """`__swap01mha.s07` was a second name (and results folder) for `__swap1mha.s7`."""
+    e = get_entry("tiny_llava15_dop__swap1mha.s7")
+    assert e.name == "tiny_llava15_dop__swap1mha.s7" and e.op_mask is not None
+    for alias in ("tiny_llava15_dop__swap01mha.s7", "tiny_llava15_dop__swap1mha.s07"):
+        with pytest.raises(EntryError, match=r"write it 'tiny_llava15_dop__swap1mha\.s7'"):
+            get_entry(alias)

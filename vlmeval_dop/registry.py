@@ -248,6 +248,10 @@ def _masked_entry(name: str, entries: dict[str, Entry], config_dir: Path | None 
     if swap:  # `__swap3mha.s7`: a random perturbation of the entry's DOP policy (Tables 29-30)
         from .perturbation import swap_operations
 
+        canonical = f"{base_name}{OP_SEPARATOR}swap{int(swap.group(1))}{swap.group(2)}.s{int(swap.group(3))}"
+        if canonical != name:  # one name per entry: `swap01mha.s07` would be a second results folder
+            raise EntryError(f"{name!r}: write it {canonical!r}")
+
         if base.policy is None:
             raise EntryError(f"{name!r}: swaps perturb a DOP policy; {base_name!r} has none")
         try:
