@@ -114,3 +114,21 @@ def test_unsupported_families_are_refused_when_the_entry_is_made(entry, method, 
     with pytest.raises(EntryError, match=f"baseline '{method}' does not support model family '{family}'"):
         get_entry(entry)
     assert get_entry("tiny_gemma3_fastv90").baseline == "fastv"  # FastV's rows are exact on every family
+
+
+def test_half_precision_rows_are_the_eager_weights_in_that_dtype():
+    """float16 models: the recomputed row is what the official code ranks, eager attention weights in float16
+    (softmax in float32 cast back) averaged over heads in float16, not a float32 recomputation."""
+    model, processor = load_tiny("llava15", attn_implementation="eager")
+    model = model.half()
+    inputs = tiny_inputs("llava15", processor, ["What is shown in the picture?", "Color?"], [tiny_image(0), tiny_image(1)])
+    inputs["pixel_values"] = inputs["pixel_values"].half()
+    L = model.config.get_text_config(decoder=True).num_hidden_layers
+    with torch.no_grad():
+        eager = model(**inputs, output_attentions=True).attentions[LAYER][:, :, -1, :].mean(1)
+    p = _Probe(lambda ctx: query_attention(ctx, torch.tensor([ctx.hidden_in.shape[1] - 1]))[:, 0])
+    with apply_dop(model, DOPPolicy.full(L), token_pruner=p), torch.no_grad():
+        model(**inputs)
+    assert eager.dtype == torch.float16 and p.seen.dtype == torch.float32
+    assert torch.equal(p.seen.half().float(), p.seen)  # float16 values, rounded as the eager weights are
+    torch.testing.assert_close(p.seen, eager.float(), atol=0, rtol=0)

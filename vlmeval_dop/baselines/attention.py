@@ -11,6 +11,7 @@ only change rows whose query is an image token: such queries are refused rather 
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -63,7 +64,9 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> 
 
     Returns:
         (B, Q, N) float32 probabilities over keys; keys that did not take part in the layer (or are
-        padding, or lie after the query) get 0, exactly as in the layer's own attention.
+        padding, or lie after the query) get 0, exactly as in the layer's own attention. For float16/bfloat16
+        models the values are those of eager attention weights in that dtype averaged in that dtype (what the
+        official FastV/SparseVLM code ranks), so near-ties round as there.
     """
     layer, attn = ctx.layer, ctx.layer.self_attn
     B, N, _ = ctx.hidden_in.shape
@@ -90,7 +93,16 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> 
     k_sin = torch.gather(sin, 1, key_idx[..., None].expand(-1, -1, sin.shape[-1]))
     _, k = rope(k, k, k_cos, k_sin)
     k = repeat_kv(k, q.shape[1] // k.shape[1])
-    scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # (B, heads, Q, K)
+    # precision as the official methods read eager attention weights: in the model's dtype (scores, softmax in
+    # float32 cast back, mean over heads in that dtype) for float16/bfloat16 models, float32 otherwise
+    low = q.dtype in (torch.float16, torch.bfloat16)
+    raw = q @ k.transpose(-1, -2)  # (B, heads, Q, K)
+    if not low:
+        scores = raw.float() * attn.scaling
+    elif math.isclose(attn.scaling, attn.head_dim ** -0.5, rel_tol=1e-6):
+        scores = raw / math.sqrt(attn.head_dim)  # the LLaMA-era eager attention of the official code
+    else:
+        scores = raw * attn.scaling
     softcap = getattr(attn, "attn_logit_softcapping", None)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -106,6 +118,9 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> 
         k_pos = torch.gather(ctx.position_ids, 1, key_idx)[:, None, :]
         causal = causal & (k_pos > ctx.position_ids[:, qp][:, :, None] - window)
     scores = scores.masked_fill(~(key_ok[:, None, :] & causal)[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).mean(dim=1)  # (B, Q, K)
+    if low:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).mean(dim=1).float()  # (B, Q, K)
+    else:
+        probs = torch.softmax(scores, dim=-1).mean(dim=1)
     out = torch.zeros(B, probs.shape[1], N, dtype=probs.dtype, device=dev)
     return out.scatter(2, key_idx[:, None, :].expand(-1, probs.shape[1], -1), probs * key_ok[:, None, :])

@@ -41,6 +41,10 @@ Differences from the official code (`llava/eval/statistical_analysis.py`, `model
 - Calibration samples with different visual token counts (LLaVA-NeXT anyres) are rescaled to the largest
   count; at inference a sample with n visual tokens keeps round(kept x n / n_visual) per layer.
 - No instruction tokens after the image (cross undefined): the self term alone ranks the tokens.
+- Precision: the attention maps are recomputed in float32 (the official code reads its eager layer's weights
+  in the model dtype, float16 on GPU, and sums them there); equal on the float32 fixtures, near-ties of a
+  float16 run may rank differently (not measured: no GPU here). FastV and SparseVLM's rows
+  (`attention.query_attention`) do follow the model dtype.
 """
 from __future__ import annotations
 

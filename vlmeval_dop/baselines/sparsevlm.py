@@ -48,9 +48,10 @@ against the analytic TFLOPs (eval_configs/baselines.yaml); three full layers mak
 LLaVA-NeXT 9 % infeasible.
 
 Differences from the official code that do not change its results on the fixtures (float32):
-- Attention rows are recomputed from the layer's q/k for the raters only (`attention.query_attention`,
-  softmax in float32) instead of the layer's full attention matrix (official: in the model dtype, fp16 on
-  GPU); raters and clustering run in the model dtype as in the official code.
+- Attention rows are recomputed from the layer's q/k for the raters only (`attention.query_attention`)
+  instead of the layer's full attention matrix, in the model dtype as the official eager weights (float16 on
+  GPU: scores, softmax in float32 cast back, mean over heads in float16); raters and clustering run in the
+  model dtype as in the official code.
 - Batches (the official code supports batch size 1): every sample is handled on its own (noise drawn per
   sample, in batch order); text tokens are the real tokens after the sample's last visual token; with several
   images the visual tokens of a sample form one set. Fallbacks the official code lacks: no text after the
