@@ -46,9 +46,12 @@ def text_len(seed: int) -> int:
     return 20 + 8 * (seed % 3)
 
 
-def golden_model(seed: int, attn_implementation: str = "sdpa"):
-    """The fp32 tiny LLaVA-1.5 of `seed`, in eval mode; weights N(0, 0.1), norms 1 + N(0, 0.1), biases
-    N(0, 0.02), token embeddings N(0, 1), each parameter from its own generator (seed, name)."""
+def golden_model(seed: int, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """The tiny LLaVA-1.5 of `seed`, in eval mode; weights N(0, 0.1), norms 1 + N(0, 0.1), biases
+    N(0, 0.02), token embeddings N(0, 1), each parameter from its own generator (seed, name), drawn in float32.
+
+    `dtype` float16/bfloat16 casts the parameters only, as `from_pretrained(dtype=...)` loads a checkpoint: the
+    RoPE `inv_freq` buffer stays float32 (`model.half()` would round it, and every position's cos/sin with it)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     config = LlavaConfig(
@@ -70,18 +73,21 @@ def golden_model(seed: int, attn_implementation: str = "sdpa"):
                 p.copy_(0.02 * noise)
             else:
                 p.copy_(0.1 * noise)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
     model.generation_config.update(bos_token_id=BOS, eos_token_id=None, pad_token_id=PAD)
     return model.eval()
 
 
-def golden_inputs(seed: int) -> dict[str, torch.Tensor]:
-    """input_ids = [BOS, 34 text ids, 576 x <image>, text_len(seed) text ids], one 336 x 336 image of noise."""
+def golden_inputs(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """input_ids = [BOS, 34 text ids, 576 x <image>, text_len(seed) text ids], one 336 x 336 image of noise
+    (`pixel_values` in `dtype`)."""
     g = torch.Generator().manual_seed(10_000 + seed)
     before = torch.randint(3, VOCAB - 8, (SYS_LEN - 1,), generator=g)
     after = torch.randint(3, VOCAB - 8, (text_len(seed),), generator=g)
     ids = torch.cat([torch.tensor([BOS]), before, torch.full((N_VISUAL,), IMAGE_TOKEN_ID), after])[None]
     pixel_values = torch.randn(1, 3, VISION["image_size"], VISION["image_size"], generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values.to(dtype)}
 
 
 def decoder_inputs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

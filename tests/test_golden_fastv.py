@@ -3,7 +3,8 @@
 official ones for 3 seeds x keep 288 / 144 / 64, at their original positions, with the official logits; and
 with `per_step=True` greedy generation without a cache re-ranks at every token exactly as the official
 evaluation does (same tokens, same kept set at every step), which an independent loop (pruned forward on the
-growing sequence, argmax) reproduces too."""
+growing sequence, argmax) reproduces too. In float16 too: the official code run on the float16 model (fixture
+`fastv_golden_fp16.json`) keeps the same sets at the same positions, with the same logits."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from vlmeval_dop import DOPPolicy, apply_dop
 from vlmeval_dop.baselines.fastv import FastV
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "fastv" / "fastv_golden.json").read_text())
+GOLDEN_FP16 = json.loads((Path(__file__).parent / "golden" / "fastv" / "fastv_golden_fp16.json").read_text())
 K = GOLDEN["K"]
 
 
@@ -44,6 +46,25 @@ def test_fastv_matches_official(seeded):
     assert survivors == shown["positions"]  # original positions, as the official keep_indexs
     assert handle.last_layer_tokens[K][0] == len(survivors)
     torch.testing.assert_close(logits, torch.tensor(shown["logits"]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fastv_matches_official_in_float16(seed):
+    """The official code on the float16 model (eager attention, as `output_attentions=True` runs it): scores,
+    softmax, head mean and topk in float16, where exact ties are common at the cut (torch.topk's tie order is
+    the official one only on the image window's scores in that dtype)."""
+    model, inputs = golden_model(seed, "eager", torch.float16), golden_inputs(seed, torch.float16)
+    cases = [c for c in GOLDEN_FP16["cases"] if c["seed"] == seed]
+    assert GOLDEN_FP16["dtype"] == "float16" and [c["rank"] for c in cases] == [288, 144, 64]
+    pruners = {c["rank"]: FastV(k=K, keep=c["rank"]) for c in cases}
+    shown = cases[seed % len(cases)]
+    spy = SameContext(pruners[shown["rank"]], pruners)
+    with apply_dop(model, DOPPolicy.full(16), token_pruner=spy), torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits[0, -1]
+    for c in cases:
+        assert spy.kept[c["rank"]] == [c["kept"]], (seed, c["rank"])
+    assert torch.nonzero(~spy.drops[shown["rank"]][0][0]).flatten().tolist() == shown["positions"]
+    torch.testing.assert_close(logits.float(), torch.tensor(shown["logits"]), atol=1e-5, rtol=0)
 
 
 class _Ranks(FastV):

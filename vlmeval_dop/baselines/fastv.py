@@ -24,7 +24,10 @@ dropped); `fastv_kvcache.py` uses 35:611. Ours ranks exactly the image placehold
 
 Matched against the official inplace `LlamaModel.forward` (tests/golden/fastv/README.md: a 16-layer LLaMA
 decoder under a LLaVA-1.5-shaped sequence, K=2, 3 seeds x keep 288 / 144 / 64): kept sets, positions and logits
-identical; with `per_step=True` the greedy tokens and every step's kept set identical too.
+identical; with `per_step=True` the greedy tokens and every step's kept set identical too. In float16 as well
+(the official code on the float16 model, eager attention: 9 / 9 kept sets and positions, same logits): scores
+follow the model dtype (`attention.query_attention`) and the topk runs on the visual candidates' scores alone in
+that dtype, as the official `topk` on the image window, so exact float16 ties at the cut break the same way.
 """
 from __future__ import annotations
 
@@ -59,10 +62,15 @@ class AttentionRankPruner:
     def select(self, ctx: DecoderPruneContext) -> torch.Tensor:
         keep = self.schedule[ctx.layer_idx]
         candidates = ctx.visual & ctx.alive
-        score = self.scores(ctx).masked_fill(~candidates, float("-inf"))
+        # in the model's dtype (exact: low-precision rows are values of that dtype), as the official topk runs
+        score = self.scores(ctx).to(ctx.hidden_in.dtype)
         drop = candidates.clone()
-        for b, n in enumerate(candidates.sum(1).tolist()):  # per sample: keep the top `keep` candidates
-            drop[b, torch.topk(score[b], min(keep, n)).indices] = False
+        for b in range(drop.shape[0]):  # per sample: keep the top `keep` candidates
+            idx = torch.nonzero(candidates[b]).flatten()
+            # topk over the candidates' scores alone, in sequence order: the official `image_attention.topk(rank)`
+            # on the image window, so exact ties (common in float16) break as there (torch.topk's order of ties
+            # depends on the length and dtype of its input)
+            drop[b, idx[torch.topk(score[b, idx], min(keep, idx.numel())).indices]] = False
         return drop
 
 
