@@ -6,7 +6,9 @@ LLaVA-1.5-shaped model through `apply_dop`:
   official ones for 3 seeds, and so do the final logits (original positions, no renumbering);
 * fitting rule: with the attention sums of the unpruned run as reference and alpha 0.02 / 0.05 / 0.1, the
   tokens the per-layer rule (`fit_deletions`, run by the fitting recorder) drops at every layer equal the
-  official `fit_model`'s for each of 3 calibration samples.
+  official `fit_model`'s for each of 3 calibration samples;
+* inference in float16: the official code on the float16 model (fixture `fitprune_golden_fp16.json`) drops
+  the same tokens at every layer, with the same logits.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from vlmeval_dop import DOPPolicy, apply_dop
 from vlmeval_dop.baselines.fitprune import FitPrune, FitPruneSchedule, _Recorder, _run
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "fitprune" / "fitprune_golden.json").read_text())
+GOLDEN_FP16 = json.loads((Path(__file__).parent / "golden" / "fitprune" / "fitprune_golden_fp16.json").read_text())
 L = GOLDEN["num_layers"]
 
 
@@ -61,6 +64,23 @@ def test_fitprune_inference_matches_official(seed):
         n_text = inputs["input_ids"].shape[1] - 576
         assert [a for a, _ in handle.last_layer_tokens] == [n_text + v for v in schedule.kept]
         torch.testing.assert_close(logits, torch.tensor(case["logits"]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fitprune_inference_matches_official_in_float16(seed):
+    """The official inference on the float16 model: head-max map, self and cross sums, their product and its
+    sort in float16, where the float32 maps of the float32 path would rank near-ties differently."""
+    model, inputs = golden_model(seed, "eager", torch.float16), golden_inputs(seed, torch.float16)
+    cases = [c for c in GOLDEN_FP16["inference"] if c["seed"] == seed]
+    assert GOLDEN_FP16["dtype"] == "float16" and [c["reduction_ratio"] for c in cases] == [50, 70, 90]
+    for case in cases:
+        pruner = _FitPrune(FitPruneSchedule.from_official_scheme(dict(enumerate(case["delete_scheme"])), n_visual=576))
+        pruner.dropped = {}
+        with apply_dop(model, DOPPolicy.full(L), token_pruner=pruner), torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits[0, -1]
+        for layer in range(L - 1):
+            assert pruner.dropped.get((0, layer), []) == case["dropped"][layer], (seed, case["reduction_ratio"], layer)
+        torch.testing.assert_close(logits.float(), torch.tensor(case["logits"]), atol=1e-5, rtol=0)
 
 
 def test_fitprune_fitting_rule_matches_official():

@@ -41,10 +41,15 @@ Differences from the official code (`llava/eval/statistical_analysis.py`, `model
 - Calibration samples with different visual token counts (LLaVA-NeXT anyres) are rescaled to the largest
   count; at inference a sample with n visual tokens keeps round(kept x n / n_visual) per layer.
 - No instruction tokens after the image (cross undefined): the self term alone ranks the tokens.
-- Precision: the attention maps are recomputed in float32 (the official code reads its eager layer's weights
-  in the model dtype, float16 on GPU, and sums them there); equal on the float32 fixtures, near-ties of a
-  float16 run may rank differently (not measured: no GPU here). FastV and SparseVLM's rows
-  (`attention.query_attention`) do follow the model dtype.
+- Fitting precision: for float16/bfloat16 models the fitting rule reads the maps in the model dtype too (the
+  same `visual_attention`), with its sums and deletion search in float32; checked against the official
+  `fit_model` in float32 only.
+
+Precision: the maps follow the model dtype as the official code reads its eager layer's weights (float16 on GPU):
+float32 models in float32; float16/bfloat16 models with scores, head max, self and cross sums and the
+`sort(cross * self)` in that dtype (`VisualAttention.rank`). Matched in float16 too (tests/golden/fitprune/README.md,
+the official inference on the float16 model: the tokens dropped at every layer and the logits equal for the 3
+seeds x 50 / 70 / 90 %; with float32 maps 7 / 9 cases, 130 / 135 per-layer sets).
 """
 from __future__ import annotations
 
@@ -76,12 +81,16 @@ class VisualAttention:
         self_: (c,) attention from the live visual tokens, summed and divided by c (official
             `attn_weights_img_part`).
         n_text: instruction queries used (0: no cross term).
+        rank: (c,) the official inference score in the model's dtype for float16/bfloat16 models (undivided
+            cross sum x self, both summed in that dtype, as the official code computes it), else None (then
+            `cross * self_` in float32 ranks).
     """
 
     positions: torch.Tensor
     cross: torch.Tensor
     self_: torch.Tensor
     n_text: int
+    rank: torch.Tensor | None = None
 
 
 def visual_attention(ctx: DecoderPruneContext) -> list[VisualAttention | None]:
@@ -112,11 +121,28 @@ def visual_attention(ctx: DecoderPruneContext) -> list[VisualAttention | None]:
         q, _ = rope(q, q, cb[None, queries], sb[None, queries])
         _, k = rope(k, k, cb[None, keys], sb[None, keys])
         k = repeat_kv(k, q.shape[1] // k.shape[1])
-        scores = (q @ k.transpose(-1, -2)).float()[0] * attn.scaling  # (heads, Q, K)
+        # float32 models: float32 maps; float16/bfloat16: the official eager weights in the model dtype (scores
+        # q k^T / sqrt(d), softmax in float32 cast back, head max and the sums in that dtype)
+        low = q.dtype in (torch.float16, torch.bfloat16)
+        raw = (q @ k.transpose(-1, -2))[0]  # (heads, Q, K)
+        if not low:
+            scores = raw.float() * attn.scaling
+        elif math.isclose(attn.scaling, attn.head_dim**-0.5, rel_tol=1e-6):
+            scores = raw / math.sqrt(attn.head_dim)  # the LLaMA-era eager attention of the official code
+        else:
+            scores = raw * attn.scaling
         scores = scores.masked_fill(~(keys[None, :] <= queries[:, None])[None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).amax(dim=0)  # head-wise max, the official "mix attention map"
+        if low:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).amax(dim=0)
+        else:
+            probs = torch.softmax(scores, dim=-1).amax(dim=0)  # head-wise max, the official "mix attention map"
         on_vis = probs[:, torch.searchsorted(keys, vis)]  # (Q, c) columns of the visual keys
         c, t = vis.numel(), txt.numel()
+        if low:  # official order: self = ([vis, vis] / n).sum(0), cross = [txt, vis].sum(0), rank = cross * self
+            self_, cross_sum = (on_vis[:c] / c).sum(0), on_vis[c:].sum(0)
+            cross = cross_sum.float() / t if t else torch.zeros(c, device=probs.device)
+            out.append(VisualAttention(vis, cross, self_.float(), t, rank=cross_sum * self_ if t else self_))
+            continue
         cross = on_vis[c:].sum(0) / t if t else torch.zeros(c, device=probs.device)
         out.append(VisualAttention(vis, cross, on_vis[:c].sum(0) / c, t))
     return out
@@ -134,7 +160,10 @@ def fitprune_selection_flops(spec, n_tokens: int, n_queries: int) -> float:
 
 def rank_for_drop(stats: VisualAttention) -> torch.Tensor:
     """Local indices (into `stats.positions`) from first to last to drop at inference: ascending
-    cross x self (official), or self alone without instruction tokens; ties by position."""
+    cross x self (official), or self alone without instruction tokens; ties by position. With `stats.rank`
+    (float16/bfloat16 models) the official `torch.sort(cross * self)` on it in the model dtype, ties included."""
+    if stats.rank is not None:
+        return torch.sort(stats.rank, dim=-1).indices
     score = stats.cross * stats.self_ if stats.n_text else stats.self_
     return torch.sort(score, stable=True).indices
 
