@@ -132,3 +132,27 @@ def test_half_precision_rows_are_the_eager_weights_in_that_dtype():
     assert eager.dtype == torch.float16 and p.seen.dtype == torch.float32
     assert torch.equal(p.seen.half().float(), p.seen)  # float16 values, rounded as the eager weights are
     torch.testing.assert_close(p.seen, eager.float(), atol=0, rtol=0)
+
+
+def test_half_precision_fitprune_maps_are_the_official_float16_arithmetic():
+    """float16 models: FitPrune's ranking score is the official one on eager float16 weights: head max, self =
+    ([vis, vis] / c).sum(0) and the undivided cross = [txt, vis].sum(0) in float16, their product in float16."""
+    model, processor = load_tiny("llava15", attn_implementation="eager")
+    model = model.half()
+    inputs = tiny_inputs("llava15", processor, ["What is shown in the picture?", "Color?"], [tiny_image(0), tiny_image(1)])
+    inputs["pixel_values"] = inputs["pixel_values"].half()
+    L = model.config.get_text_config(decoder=True).num_hidden_layers
+    with torch.no_grad():
+        amax = model(**inputs, output_attentions=True).attentions[LAYER].amax(1)  # (B, N, N) float16
+    p = _Probe(visual_attention)
+    with apply_dop(model, DOPPolicy.full(L), token_pruner=p), torch.no_grad():
+        model(**inputs)
+    mask = inputs["attention_mask"].bool()
+    for b, got in enumerate(p.seen):
+        vis = got.positions
+        txt = torch.nonzero(mask[b] & (torch.arange(mask.shape[1]) > vis[0]) & ~torch.isin(torch.arange(mask.shape[1]), vis)).flatten()
+        self_ = (amax[b][vis][:, vis] / vis.numel()).sum(0)
+        cross = amax[b][txt][:, vis].sum(0)
+        assert got.rank.dtype == torch.float16 and txt.numel() == got.n_text > 0
+        assert torch.equal(got.rank, cross * self_) and torch.equal(got.self_, self_.float())
+        torch.testing.assert_close(got.cross, cross.float() / txt.numel(), atol=0, rtol=0)
