@@ -116,14 +116,19 @@ def test_unsupported_families_are_refused_when_the_entry_is_made(entry, method, 
     assert get_entry("tiny_gemma3_fastv90").baseline == "fastv"  # FastV's rows are exact on every family
 
 
-def test_half_precision_rows_are_the_eager_weights_in_that_dtype():
-    """float16 models: the recomputed row is what the official code ranks, eager attention weights in float16
-    (softmax in float32 cast back) averaged over heads in float16, not a float32 recomputation."""
+def _half_llava():
+    """The tiny eager LLaVA-1.5 in float16, a padded batch of two and its decoder depth."""
     model, processor = load_tiny("llava15", attn_implementation="eager")
     model = model.half()
     inputs = tiny_inputs("llava15", processor, ["What is shown in the picture?", "Color?"], [tiny_image(0), tiny_image(1)])
     inputs["pixel_values"] = inputs["pixel_values"].half()
-    L = model.config.get_text_config(decoder=True).num_hidden_layers
+    return model, inputs, model.config.get_text_config(decoder=True).num_hidden_layers
+
+
+def test_half_precision_rows_are_the_eager_weights_in_that_dtype():
+    """float16 models: the recomputed row is what the official code ranks, eager attention weights in float16
+    (softmax in float32 cast back) averaged over heads in float16, not a float32 recomputation."""
+    model, inputs, L = _half_llava()
     with torch.no_grad():
         eager = model(**inputs, output_attentions=True).attentions[LAYER][:, :, -1, :].mean(1)
     p = _Probe(lambda ctx: query_attention(ctx, torch.tensor([ctx.hidden_in.shape[1] - 1]))[:, 0])
@@ -137,11 +142,7 @@ def test_half_precision_rows_are_the_eager_weights_in_that_dtype():
 def test_half_precision_fitprune_maps_are_the_official_float16_arithmetic():
     """float16 models: FitPrune's ranking score is the official one on eager float16 weights: head max, self =
     ([vis, vis] / c).sum(0) and the undivided cross = [txt, vis].sum(0) in float16, their product in float16."""
-    model, processor = load_tiny("llava15", attn_implementation="eager")
-    model = model.half()
-    inputs = tiny_inputs("llava15", processor, ["What is shown in the picture?", "Color?"], [tiny_image(0), tiny_image(1)])
-    inputs["pixel_values"] = inputs["pixel_values"].half()
-    L = model.config.get_text_config(decoder=True).num_hidden_layers
+    model, inputs, L = _half_llava()
     with torch.no_grad():
         amax = model(**inputs, output_attentions=True).attentions[LAYER].amax(1)  # (B, N, N) float16
     p = _Probe(visual_attention)

@@ -55,6 +55,25 @@ def refuse_bidirectional_or_windowed(ctx: DecoderPruneContext, method: str) -> N
                          "sliding windows are not modelled by its attention rows)")
 
 
+def eager_scores(raw: torch.Tensor, attn: torch.nn.Module) -> torch.Tensor:
+    """Scaled scores from raw `q @ k^T` in the precision the official methods read eager attention weights:
+    float32 models in float32 (`* scaling`); float16/bfloat16 models in that dtype, `/ sqrt(head_dim)` as the
+    LLaMA-era eager attention of the official code where the scaling is 1/sqrt(head_dim)."""
+    if raw.dtype not in (torch.float16, torch.bfloat16):
+        return raw.float() * attn.scaling
+    if math.isclose(attn.scaling, attn.head_dim**-0.5, rel_tol=1e-6):
+        return raw / math.sqrt(attn.head_dim)
+    return raw * attn.scaling
+
+
+def eager_softmax(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the last dim as eager attention computes it for a model of `dtype`: float32, cast back
+    to float16/bfloat16 for such models (the weights the official methods then reduce in that dtype)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    return torch.softmax(scores, dim=-1)
+
+
 def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> torch.Tensor:
     """Softmax attention of the given query positions in layer `ctx.layer_idx`, averaged over heads.
 
@@ -96,13 +115,7 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> 
     # precision as the official methods read eager attention weights: in the model's dtype (scores, softmax in
     # float32 cast back, mean over heads in that dtype) for float16/bfloat16 models, float32 otherwise
     low = q.dtype in (torch.float16, torch.bfloat16)
-    raw = q @ k.transpose(-1, -2)  # (B, heads, Q, K)
-    if not low:
-        scores = raw.float() * attn.scaling
-    elif math.isclose(attn.scaling, attn.head_dim ** -0.5, rel_tol=1e-6):
-        scores = raw / math.sqrt(attn.head_dim)  # the LLaMA-era eager attention of the official code
-    else:
-        scores = raw * attn.scaling
+    scores = eager_scores(q @ k.transpose(-1, -2), attn)  # (B, heads, Q, K)
     softcap = getattr(attn, "attn_logit_softcapping", None)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -118,9 +131,7 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> 
         k_pos = torch.gather(ctx.position_ids, 1, key_idx)[:, None, :]
         causal = causal & (k_pos > ctx.position_ids[:, qp][:, :, None] - window)
     scores = scores.masked_fill(~(key_ok[:, None, :] & causal)[:, None], float("-inf"))
-    if low:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).mean(dim=1).float()  # (B, Q, K)
-    else:
-        probs = torch.softmax(scores, dim=-1).mean(dim=1)
+    probs = eager_softmax(scores, q.dtype).mean(dim=1)  # (B, Q, K), the head mean in the model dtype if low
+    probs = probs.float() if low else probs
     out = torch.zeros(B, probs.shape[1], N, dtype=probs.dtype, device=dev)
     return out.scatter(2, key_idx[:, None, :].expand(-1, probs.shape[1], -1), probs * key_ok[:, None, :])

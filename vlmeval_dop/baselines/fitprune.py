@@ -64,7 +64,14 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from ..executor.families import causal_families
 from ..executor.token_pruner import DecoderPruneContext
-from .attention import project_keys, project_queries, refuse_bidirectional_or_windowed, rope_function
+from .attention import (
+    eager_scores,
+    eager_softmax,
+    project_keys,
+    project_queries,
+    refuse_bidirectional_or_windowed,
+    rope_function,
+)
 from ..methods import register_method
 
 # ---------------------------------------------------------------------------------------- attention
@@ -124,18 +131,9 @@ def visual_attention(ctx: DecoderPruneContext) -> list[VisualAttention | None]:
         # float32 models: float32 maps; float16/bfloat16: the official eager weights in the model dtype (scores
         # q k^T / sqrt(d), softmax in float32 cast back, head max and the sums in that dtype)
         low = q.dtype in (torch.float16, torch.bfloat16)
-        raw = (q @ k.transpose(-1, -2))[0]  # (heads, Q, K)
-        if not low:
-            scores = raw.float() * attn.scaling
-        elif math.isclose(attn.scaling, attn.head_dim**-0.5, rel_tol=1e-6):
-            scores = raw / math.sqrt(attn.head_dim)  # the LLaMA-era eager attention of the official code
-        else:
-            scores = raw * attn.scaling
+        scores = eager_scores((q @ k.transpose(-1, -2))[0], attn)  # (heads, Q, K)
         scores = scores.masked_fill(~(keys[None, :] <= queries[:, None])[None], float("-inf"))
-        if low:
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).amax(dim=0)
-        else:
-            probs = torch.softmax(scores, dim=-1).amax(dim=0)  # head-wise max, the official "mix attention map"
+        probs = eager_softmax(scores, q.dtype).amax(dim=0)  # head-wise max, the official "mix attention map"
         on_vis = probs[:, torch.searchsorted(keys, vis)]  # (Q, c) columns of the visual keys
         c, t = vis.numel(), txt.numel()
         if low:  # official order: self = ([vis, vis] / n).sum(0), cross = [txt, vis].sum(0), rank = cross * self
