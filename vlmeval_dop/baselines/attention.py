@@ -55,12 +55,15 @@ def refuse_bidirectional_or_windowed(ctx: DecoderPruneContext, method: str) -> N
                          "sliding windows are not modelled by its attention rows)")
 
 
-def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> torch.Tensor:
+def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor, multiply_scale: bool = False) -> torch.Tensor:
     """Softmax attention of the given query positions in layer `ctx.layer_idx`, averaged over heads.
 
     Args:
         ctx: the pruner context (the layer's input hidden states and RoPE tables are used).
         query_positions: (Q,) sequence positions (same for every sample), e.g. `tensor([N - 1])`.
+        multiply_scale: float16/bfloat16 only: scores `(q k^T) * (1 / sqrt(d))` (SparseVLM's own attention,
+            and HF eager) instead of `(q k^T) / sqrt(d)` (LLaMA-era eager, FastV); the two round differently
+            when 1 / sqrt(d) is not a power of two (head_dim 128).
 
     Returns:
         (B, Q, N) float32 probabilities over keys; keys that did not take part in the layer (or are
@@ -99,8 +102,10 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> 
     raw = q @ k.transpose(-1, -2)  # (B, heads, Q, K)
     if not low:
         scores = raw.float() * attn.scaling
-    elif math.isclose(attn.scaling, attn.head_dim ** -0.5, rel_tol=1e-6):
+    elif not multiply_scale and math.isclose(attn.scaling, attn.head_dim ** -0.5, rel_tol=1e-6):
         scores = raw / math.sqrt(attn.head_dim)  # the LLaMA-era eager attention of the official code
+    elif multiply_scale and math.isclose(attn.scaling, attn.head_dim ** -0.5, rel_tol=1e-6):
+        scores = raw * (1 / math.sqrt(attn.head_dim))  # SparseVLM's scaled_dot_product_attention
     else:
         scores = raw * attn.scaling
     softcap = getattr(attn, "attn_logit_softcapping", None)

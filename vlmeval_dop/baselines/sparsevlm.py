@@ -384,9 +384,19 @@ class SparseVLM:
     # ------------------------------------------------------------------ one stage
     def relation(self, ctx: DecoderPruneContext, raters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) mean attention of each sample's raters to every token in this layer, and the query rows
-        used (union of the raters over the batch)."""
+        used (union of the raters over the batch). For float16/bfloat16 models the mean over raters is taken
+        in that dtype (official `relation_vis_text.mean(1)` on the model-dtype weights), so its rounding and
+        the ties `torch.topk` then breaks are the official ones."""
         rows = torch.nonzero(raters.any(0)).flatten()
-        attn = query_attention(ctx, rows)  # (B, Q, N), mean over heads
+        # official v1.0 attention (utils.scaled_dot_product_attention): q k^T * (1 / sqrt(d)), softmax, mean over heads
+        attn = query_attention(ctx, rows, multiply_scale=True)  # (B, Q, N), values of the model dtype
+        dt = ctx.hidden_in.dtype
+        if dt in (torch.float16, torch.bfloat16):
+            sel = raters[:, rows]
+            return torch.stack([
+                attn[b, sel[b]].to(dt).mean(0) if bool(sel[b].any()) else attn.new_zeros(attn.shape[-1], dtype=dt)
+                for b in range(attn.shape[0])
+            ]), rows  # fmt: skip
         own = raters[:, rows].to(attn.dtype)  # (B, Q): which rows are this sample's raters
         rel = (attn * own[..., None]).sum(1) / own.sum(1).clamp_min(1)[:, None]
         return rel, rows
