@@ -7,6 +7,8 @@ Here the same model runs as a stock `LlavaForConditionalGeneration` through `app
 `SparseVLM`, and every stage must match: the kept visual tokens, the recycled tokens and their order, the
 merged rows (1e-5), the sequence order and RoPE positions of the rebuilt sequence, and the logits of the
 prefill and of greedy decoding (whose positions continue from each layer's own sequence length).
+`test_golden_float16` does the same against the official code run in float16 (`float16.json`): all equal
+bit for bit but the logits (a few float16 ulps).
 """
 from __future__ import annotations
 
