@@ -132,3 +132,15 @@ def test_half_precision_rows_are_the_eager_weights_in_that_dtype():
     assert eager.dtype == torch.float16 and p.seen.dtype == torch.float32
     assert torch.equal(p.seen.half().float(), p.seen)  # float16 values, rounded as the eager weights are
     torch.testing.assert_close(p.seen, eager.float(), atol=0, rtol=0)
+
+
+def test_baselines_load_the_attention_their_official_code_ran(lmu_root):
+    """FastV, SparseVLM, FitPrune read eager attention weights in their official code: their entries load the
+    decoder with eager attention (float16 sums round as there); everything else keeps sdpa; explicit wins."""
+    from vlmeval_dop.registry import load_entry
+
+    assert load_entry("tiny_llava15_fastv").attn_implementation == "eager"
+    assert load_entry("tiny_llava15_sparsevlm").attn_implementation == "eager"
+    assert load_entry("tiny_llava15_dart").attn_implementation == "sdpa"
+    assert load_entry("tiny_llava15_dop").attn_implementation == "sdpa"
+    assert load_entry("tiny_llava15_fastv", attn_implementation="sdpa").attn_implementation == "sdpa"

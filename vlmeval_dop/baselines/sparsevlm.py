@@ -329,6 +329,8 @@ class SparseVLM:
     (ascending; row j of `merged` lives in slot j) and `merged` (official order).
     """
 
+    official_attention = "eager"  # the official code reads the layers' eager attention weights
+
     families = renumbering_families()  # it renumbers positions: 1D RoPE, no sliding windows
 
     name = "sparsevlm"
