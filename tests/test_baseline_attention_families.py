@@ -157,3 +157,15 @@ def test_half_precision_fitprune_maps_are_the_official_float16_arithmetic():
         assert got.rank.dtype == torch.float16 and txt.numel() == got.n_text > 0
         assert torch.equal(got.rank, cross * self_) and torch.equal(got.self_, self_.float())
         torch.testing.assert_close(got.cross, cross.float() / txt.numel(), atol=0, rtol=0)
+
+
+def test_baselines_load_the_attention_their_official_code_ran(lmu_root):
+    """FastV, SparseVLM, FitPrune read eager attention weights in their official code: their entries load the
+    decoder with eager attention (float16 sums round as there); everything else keeps sdpa; explicit wins."""
+    from vlmeval_dop.registry import load_entry
+
+    assert load_entry("tiny_llava15_fastv").attn_implementation == "eager"
+    assert load_entry("tiny_llava15_sparsevlm").attn_implementation == "eager"
+    assert load_entry("tiny_llava15_dart").attn_implementation == "sdpa"
+    assert load_entry("tiny_llava15_dop").attn_implementation == "sdpa"
+    assert load_entry("tiny_llava15_fastv", attn_implementation="sdpa").attn_implementation == "sdpa"

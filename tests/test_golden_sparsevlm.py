@@ -7,6 +7,8 @@ Here the same model runs as a stock `LlavaForConditionalGeneration` through `app
 `SparseVLM`, and every stage must match: the kept visual tokens, the recycled tokens and their order, the
 merged rows (1e-5), the sequence order and RoPE positions of the rebuilt sequence, and the logits of the
 prefill and of greedy decoding (whose positions continue from each layer's own sequence length).
+`test_golden_float16` does the same against the official code run in float16 (`float16.json`): all equal
+bit for bit but the logits (a few float16 ulps).
 """
 from __future__ import annotations
 
@@ -140,7 +142,7 @@ def _check_stages(pruner, spy, case, tol=1e-5):
         ), "visual tokens present, in sequence order"
         assert [ids[int(n)] for n in st["kept"]] == official["kept"]
         assert [ids[int(n)] for n in st["recycled"]] == official["recycled"]
-        torch.testing.assert_close(st["merged"], torch.tensor(official["merged"]), atol=tol, rtol=0)
+        torch.testing.assert_close(st["merged"].float(), torch.tensor(official["merged"]), atol=tol, rtol=0)
         for j, slot in enumerate(st["merged_slots"].tolist()):
             ids[slot] = 1000 * s + j
         # the next layer's sequence by position: prefix, kept, aggregated (official order), text; 0..n-1
@@ -202,3 +204,46 @@ def test_golden_noise_seed(golden):
                 _check_stages(other, spy, case)
         else:
             _check_stages(other, spy, case)
+
+
+def golden_model_fp16(seed: int):
+    """`golden_model(seed)` in float16 as `from_pretrained(dtype=torch.float16)` loads it: parameters float16,
+    the float RoPE buffers (`inv_freq`) kept float32; the decoder on eager attention, whose arithmetic
+    (q k^T * (1 / sqrt(d)), softmax, @ v) is the official v1.0 `utils.scaled_dot_product_attention`."""
+    model = golden_model(seed)
+    buffers = {n: b.clone() for n, b in model.named_buffers() if b.is_floating_point()}
+    model.half()
+    for name, b in buffers.items():
+        owner, attr = name.rsplit(".", 1)
+        model.get_submodule(owner).register_buffer(attr, b, persistent=False)
+    model.config.text_config._attn_implementation = "eager"
+    return model
+
+
+@pytest.fixture(scope="module")
+def golden_fp16(one_thread):
+    with open(GOLDEN / "float16.json") as f:
+        return json.load(f)["seeds"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_golden_float16(golden_fp16, seed):
+    """Float16 (weights, inputs and every op of the official run in float16): the official RETAIN_TOKN 192 / 96 /
+    64 runs match bit for bit in kept sets, recycled tokens and their order, merged rows (exact), sequence order,
+    positions and greedy tokens; logits within a few float16 ulps (lm_head kernels)."""
+    from vlmeval_dop.baselines.sparsevlm import SparseVLM
+
+    model, inputs = golden_model_fp16(seed), golden_inputs(seed)
+    inputs["pixel_values"] = inputs["pixel_values"].half()
+    cases = golden_fp16[str(seed)]
+    assert [c["retain"] for c in cases] == [192, 96, 64]
+    for case in cases:
+        pruner = SparseVLM(layers=LAYERS, retain=case["retain"], n_visual=N_VISUAL)
+        out, handle, spy = _run(model, inputs, pruner, seed)
+        assert all(st[0]["merged"].dtype == torch.float16 for st in pruner.last_stages)
+        assert torch.nonzero(pruner._raters[0]).flatten().tolist() == case["raters"]
+        _check_stages(pruner, spy, case, tol=0.0)
+        assert [n for n, _ in handle.last_layer_tokens] == case["layer_tokens"]
+        assert out.sequences[0, -STEPS:-1].tolist() == case["tokens"]
+        for step in range(STEPS):
+            torch.testing.assert_close(out.logits[step][0].float(), torch.tensor(case["logits"][step]), atol=4e-3, rtol=0)

@@ -55,14 +55,18 @@ def refuse_bidirectional_or_windowed(ctx: DecoderPruneContext, method: str) -> N
                          "sliding windows are not modelled by its attention rows)")
 
 
-def eager_scores(raw: torch.Tensor, attn: torch.nn.Module) -> torch.Tensor:
+def eager_scores(raw: torch.Tensor, attn: torch.nn.Module, multiply_scale: bool = False) -> torch.Tensor:
     """Scaled scores from raw `q @ k^T` in the precision the official methods read eager attention weights:
     float32 models in float32 (`* scaling`); float16/bfloat16 models in that dtype, `/ sqrt(head_dim)` as the
-    LLaMA-era eager attention of the official code where the scaling is 1/sqrt(head_dim)."""
+    LLaMA-era eager attention of the official code where the scaling is 1/sqrt(head_dim), or with
+    `multiply_scale` `* (1 / sqrt(head_dim))` (SparseVLM's own attention, HF eager); the two round differently
+    when 1 / sqrt(head_dim) is not a power of two (head_dim 128)."""
     if raw.dtype not in (torch.float16, torch.bfloat16):
         return raw.float() * attn.scaling
     if math.isclose(attn.scaling, attn.head_dim**-0.5, rel_tol=1e-6):
-        return raw / math.sqrt(attn.head_dim)
+        if multiply_scale:
+            return raw * (1 / math.sqrt(attn.head_dim))  # SparseVLM's scaled_dot_product_attention
+        return raw / math.sqrt(attn.head_dim)  # the LLaMA-era eager attention of the official code
     return raw * attn.scaling
 
 
@@ -74,12 +78,15 @@ def eager_softmax(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.softmax(scores, dim=-1)
 
 
-def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> torch.Tensor:
+def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor, multiply_scale: bool = False) -> torch.Tensor:
     """Softmax attention of the given query positions in layer `ctx.layer_idx`, averaged over heads.
 
     Args:
         ctx: the pruner context (the layer's input hidden states and RoPE tables are used).
         query_positions: (Q,) sequence positions (same for every sample), e.g. `tensor([N - 1])`.
+        multiply_scale: float16/bfloat16 only: scores `(q k^T) * (1 / sqrt(d))` (SparseVLM's own attention,
+            and HF eager) instead of `(q k^T) / sqrt(d)` (LLaMA-era eager, FastV); the two round differently
+            when 1 / sqrt(d) is not a power of two (head_dim 128).
 
     Returns:
         (B, Q, N) float32 probabilities over keys; keys that did not take part in the layer (or are
@@ -115,7 +122,7 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor) -> 
     # precision as the official methods read eager attention weights: in the model's dtype (scores, softmax in
     # float32 cast back, mean over heads in that dtype) for float16/bfloat16 models, float32 otherwise
     low = q.dtype in (torch.float16, torch.bfloat16)
-    scores = eager_scores(q @ k.transpose(-1, -2), attn)  # (B, heads, Q, K)
+    scores = eager_scores(q @ k.transpose(-1, -2), attn, multiply_scale)  # (B, heads, Q, K)
     softcap = getattr(attn, "attn_logit_softcapping", None)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap

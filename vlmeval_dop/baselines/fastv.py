@@ -91,6 +91,8 @@ class FastV(AttentionRankPruner):
             needs generation without a KV cache (see the module docstring). Default: rank once at prefill.
     """
 
+    official_attention = "eager"  # the official fork of transformers 4.31 has eager attention only
+
     name = "fastv"
 
     def __init__(self, k: int = 2, keep: int = 288, per_step: bool = False):

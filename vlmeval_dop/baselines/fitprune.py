@@ -331,6 +331,8 @@ class FitPrune:
             entries that name a budget). Without a schedule, a ValueError explains how to fit one.
     """
 
+    official_attention = "eager"  # the official code reads every layer's eager attention weights
+
     families = causal_families()  # its visual queries' rows model plain causal attention only
 
     name = "fitprune"

@@ -5,7 +5,8 @@ This is the official method as released in Gumpest/SparseVLMs (commit 26a5f48, `
 default; files `llava/model/language_model/modelling_sparse_llama.py` (`LlamaDynamicvitModel.forward`),
 `score.py` (`attn_postprocess_topk`), `utils.py` (`cluster_and_merge`); 2_0 is SparseVLM+), proven on golden
 outputs of that code (tests/golden/sparsevlm/, tests/test_golden_sparsevlm.py: kept sets, recycled tokens and
-their order, merged rows, sequence order, positions and logits of prefill and decoding all equal):
+their order, merged rows, sequence order, positions and logits of prefill and decoding all equal, in float32
+and in float16, see below):
 1. Raters, once per prefill, from the decoder input: for the visual embeddings V and the text embeddings
    T after the image, `s = softmax(V T^T, over text).mean(over visual)`; raters are the text tokens with
    `s > mean(s)`.
@@ -47,11 +48,31 @@ count as tokens of the later layers (`stage_counts`, `layer_tokens`). The paper-
 against the analytic TFLOPs (eval_configs/baselines.yaml); three full layers make LLaVA-1.5 23 % and
 LLaVA-NeXT 9 % infeasible.
 
-Differences from the official code that do not change its results on the fixtures (float32):
+Float16 (the official inference dtype): the official code computes every layer's attention explicitly
+(`utils.scaled_dot_product_attention`: q k^T * (1 / sqrt(d)), softmax, @ v, all in the model dtype) and
+its raters, scores, clustering and merging in the model dtype. This module follows it: rows as that
+attention (`query_attention(multiply_scale=True)`: float16 scores, softmax cast back to float16, mean over
+heads in float16), the mean over raters in float16 (so float16 ties reach `torch.topk` as there), DPC-kNN
+and merging in float16 (the 1e-6 density noise vanishes in float16 there as here). Measured against the
+official code run in float16 (tests/golden/sparsevlm/float16.json: 3 seeds x RETAIN_TOKN 192/96/64, all
+three stages, prefill + 3 greedy steps, CPU): with the decoder on eager attention (HF eager does the same
+arithmetic) everything is bit for bit equal -- raters, kept sets, recycled tokens and order, merged rows,
+sequence order, positions, greedy tokens -- and logits within 3e-3 (a few float16 ulps). The tiny model's head_dim 16 makes
+1 / sqrt(d) exact, so multiplying and dividing agree there; for head_dim 128 the multiply is the official form.
+With stock sdpa attention (fused kernels, other float16 rounding of the hidden states) near-ties fall
+otherwise: kept sets equal in 14 of 27 stages, overlap >= 0.765 (>= 0.985 at the first stage), recycled
+order rarely equal, greedy tokens equal in 9/9 cases, logits within 0.14. So a float16 run that must be
+the official one uses `attn_implementation="eager"` for the decoder. (Measured causes of disagreement, each
+alone, decoder on eager: the rater mean in float32 changes the first stage's kept set in 3 of 9 cases and
+the recycled order in 23 of 27 stages; gathering the survivors in slot order instead of sequence order
+rounds later hidden states otherwise by float16 ulps, changing later stages' kept sets; `.half()` on the
+model rounds RoPE's `inv_freq`, which real checkpoints keep in float32.)
+
+Differences from the official code that do not change its results on the fixtures (float32 and float16):
 - Attention rows are recomputed from the layer's q/k for the raters only (`attention.query_attention`)
-  instead of the layer's full attention matrix, in the model dtype as the official eager weights (float16 on
-  GPU: scores, softmax in float32 cast back, mean over heads in float16); raters and clustering run in the
-  model dtype as in the official code.
+  instead of the layer's full attention matrix (the same values, see above).
+- The rebuilt sequence is not materialised: the executor keeps every slot, gathers the survivors in the
+  pruner's sequence order (`PruneDecision.order`), so attention and the cache add in the official order.
 - Batches (the official code supports batch size 1): every sample is handled on its own (noise drawn per
   sample, in batch order); text tokens are the real tokens after the sample's last visual token; with several
   images the visual tokens of a sample form one set. Fallbacks the official code lacks: no text after the
@@ -308,6 +329,8 @@ class SparseVLM:
     (ascending; row j of `merged` lives in slot j) and `merged` (official order).
     """
 
+    official_attention = "eager"  # the official code reads the layers' eager attention weights
+
     families = renumbering_families()  # it renumbers positions: 1D RoPE, no sliding windows
 
     name = "sparsevlm"
@@ -384,9 +407,19 @@ class SparseVLM:
     # ------------------------------------------------------------------ one stage
     def relation(self, ctx: DecoderPruneContext, raters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) mean attention of each sample's raters to every token in this layer, and the query rows
-        used (union of the raters over the batch)."""
+        used (union of the raters over the batch). For float16/bfloat16 models the mean over raters is taken
+        in that dtype (official `relation_vis_text.mean(1)` on the model-dtype weights), so its rounding and
+        the ties `torch.topk` then breaks are the official ones."""
         rows = torch.nonzero(raters.any(0)).flatten()
-        attn = query_attention(ctx, rows)  # (B, Q, N), mean over heads
+        # official v1.0 attention (utils.scaled_dot_product_attention): q k^T * (1 / sqrt(d)), softmax, mean over heads
+        attn = query_attention(ctx, rows, multiply_scale=True)  # (B, Q, N), values of the model dtype
+        dt = ctx.hidden_in.dtype
+        if dt in (torch.float16, torch.bfloat16):
+            sel = raters[:, rows]
+            return torch.stack([
+                attn[b, sel[b]].to(dt).mean(0) if bool(sel[b].any()) else attn.new_zeros(attn.shape[-1], dtype=dt)
+                for b in range(attn.shape[0])
+            ]), rows  # fmt: skip
         own = raters[:, rows].to(attn.dtype)  # (B, Q): which rows are this sample's raters
         rel = (attn * own[..., None]).sum(1) / own.sum(1).clamp_min(1)[:, None]
         return rel, rows

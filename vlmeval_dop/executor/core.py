@@ -56,10 +56,17 @@ class _TokenSet:
         return min(self.counts, default=0) == self.index.shape[1]
 
     @classmethod
-    def from_mask(cls, keep: torch.Tensor) -> "_TokenSet":
+    def from_mask(cls, keep: torch.Tensor, order: torch.Tensor | None = None) -> "_TokenSet":
+        """The tokens of (B, N) bool `keep`, in index order, or in the order of the (B, N) sequence-order
+        keys `order` of a decoder-side pruner (ties: index), so that gathered rows lie in the rebuilt
+        sequence's order and reductions over them (attention, the cache) add in the official order."""
         B, N = keep.shape
         counts = keep.sum(1).tolist()  # the one host sync per distinct token set and call
         K = max(counts, default=0)
+        if order is not None:
+            keys = order.to(torch.float64).masked_fill(~keep, float("-inf"))
+            index = torch.sort(keys, dim=1, stable=True).indices[:, N - K :]  # fillers first, then by key
+            return cls(index, torch.gather(keep, 1, index), counts, False)
         if all(c == N for c in counts):
             index = torch.arange(N, device=keep.device).expand(B, N)
             return cls(index, torch.ones(B, N, dtype=torch.bool, device=keep.device), counts, True)
@@ -567,10 +574,11 @@ class DOPHandle:
         return args, kwargs
 
     def _layer_sets(self, alive: torch.Tensor, groups: "_Groups", start: int,
-                    last_only: bool = False) -> tuple[list, list, list]:
+                    last_only: bool = False, order: torch.Tensor | None = None) -> tuple[list, list, list]:
         """Token sets of layers `start..L-1` given the tokens still alive (not dropped before the decoder
         or by a decoder-side pruner): attention queries, keys/values-only tokens, MLP. `last_only`: the last
-        layer's queries and MLP are each sample's last position only, its other tokens keys/values only."""
+        layer's queries and MLP are each sample's last position only, its other tokens keys/values only.
+        `order`: a pruner's sequence-order keys; attention and keys/values-only sets follow them."""
         p, L = self.executed_policy, self.spec.num_layers
         kv_vis_layer, kv_sys_layer = self.kv_only_layers
         sets: dict[tuple[bool, bool], _TokenSet] = {}
@@ -594,16 +602,16 @@ class DOPHandle:
                     last[:, -1] = True
                     attn = _TokenSet.from_mask(last)
                     attn_sets.append(attn)
-                    kv_sets.append(_TokenSet.from_mask(groups.keep(alive, a_vis, a_sys) & ~last))
+                    kv_sets.append(_TokenSet.from_mask(groups.keep(alive, a_vis, a_sys) & ~last, order))
                     m = groups.keep(alive, m_vis, m_sys)[:, -1:]
                     mlp_sets.append(None if bool(m.all()) else _TokenSet.from_mask(m))
                     continue
             if (q_vis, q_sys) not in sets:
-                sets[(q_vis, q_sys)] = _TokenSet.from_mask(groups.keep(alive, q_vis, q_sys))
+                sets[(q_vis, q_sys)] = _TokenSet.from_mask(groups.keep(alive, q_vis, q_sys), order)
             attn = sets[(q_vis, q_sys)]
             attn_sets.append(attn)
             if kv_vis or kv_sys:
-                kv_sets.append(_TokenSet.from_mask(groups.keep(alive, a_vis, a_sys) & ~groups.keep(alive, q_vis, q_sys)))
+                kv_sets.append(_TokenSet.from_mask(groups.keep(alive, a_vis, a_sys) & ~groups.keep(alive, q_vis, q_sys), order))
             else:
                 kv_sets.append(None)
             a_vis, a_sys = q_vis, q_sys  # the MLP set below relates to the query set
@@ -725,9 +733,10 @@ class DOPHandle:
             if tuple(new_order.shape) != shape or new_order.is_complex() or new_order.dtype == torch.bool:
                 raise ValueError(f"token pruner {self.token_pruner.name!r}: order must be a {shape} real tensor")
             plan.order = new_order.to(device=plan.alive.device, dtype=torch.float64)
-        if drop is not None:
-            plan.alive = plan.alive & ~drop.to(plan.alive.device)
-            attn_sets, kv_sets, mlp_sets = self._layer_sets(plan.alive, plan.groups, i + 1, plan.last_only)
+        if drop is not None or new_order is not None:
+            if drop is not None:
+                plan.alive = plan.alive & ~drop.to(plan.alive.device)
+            attn_sets, kv_sets, mlp_sets = self._layer_sets(plan.alive, plan.groups, i + 1, plan.last_only, plan.order)
             plan.attn[i + 1 :] = attn_sets
             plan.kv_only[i + 1 :] = kv_sets
             plan.mlp_in_attn[i + 1 :] = mlp_sets
@@ -867,7 +876,7 @@ class DOPHandle:
         return _scatter(hidden, attn, x)
 
     def _record(self, cache: DOPCache, i: int, plan: _CallPlan, attn: _TokenSet) -> None:
-        cache.record(i, attn.index + plan.past, attn.valid, attn.all_valid)
+        cache.record(i, attn.index + plan.past, attn.valid, attn.all_valid, ordered=plan.order is None)
 
     def _attention_mask(
         self,
