@@ -28,7 +28,6 @@ makes the judge deterministic.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import pandas as pd
 from vlmeval.dataset.video_base import VideoBaseDataset
 from vlmeval.smp import LMUDataRoot, dump, get_intermediate_file_path, load
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, fingerprint
 
 # ------------------------------------------------------------------------------------------ the judge
 JUDGE_MODEL = "gpt-3.5-turbo"  # Video-LLaVA's eval_video_qa.py (model="gpt-3.5-turbo")
@@ -379,9 +378,8 @@ _TRANSPORT_SETTINGS = ("key", "nproc", "verbose", "retry", "timeout", "wait")
 def _judge_key(judge_name: str, settings: dict, index, question, answer, prediction) -> str:
     """Cache key of one judgement: the sample's index and a digest of the judge, its settings, the prompt and
     the sample's question, answer and prediction (a changed prediction or judge is judged again)."""
-    blob = json.dumps([judge_name, {k: str(v) for k, v in sorted(settings.items()) if k not in _TRANSPORT_SETTINGS},
-                       judge_prompt(str(question), str(answer), prediction)], ensure_ascii=False)
-    return f"{index}:{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
+    kept = {k: str(v) for k, v in settings.items() if k not in _TRANSPORT_SETTINGS}
+    return f"{index}:{fingerprint(judge_name, kept, judge_prompt(str(question), str(answer), prediction))}"
 
 
 def _text(value) -> str:
