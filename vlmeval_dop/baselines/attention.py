@@ -17,7 +17,7 @@ import sys
 import torch
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from ..executor.families import FamilyAdapter, adapter_for
+from ..executor.families import adapter_for, causal_families
 from ..executor.token_pruner import DecoderPruneContext
 
 
@@ -49,8 +49,7 @@ def refuse_bidirectional_or_windowed(ctx: DecoderPruneContext, method: str) -> N
     """Raise for families whose image tokens attend bidirectionally or whose layers use sliding windows
     (Gemma 3), for methods whose recomputed attention rows model neither."""
     adapter = adapter_for(ctx.model)
-    windowed = adapter.sliding_window(ctx.model, ctx.layer_idx) is not None
-    if windowed or type(adapter).attention_groups is not FamilyAdapter.attention_groups:
+    if adapter.family not in causal_families():
         raise ValueError(f"{method} does not support family {adapter.family!r} (bidirectional image attention / "
                          "sliding windows are not modelled by its attention rows)")
 
@@ -106,7 +105,7 @@ def query_attention(ctx: DecoderPruneContext, query_positions: torch.Tensor, mul
     x_q = layer.input_layernorm(ctx.hidden_in[:, query_positions])
     adapter = adapter_for(ctx.model)
     qp = query_positions.to(dev)
-    if type(adapter).attention_groups is not FamilyAdapter.attention_groups and bool(ctx.visual[:, qp].any()):
+    if adapter.bidirectional_images and bool(ctx.visual[:, qp].any()):
         raise ValueError(
             f"family {adapter.family!r}: image tokens attend to each other bidirectionally; attention rows of "
             "image-token queries are not recomputed (only text queries are supported)"
