@@ -126,6 +126,15 @@ def known_methods(bcfg: BaselinesConfig) -> list[str]:
     return list(dict.fromkeys([*registered(), *bcfg.recipes]))
 
 
+def _check_family(name: str, role: str, method: str, info, family: str) -> None:
+    """EntryError when the method's class declares `families` without `family`: refused when the entry is made,
+    not at the first sample."""
+    families = getattr(info.cls, "families", None) if info else None
+    if families is not None and family not in families:
+        raise EntryError(f"{name!r}: {role} {method!r} does not support model family {family!r} "
+                         f"(supported: {', '.join(families)})")
+
+
 def method_entry(model: ModelSpec, method: str, budget: float, bcfg: BaselinesConfig, cfg_dir: Path,
                  source: str = "on demand") -> Entry:
     """The entry `{model}_{method}{budget}`: vision side policy (L, L, n_e) with the method as reducer,
@@ -148,20 +157,13 @@ def method_entry(model: ModelSpec, method: str, budget: float, bcfg: BaselinesCo
     shape = model_shape(model)
     n_e = visual_budget(shape, budget)
     if reducer is not None:
-        reducer_info = registered("vision").get(reducer)
-        families = getattr(reducer_info.cls, "families", None) if reducer_info else None
-        if families is not None and shape.arch.family not in families:  # refused now, not at the first sample
-            raise EntryError(f"{name!r}: reducer {reducer!r} does not support model family {shape.arch.family!r} "
-                             f"(supported: {', '.join(families)})")
+        _check_family(name, "reducer", reducer, registered("vision").get(reducer), shape.arch.family)
         L = shape.arch.num_layers
         return check_resize(Entry(name, model, method, budget=budget, policy=DOPPolicy(L, L, n_e), reducer=reducer,
                                   source=source))
     baseline = recipe["baseline"] if recipe else method
     info = registered("decoder").get(baseline)
-    families = getattr(info.cls, "families", None) if info else None
-    if families is not None and shape.arch.family not in families:  # refused now, not at the first sample
-        raise EntryError(f"{name!r}: baseline {baseline!r} does not support model family {shape.arch.family!r} "
-                         f"(supported: {', '.join(families)})")
+    _check_family(name, "baseline", baseline, info, shape.arch.family)
     args = {**(dict(info.args) if info else {}), **dict((recipe or {}).get("args") or {})}
     if info is not None:
         if info.budget_arg:
